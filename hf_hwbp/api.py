@@ -1,0 +1,121 @@
+"""Public entry points: patch_model, unpatch_model and the accessors used between training steps."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from .config import HighwayConfig
+from .patching import _ATTR, HighwayPatch
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside DDP / Accelerate / PEFT wrappers (the one whose stack gets patched)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DataParallel
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+    return model
+
+
+def patch_model(model: nn.Module, k: int = 2, *, layers: nn.ModuleList | None = None, **options) -> nn.Module:
+    """Replace the backward pass of ``model``'s residual stack with Highway-BP(k), in place.
+
+    Args:
+        model: a supported transformers model (see ``model_patches.supported_model_types()``), a PEFT model
+            wrapping one, or any module when ``layers`` is given.
+        k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop.
+        layers: the ``nn.ModuleList`` of residual blocks, for architectures without an adapter. Each block
+            must take the hidden state as its first argument (or ``hidden_states=``) and return it (alone or
+            first in a tuple).
+        **options: ``tol`` (adaptive stop) and ``group_size`` (layers per Highway block); see HighwayConfig.
+
+    Patching again updates the settings (it never stacks two patches). Returns ``model``.
+    """
+    config = HighwayConfig.from_options(k=k, **options)
+    target = unwrap_model(model)
+    existing: HighwayPatch | None = getattr(target, _ATTR, None)
+    if layers is None:
+        from model_patches import find_stack
+
+        layers, model_type = (existing.layers, existing.model_type) if existing else find_stack(target)
+    else:
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(
+                f"layers must be an nn.ModuleList of residual blocks, got {type(layers).__name__}."
+            )
+        model_type = getattr(getattr(target, "config", None), "model_type", None)
+    if existing is not None:
+        if existing.layers is layers:
+            existing.config = config
+            return model
+        existing.remove()
+    object.__setattr__(target, _ATTR, HighwayPatch(layers, config, model_type))
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Remove Highway-BP from ``model``: ordinary backprop again. A no-op on an unpatched model."""
+    target = unwrap_model(model)
+    patch: HighwayPatch | None = getattr(target, _ATTR, None)
+    if patch is not None:
+        patch.remove()
+        object.__delattr__(target, _ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(unwrap_model(model), _ATTR, None) is not None
+
+
+def highway_state(model: nn.Module) -> HighwayPatch:
+    """The live Highway-BP state of a patched model: ``.config``, ``.last_iterations``, ``.num_blocks``."""
+    patch = getattr(unwrap_model(model), _ATTR, None)
+    if patch is None:
+        raise ValueError(
+            "This model is not patched with Highway-BP: call hf_hwbp.patch_model(model, k) first."
+        )
+    return patch
+
+
+def get_highway_config(model: nn.Module) -> HighwayConfig:
+    """A copy of the current settings of a patched model."""
+    return highway_state(model).config.updated()
+
+
+def set_highway_config(model: nn.Module, **changes) -> HighwayConfig:
+    """Change settings of a patched model between steps (validated), e.g. ``set_highway_config(m, k=4)``."""
+    patch = highway_state(model)
+    patch.config = patch.config.updated(**changes)
+    return patch.config.updated()
+
+
+def set_highway_k(model: nn.Module, k: int) -> None:
+    """Change k on a patched model between steps (for k schedules)."""
+    set_highway_config(model, k=k)
+
+
+def last_highway_iterations(model: nn.Module) -> int | None:
+    """Highway iterations run by the last backward (None before the first)."""
+    return highway_state(model).last_iterations
+
+
+@contextlib.contextmanager
+def exact_backprop(model: nn.Module) -> Iterator[None]:
+    """Within this block a patched model trains with ordinary backprop (e.g. to measure fidelity)."""
+    patch = getattr(unwrap_model(model), _ATTR, None)
+    if patch is None:
+        yield
+        return
+    previous, patch.enabled = patch.enabled, False
+    try:
+        yield
+    finally:
+        patch.enabled = previous
