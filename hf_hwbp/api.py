@@ -48,9 +48,7 @@ def patch_model(model: nn.Module, k: int = 2, *, layers: nn.ModuleList | None = 
         layers, model_type = (existing.layers, existing.model_type) if existing else find_stack(target)
     else:
         if not isinstance(layers, nn.ModuleList):
-            raise TypeError(
-                f"layers must be an nn.ModuleList of residual blocks, got {type(layers).__name__}."
-            )
+            raise TypeError(f"layers must be an nn.ModuleList of residual blocks, got {type(layers).__name__}.")
         model_type = getattr(getattr(target, "config", None), "model_type", None)
     if existing is not None:
         if existing.layers is layers:
@@ -79,9 +77,7 @@ def highway_state(model: nn.Module) -> HighwayPatch:
     """The live Highway-BP state of a patched model: ``.config``, ``.last_iterations``, ``.num_blocks``."""
     patch = getattr(unwrap_model(model), _ATTR, None)
     if patch is None:
-        raise ValueError(
-            "This model is not patched with Highway-BP: call hf_hwbp.patch_model(model, k) first."
-        )
+        raise ValueError("This model is not patched with Highway-BP: call hf_hwbp.patch_model(model, k) first.")
     return patch
 
 

@@ -30,9 +30,7 @@ class HighwayConfig:
         if isinstance(self.k, bool) or not isinstance(self.k, numbers.Integral):
             raise TypeError(f"k must be an int >= 0 (the number of Highway iterations), got {self.k!r}.")
         if self.k < 0:
-            raise ValueError(
-                f"k must be >= 0 (0 = residual path only, >= number of blocks = exact), got {self.k}."
-            )
+            raise ValueError(f"k must be >= 0 (0 = residual path only, >= number of blocks = exact), got {self.k}.")
         self.k = int(self.k)
         if self.tol is not None:
             if isinstance(self.tol, bool) or not isinstance(self.tol, numbers.Real):
@@ -52,9 +50,7 @@ class HighwayConfig:
         known = {f.name for f in fields(cls)} - {"k"}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise TypeError(
-                f"Unknown Highway-BP option(s) {unknown}; valid options are k, {', '.join(sorted(known))}."
-            )
+            raise TypeError(f"Unknown Highway-BP option(s) {unknown}; valid options are k, {', '.join(sorted(known))}.")
         return cls(k=k, **options)
 
     def updated(self, **changes) -> HighwayConfig:

@@ -120,9 +120,7 @@ def _split_hidden(args: tuple, kwargs: dict) -> Tensor:
         return args[0]
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
-    raise RuntimeError(
-        "Highway-BP: could not find the hidden state (first argument or `hidden_states=`) of a layer."
-    )
+    raise RuntimeError("Highway-BP: could not find the hidden state (first argument or `hidden_states=`) of a layer.")
 
 
 def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
@@ -260,9 +258,7 @@ class HighwayPatch:
                 return _with_output_hidden(output, _GroupInnerGuard.apply(record_ref, layer_index, hidden))
             block_index = len(record.outputs)
             record.outputs.append(hidden)
-            exit_hidden, record.token = _BlockExit.apply(
-                record_ref, block_index, hidden.detach(), record.token
-            )
+            exit_hidden, record.token = _BlockExit.apply(record_ref, block_index, hidden.detach(), record.token)
             record.last_exit = exit_hidden
             return _with_output_hidden(output, exit_hidden)
 
@@ -328,9 +324,7 @@ class HighwayPatch:
         block_params = self._block_params()
         ids = {id(p) for p in record.entry_params}
         if any(id(p) not in ids for ps in block_params for p in ps):
-            raise RuntimeError(
-                "Highway-BP: requires_grad of a stack parameter changed between forward and backward."
-            )
+            raise RuntimeError("Highway-BP: requires_grad of a stack parameter changed between forward and backward.")
         record.in_engine = True
         try:
             result = highway_backward(

@@ -2,6 +2,4 @@
 
 from .base import StackAdapter
 
-VIT_ADAPTER = StackAdapter(
-    name="ViT", stack_paths=("vit.layers", "layers", "vit.encoder.layer", "encoder.layer")
-)
+VIT_ADAPTER = StackAdapter(name="ViT", stack_paths=("vit.layers", "layers", "vit.encoder.layer", "encoder.layer"))
