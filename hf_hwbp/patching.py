@@ -13,7 +13,8 @@ the stack input and every trainable parameter of the stack, and returns only a s
 through the exits makes autograd call the exits top-down and the entry last. The entry's backward runs the
 engine over the recorded local graphs and returns delta^(k)_0 and the parameter gradients as ordinary
 autograd outputs (AccumulateGrad, DDP reducer hooks, GradScaler and gradient accumulation see them as
-usual). A gradient e_0 on h_0 itself reaches the embeddings directly, as the intermediate-loss form says. In eval mode or without gradients the hooks return at once: the forward is the model's own.
+usual). A gradient e_0 on h_0 itself reaches the embeddings directly, as the intermediate-loss form says.
+In eval mode or without gradients the hooks return at once: the forward is the model's own.
 """
 
 from __future__ import annotations
