@@ -19,6 +19,7 @@ In eval mode or without gradients the hooks return at once: the forward is the m
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -116,6 +117,12 @@ class _GroupInnerGuard(torch.autograd.Function):
         return None, None, grad
 
 
+def _is_non_reentrant_checkpoint(layer: nn.Module) -> bool:
+    """Whether a transformers layer checkpoints with ``use_reentrant=False`` (the form autograd.grad supports)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False
+
+
 def _split_hidden(args: tuple, kwargs: dict) -> Tensor:
     if args:
         return args[0]
@@ -202,11 +209,13 @@ class HighwayPatch:
 
     # ----- hooks ------------------------------------------------------------------------------------------
     def _install_hooks(self) -> None:
+        # The hooks always run eagerly: under torch.compile each layer's forward is compiled on its own and the
+        # graph breaks at the block boundaries, where the hooks cut the autograd graph anyway.
         for i, layer in enumerate(self.layers):
-            self._handles.append(
-                layer.register_forward_pre_hook(self._make_pre_hook(i), with_kwargs=True, prepend=True)
-            )
-            self._handles.append(layer.register_forward_hook(self._make_post_hook(i), prepend=True))
+            pre_hook = torch._dynamo.disable(self._make_pre_hook(i))
+            post_hook = torch._dynamo.disable(self._make_post_hook(i))
+            self._handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+            self._handles.append(layer.register_forward_hook(post_hook, prepend=True))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -266,17 +275,15 @@ class HighwayPatch:
         return post_hook
 
     def _check_supported_forward(self) -> None:
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                "Highway-BP cannot run inside torch.compile: its backward is a Python-level scheduler of "
-                "per-block VJPs. Compile the model without patching it, or patch it and run it uncompiled."
-            )
-        if any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers):
-            raise RuntimeError(
-                "Highway-BP does not combine with gradient checkpointing: its backward reuses each layer's "
-                "graph k + 1 times, which checkpointing would recompute each time. Call "
-                "model.gradient_checkpointing_disable() (or unpatch_model(model))."
-            )
+        for layer in self.layers:
+            if getattr(layer, "gradient_checkpointing", False) and not _is_non_reentrant_checkpoint(layer):
+                raise RuntimeError(
+                    "Highway-BP supports gradient checkpointing only in its non-reentrant form (each Highway "
+                    "iteration then recomputes the layer, as backprop's single sweep does): reentrant checkpointing "
+                    "accumulates parameter gradients behind autograd's back. Call "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
+                    "or model.gradient_checkpointing_disable()."
+                )
 
     def _start_record(self, h0: Tensor) -> None:
         params = self._trainable_params()
