@@ -77,7 +77,9 @@ class StepSchedule(KSchedule):
     def __post_init__(self) -> None:
         _check_k(self.k)
         if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
-            raise ValueError(f"The 'step' schedule needs every >= 1 (optimizer steps per increase of k), got {self.every!r}.")
+            raise ValueError(
+                f"The 'step' schedule needs every >= 1 (optimizer steps per increase of k), got {self.every!r}."
+            )
         if self.k_max is not None:
             _check_k(self.k_max, "k_max")
             if self.k_max < self.k:
@@ -102,10 +104,16 @@ class ExactLastSchedule(KSchedule):
     exact_k: int
 
     def __post_init__(self) -> None:
-        if isinstance(self.last_steps, bool) or not isinstance(self.last_steps, numbers.Integral) or self.last_steps < 1:
+        if (
+            isinstance(self.last_steps, bool)
+            or not isinstance(self.last_steps, numbers.Integral)
+            or self.last_steps < 1
+        ):
             raise ValueError(f"The 'exact_last' schedule needs last_steps >= 1, got {self.last_steps!r}.")
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, numbers.Integral):
-            raise TypeError(f"total_steps must be an int (the run's number of optimizer steps), got {self.total_steps!r}.")
+            raise TypeError(
+                f"total_steps must be an int (the run's number of optimizer steps), got {self.total_steps!r}."
+            )
         _check_k(self.exact_k, "exact_k")
         if not callable(self.base):
             _check_k(self.base, "k")
