@@ -17,7 +17,34 @@ from .engine import HighwayResult, highway_backward, highway_iterations
 
 __version__ = "0.1.0"
 
+# The trainer pulls in transformers.Trainer (seconds to import): load it on first use.
+_LAZY = {
+    "HighwayTrainer": ".trainer",
+    "HighwayTrainingArguments": ".trainer",
+    "check_lora_targets": ".trainer",
+    "build_schedule": ".schedules",
+    "SCHEDULE_NAMES": ".schedules",
+    "measure_fidelity": ".fidelity",
+    "FidelityReport": ".fidelity",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "FidelityReport",
+    "HighwayTrainer",
+    "HighwayTrainingArguments",
+    "SCHEDULE_NAMES",
+    "build_schedule",
+    "check_lora_targets",
+    "measure_fidelity",
     "HighwayConfig",
     "HighwayResult",
     "exact_backprop",

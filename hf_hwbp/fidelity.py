@@ -60,17 +60,24 @@ def measure_fidelity(
     """Compare Highway-BP (the model's current settings) with exact backprop on one batch.
 
     ``loss_fn(model)`` runs a training forward and returns the scalar loss. Both passes start from the same
-    RNG state (same dropout masks); ``.grad`` of the parameters is left untouched. Costs one extra forward
-    and backward.
+    RNG state (same dropout masks); ``.grad``, the
+    global RNG stream and ``last_iterations`` are left untouched. Costs two forwards and backwards.
     """
     patch = highway_state(model)
     params = [p for p in unwrap_model(model).parameters() if p.requires_grad]
     devices = sorted({p.device.index for p in params if p.device.type == "cuda" and p.device.index is not None})
-    with torch.random.fork_rng(devices=devices):
+    previous_iterations = patch.last_iterations
+    with torch.random.fork_rng(devices=devices):  # the caller's RNG stream is left as it was
+        rng_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
         highway = _grads_of(model, params, loss_fn)
-    iterations = patch.last_iterations
-    with exact_backprop(model):
-        exact = _grads_of(model, params, loss_fn)
+        iterations = patch.last_iterations
+        torch.set_rng_state(rng_state)  # same dropout masks for the exact pass
+        for d, state in zip(devices, cuda_states):
+            torch.cuda.set_rng_state(state, d)
+        with exact_backprop(model):
+            exact = _grads_of(model, params, loss_fn)
+    patch.last_iterations = previous_iterations
     cosine, rel = compare_gradients(_flat(highway, params), _flat(exact, params))
     report = FidelityReport(cosine=cosine, rel_error=rel, k=patch.effective_k, iterations=iterations)
     index = {id(p): i for i, p in enumerate(params)}

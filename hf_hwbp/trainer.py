@@ -148,6 +148,7 @@ class HighwayTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self._validate_highway()
         super().__post_init__()
+        self._validate_highway_combinations()
 
     def _validate_highway(self) -> None:
         if not isinstance(self.use_highway_bp, bool):
@@ -196,16 +197,31 @@ class HighwayTrainingArguments(TrainingArguments):
             )
         if not _is_int(self.hwbp_fidelity_steps) or self.hwbp_fidelity_steps < 0:
             raise ValueError(f"hwbp_fidelity_steps must be an int >= 0 (0 = off), got {self.hwbp_fidelity_steps!r}.")
-        if self.use_highway_bp and self.gradient_checkpointing:
+
+    def _validate_highway_combinations(self) -> None:
+        # After TrainingArguments.__post_init__, which resolves the activation/gradient checkpointing aliases and
+        # parses activation_checkpointing_kwargs from JSON.
+        if not self.use_highway_bp or not getattr(self, "activation_checkpointing", None):
+            return
+        # Highway-BP runs each layer's backward k + 1 times through autograd.grad: only non-reentrant checkpointing
+        # supports that. transformers checkpoints non-reentrantly when no kwargs are given; kwargs that do not say
+        # which form get use_reentrant=False (torch.utils.checkpoint would otherwise pick its own default).
+        kwargs = getattr(self, "activation_checkpointing_kwargs", None)
+        if kwargs is None:
+            return
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"activation_checkpointing_kwargs must be a dict, got {kwargs!r}.")
+        if kwargs.get("use_reentrant", False) is not False:
             raise ValueError(
-                "Highway-BP does not combine with gradient_checkpointing (its backward reuses each layer's graph "
-                "k + 1 times). Set gradient_checkpointing=False, or use_highway_bp=False."
+                "Highway-BP supports activation (gradient) checkpointing only in its non-reentrant form: set "
+                "activation_checkpointing_kwargs={'use_reentrant': False} (or leave it unset), turn checkpointing off, "
+                "or set use_highway_bp=False."
             )
-        if self.use_highway_bp and self.torch_compile:
-            raise ValueError(
-                "Highway-BP cannot run inside torch.compile (its backward is a Python-level scheduler of per-block "
-                "VJPs). Set torch_compile=False, or use_highway_bp=False."
-            )
+        if "use_reentrant" not in kwargs:
+            kwargs = {**kwargs, "use_reentrant": False}
+            self.activation_checkpointing_kwargs = kwargs
+            if hasattr(self, "gradient_checkpointing_kwargs"):
+                self.gradient_checkpointing_kwargs = kwargs
 
 
 _DEFAULTS = {
@@ -313,7 +329,7 @@ class HighwayTrainer(Trainer):
                     "Pass either k_schedule=<callable> to HighwayTrainer or hwbp_k / hwbp_k_schedule in the "
                     "arguments, not both (k_schedule replaces them)."
                 )
-        if model is not None and _setting(training_args, "use_highway_bp"):
+        if model is not None:
             _check_peft_targets(model)
         self._hwbp_user_schedule = None if k_schedule is None else CallableSchedule(k_schedule)
         self._hwbp_schedule_cache: tuple[tuple, KSchedule] | None = None
@@ -326,27 +342,29 @@ class HighwayTrainer(Trainer):
         if not self._hwbp_enabled and _setting(self.args, "hwbp_fidelity_steps"):
             logger.warning("hwbp_fidelity_steps is ignored with use_highway_bp=False.")
         if self.model is not None and self._hwbp_enabled:
-            self._hwbp_ensure_patched()
+            self._hwbp_patch()  # before Accelerate wraps the model (in train())
 
     # ----- settings ---------------------------------------------------------------------------------------------
     @property
     def _hwbp_enabled(self) -> bool:
         return bool(_setting(self.args, "use_highway_bp"))
 
-    def _hwbp_ensure_patched(self):
-        model = self.model
-        if not is_patched(model):
-            base_k = _setting(self.args, "hwbp_k")
-            patch_model(
-                model,
-                k=0 if base_k == "auto" else base_k,
-                tol=_setting(self.args, "hwbp_tol"),
-                group_size=_setting(self.args, "hwbp_group_size"),
-            )
-        patch = highway_state(model)
-        if patch.config.group_size != _setting(self.args, "hwbp_group_size"):
-            patch.config = patch.config.updated(group_size=_setting(self.args, "hwbp_group_size"))
+    def _hwbp_patch(self):
+        """Patch ``self.model`` (or update the settings of an existing patch) with the run's starting settings."""
+        base_k = _setting(self.args, "hwbp_k")
+        tol = _setting(self.args, "hwbp_tol")
+        group_size = _setting(self.args, "hwbp_group_size")
+        patch_model(self.model, k=0 if base_k == "auto" else base_k, tol=tol, group_size=group_size)
+        patch = highway_state(self.model)
+        if self._hwbp_user_schedule is not None:
+            patch.config = patch.config.updated(k=self._hwbp_user_schedule(0))
+        elif base_k == "auto":
+            patch.config = patch.config.updated(k=patch.num_blocks)
         return patch
+
+    def _hwbp_ensure_patched(self):
+        # A model from model_init (or one unpatched since __init__) gets patched at its first training step.
+        return highway_state(self.model) if is_patched(self.model) else self._hwbp_patch()
 
     def hwbp_schedule(self, num_blocks: int | None = None) -> KSchedule:
         """The k schedule of this run (``num_blocks`` defaults to the patched model's number of Highway blocks)."""

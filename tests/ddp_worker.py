@@ -1,0 +1,168 @@
+"""One rank of the 2-process DDP parity check (launched by tests/test_ddp.py with torch.distributed.run).
+
+Both parts run Highway-BP(k) for one step on a tiny float64 GPT-2 (dropout 0) under DDP with the gloo backend on CPU,
+through Accelerate:
+
+- "accelerate": ``Accelerator(cpu=True)``, the model patched with ``patch_model`` and then ``accelerator.prepare``-d
+  (DDP), one forward on this rank's half of the batch, ``accelerator.backward``;
+- "trainer": ``HighwayTrainer`` (which patches the unwrapped model in ``__init__``; its Accelerator wraps it in DDP
+  inside ``train``), one optimizer step with SGD over 2 accumulated micro-batches per rank (the first under DDP's
+  ``no_sync``) and a fidelity measurement, the gradients read by a callback just before the optimizer step.
+
+For each part the rank compares its gradients with (a) the other rank's and (b) single-process Highway-BP(k) on the
+concatenated batch, computed here without any process group, and writes ``rank{r}.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+
+from hf_hwbp import highway_state, is_patched, patch_model, unwrap_model
+from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
+
+ROWS, LENGTH, N_LAYER = 4, 12, 4
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=16, n_positions=32, n_embd=24, n_layer=N_LAYER, n_head=2, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0
+    )
+    return GPT2LMHeadModel(config).double()
+
+
+def dataset() -> list[dict]:
+    rows = []
+    for i in range(ROWS):
+        ids = [(3 * i + j * (i + 1)) % 16 for j in range(LENGTH)]
+        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})  # position 0 is never a causal-LM target
+    return rows
+
+
+def tensors(rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([r["input_ids"] for r in rows]), torch.tensor([r["labels"] for r in rows])
+
+
+def reference_grads(k: int | None) -> dict[str, torch.Tensor]:
+    """Single process, whole batch: Highway-BP(k) (k=None: exact backprop)."""
+    model = tiny_gpt2()
+    if k is not None:
+        patch_model(model, k=k)
+    model.train()
+    ids, labels = tensors(dataset())
+    model(input_ids=ids, labels=labels).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def flat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([grads[n].reshape(-1) for n in sorted(grads)])
+
+
+def compare(grads: dict[str, torch.Tensor], k: int) -> dict:
+    mine = flat(grads)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    highway, exact = flat(reference_grads(k)), flat(reference_grads(None))
+    return {
+        "max_abs_diff_between_ranks": max((g - mine).abs().max().item() for g in gathered),
+        "rel_error_vs_single_process": ((mine - highway).norm() / highway.norm()).item(),
+        "rel_error_vs_exact": ((mine - exact).norm() / exact.norm()).item(),
+        "grad_norm": mine.norm().item(),
+    }
+
+
+def accelerate_part(k: int) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=True)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model = patch_model(tiny_gpt2(), k=k)
+    wrapped = accelerator.prepare(model)
+    ids, labels = tensors(dataset()[rank * ROWS // world : (rank + 1) * ROWS // world])
+    wrapped.train()
+    loss = wrapped(input_ids=ids, labels=labels).loss
+    accelerator.backward(loss)
+    result = compare({n: p.grad for n, p in model.named_parameters()}, k)
+    result.update(
+        distributed_type=str(accelerator.distributed_type),
+        multi_cpu=accelerator.distributed_type == DistributedType.MULTI_CPU,
+        backend=dist.get_backend(),
+        wrapped_is_ddp=isinstance(wrapped, DistributedDataParallel),
+        patched_inner=is_patched(wrapped) and unwrap_model(wrapped) is model,
+        iterations=highway_state(model).last_iterations,
+    )
+    return result
+
+
+class _Grads(TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def trainer_part(k: int, out: str) -> dict:
+    model = tiny_gpt2()
+    recorder = _Grads()
+    args = HighwayTrainingArguments(
+        output_dir=os.path.join(out, "trainer"),
+        report_to="none",
+        use_cpu=True,
+        ddp_backend="gloo",
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        max_steps=1,
+        per_device_train_batch_size=ROWS // 4,
+        gradient_accumulation_steps=2,  # the first micro-batch runs under DDP's no_sync
+        optim="sgd",
+        learning_rate=0.1,
+        max_grad_norm=0.0,
+        hwbp_k=k,
+        hwbp_fidelity_steps=1,  # measured on the unwrapped model: must not disturb DDP or the gradients
+    )
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=dataset(), callbacks=[recorder])
+    patched_before_wrap = is_patched(model) and trainer.model_wrapped is model  # patched, not wrapped yet
+    trainer.train()
+    wrapped = trainer.model_wrapped
+    result = compare(recorder.grads, k)
+    result.update(
+        patched_before_wrap=patched_before_wrap,
+        wrapped_is_ddp=isinstance(wrapped, DistributedDataParallel),
+        patched_inner=is_patched(wrapped) and unwrap_model(wrapped) is model and trainer.model is model,
+        iterations=highway_state(model).last_iterations,
+        logged_k=[e.get("hwbp_k") for e in trainer.state.log_history if "loss" in e],
+        logged_iterations=[e.get("hwbp_iterations") for e in trainer.state.log_history if "loss" in e],
+        fidelity_cosine=[e.get("hwbp_fidelity/cosine") for e in trainer.state.log_history if "loss" in e],
+        world_size=args.world_size,
+    )
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--k", type=int, default=1)
+    options = parser.parse_args()
+    torch.set_num_threads(1)
+    results = {"accelerate": accelerate_part(options.k), "trainer": trainer_part(options.k, options.out)}
+    rank = dist.get_rank()
+    with open(os.path.join(options.out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,583 @@
+"""HighwayTrainer / HighwayTrainingArguments / k schedules, on tiny random models (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_hwbp import highway_state, is_patched, patch_model
+from hf_hwbp.patching import HighwayPatch
+from hf_hwbp.schedules import (
+    SCHEDULE_NAMES,
+    CallableSchedule,
+    ConstantSchedule,
+    ExactLastSchedule,
+    StepSchedule,
+    build_schedule,
+)
+from hf_hwbp.trainer import AUTO_DEFAULT_TOL, HighwayTrainer, HighwayTrainingArguments, check_lora_targets
+
+N_LAYER = 4
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------------
+def tiny_gpt2(seed: int = 0, dropout: float = 0.0, n_layer: int = N_LAYER, dtype=torch.float32) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=16,
+        n_positions=32,
+        n_embd=32,
+        n_layer=n_layer,
+        n_head=2,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def tiny_llama(seed: int = 0, n_layer: int = N_LAYER) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=16,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=n_layer,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    return LlamaForCausalLM(config)
+
+
+def repetitive_data(n: int = 16, length: int = 16, period: int = 8) -> list[dict]:
+    rows = []
+    for i in range(n):
+        ids = [(i + j) % period for j in range(length)]
+        # Position 0 is never a causal-LM target; masking it makes the Trainer's token count (num_items_in_batch)
+        # agree with the model's own mean whether or not the Trainer knows that the loss shifts labels.
+        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+    return rows
+
+
+def make_args(tmp_path, **overrides) -> HighwayTrainingArguments:
+    settings = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        max_steps=4,
+        seed=0,
+    )
+    settings.update(overrides)
+    return HighwayTrainingArguments(**settings)
+
+
+def train_entries(trainer) -> list[dict]:
+    return [e for e in trainer.state.log_history if "loss" in e]
+
+
+class StepRecorder(TrainerCallback):
+    """Records, after every optimizer step, the Highway settings the model used for it."""
+
+    def __init__(self):
+        self.k: dict[int, int] = {}
+        self.tol: dict[int, float | None] = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        config = highway_state(model).config
+        self.k[state.global_step] = config.k
+        self.tol[state.global_step] = config.tol
+
+
+class GradRecorder(TrainerCallback):
+    """Clones the gradients seen by the optimizer (after clipping) at every optimizer step."""
+
+    def __init__(self):
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+class LogCapture(TrainerCallback):
+    """What the report_to integrations see: every integration is a callback that receives on_log's logs."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----- schedules (pure) ---------------------------------------------------------------------------------------------
+def test_schedule_names():
+    assert SCHEDULE_NAMES == ("constant", "step", "exact_last")
+
+
+def test_constant_schedule():
+    s = ConstantSchedule(3)
+    assert [s(i) for i in range(5)] == [3] * 5
+    assert not s.exact_at(4)
+    with pytest.raises(ValueError):
+        ConstantSchedule(-1)
+
+
+def test_step_schedule():
+    s = StepSchedule(1, every=3, k_max=4)
+    assert [s(i) for i in range(14)] == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 4]
+    assert [StepSchedule(0, every=1)(i) for i in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="every"):
+        StepSchedule(1, every=0)
+    with pytest.raises(ValueError, match="k_max"):
+        StepSchedule(3, every=2, k_max=2)
+    with pytest.raises(ValueError, match="step"):
+        s(-1)
+
+
+def test_exact_last_schedule():
+    s = ExactLastSchedule(2, last_steps=3, total_steps=10, exact_k=4)
+    assert [s(i) for i in range(10)] == [2] * 7 + [4] * 3
+    assert [s.exact_at(i) for i in range(10)] == [False] * 7 + [True] * 3
+    nested = ExactLastSchedule(StepSchedule(0, every=2), last_steps=1, total_steps=5, exact_k=6)
+    assert [nested(i) for i in range(5)] == [0, 0, 1, 1, 6]
+    with pytest.raises(ValueError, match="last_steps"):
+        ExactLastSchedule(2, last_steps=0, total_steps=10, exact_k=4)
+
+
+def test_build_schedule():
+    assert build_schedule("constant", k=2, num_blocks=4)(7) == 2
+    step = build_schedule("step", k=1, num_blocks=4, step_every=2)
+    assert [step(i) for i in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 4, 4]  # k_max defaults to num_blocks
+    assert build_schedule("step", k=6, num_blocks=4, step_every=2)(0) == 6  # a start above num_blocks is fine
+    last = build_schedule("exact_last", k=1, num_blocks=4, total_steps=5, exact_last_steps=2)
+    assert [last(i) for i in range(5)] == [1, 1, 1, 4, 4]
+    with pytest.raises(ValueError, match="Unknown k schedule 'cosine'"):
+        build_schedule("cosine", k=1, num_blocks=4)
+    with pytest.raises(ValueError, match="total_steps"):
+        build_schedule("exact_last", k=1, num_blocks=4, exact_last_steps=2)
+
+
+def test_callable_schedule_checks_values():
+    s = CallableSchedule(lambda step: step // 2)
+    assert [s(i) for i in range(5)] == [0, 0, 1, 1, 2]
+    with pytest.raises(ValueError, match=r"k_schedule\(1\) returned -1"):
+        CallableSchedule(lambda step: -1)(1)
+    with pytest.raises(TypeError, match=r"k_schedule\(0\) returned 1.5"):
+        CallableSchedule(lambda step: 1.5)(0)
+    with pytest.raises(TypeError):
+        CallableSchedule(3)
+
+
+# ----- arguments ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(hwbp_k=-1), "hwbp_k must be >= 0"),
+        (dict(hwbp_k="-1"), "hwbp_k must be >= 0"),
+        (dict(hwbp_k="two"), "hwbp_k must be an int >= 0 or 'auto'"),
+        (dict(hwbp_k=1.5), "hwbp_k must be an int >= 0 or 'auto'"),
+        (dict(hwbp_k_schedule="cosine"), "Unknown hwbp_k_schedule 'cosine'"),
+        (dict(hwbp_k="auto", hwbp_tol=0.0), "hwbp_tol must be a float > 0"),
+        (dict(hwbp_tol=-1e-3), "hwbp_tol must be a float > 0"),
+        (dict(hwbp_group_size=0), "hwbp_group_size must be an int >= 1"),
+        (dict(hwbp_fidelity_steps=-1), "hwbp_fidelity_steps must be an int >= 0"),
+        (dict(hwbp_k_schedule="step", hwbp_k_step_every=0), "hwbp_k_step_every must be an int >= 1"),
+        (dict(hwbp_k_schedule="step", hwbp_k=3, hwbp_k_max=2), r"hwbp_k_max \(2\) must be >= hwbp_k \(3\)"),
+        (dict(hwbp_k_schedule="step", hwbp_k="auto"), "no 'step' schedule"),
+        (dict(hwbp_k_max=3), "hwbp_k_max is used by the 'step' schedule only"),
+        (dict(hwbp_k_schedule="exact_last"), "needs hwbp_exact_last_steps >= 1"),
+        (dict(hwbp_exact_last_steps=3), "used by hwbp_k_schedule='exact_last' only"),
+        (
+            dict(activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}),
+            "only in its non-reentrant form",
+        ),
+    ],
+)
+def test_bad_arguments_raise(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_arguments_normalize(tmp_path):
+    assert make_args(tmp_path).hwbp_k == 2
+    assert make_args(tmp_path, hwbp_k="3").hwbp_k == 3
+    auto = make_args(tmp_path, hwbp_k="auto")
+    assert auto.hwbp_k == "auto" and auto.hwbp_tol == AUTO_DEFAULT_TOL
+    assert make_args(tmp_path, hwbp_k="Auto", hwbp_tol=1e-5).hwbp_tol == 1e-5
+    # Checkpointing kwargs that do not choose a form get the non-reentrant one (the one Highway-BP supports).
+    checkpointed = make_args(
+        tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"preserve_rng_state": False}
+    )
+    assert checkpointed.activation_checkpointing_kwargs == {"preserve_rng_state": False, "use_reentrant": False}
+    plain = make_args(
+        tmp_path,
+        use_highway_bp=False,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
+    assert plain.activation_checkpointing_kwargs == {"use_reentrant": True}  # plain backprop: left alone
+
+
+def test_hf_argument_parser(tmp_path):
+    parser = HfArgumentParser(HighwayTrainingArguments)
+    common = ["--output_dir", str(tmp_path), "--report_to", "none", "--use_cpu"]
+    (args,) = parser.parse_args_into_dataclasses(
+        common
+        + ["--hwbp_k", "auto", "--hwbp_tol", "1e-4", "--hwbp_k_schedule", "exact_last", "--hwbp_exact_last_steps", "5"]
+    )
+    assert (args.hwbp_k, args.hwbp_tol, args.hwbp_k_schedule, args.hwbp_exact_last_steps) == (
+        "auto",
+        1e-4,
+        "exact_last",
+        5,
+    )
+    (args,) = parser.parse_args_into_dataclasses(
+        common + ["--hwbp_k", "1", "--hwbp_k_schedule", "step", "--hwbp_k_step_every", "10", "--hwbp_k_max", "3"]
+    )
+    assert (args.hwbp_k, args.hwbp_k_step_every, args.hwbp_k_max, args.use_highway_bp) == (1, 10, 3, True)
+    (args,) = parser.parse_args_into_dataclasses(common + ["--no_use_highway_bp", "--hwbp_fidelity_steps", "7"])
+    assert (args.use_highway_bp, args.hwbp_k, args.hwbp_fidelity_steps) == (False, 2, 7)
+    help_text = parser.format_help()
+    for name in ("--hwbp_k ", "--hwbp_tol", "--hwbp_group_size", "--hwbp_k_schedule", "--hwbp_fidelity_steps"):
+        assert name in help_text
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(common + ["--hwbp_k_schedule", "bogus"])
+
+
+# ----- training -----------------------------------------------------------------------------------------------------
+def test_loss_falls_and_k_is_logged(tmp_path):
+    model = tiny_gpt2()
+    args = make_args(tmp_path, max_steps=40, learning_rate=1e-2, lr_scheduler_type="constant", hwbp_k=2)
+    capture = LogCapture()
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[capture])
+    assert is_patched(model) and highway_state(model).config.k == 2  # patched in __init__, before training
+    trainer.train()
+    entries = train_entries(trainer)
+    seen = [log for log in capture.logs if "loss" in log]
+    assert len(seen) == 40 and all(log["hwbp_k"] == 2 and log["hwbp_iterations"] == 2 for log in seen)
+    assert [e["step"] for e in entries] == list(range(1, 41))
+    assert all(e["hwbp_k"] == 2 and e["hwbp_iterations"] == 2 for e in entries)
+    first, last = entries[0]["loss"], sum(e["loss"] for e in entries[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert highway_state(model).last_iterations == 2
+
+
+def test_step_schedule_applied_then_resumed(tmp_path):
+    def run(resume=None):
+        recorder = StepRecorder()
+        args = make_args(
+            tmp_path,
+            max_steps=8,
+            save_strategy="steps",
+            save_steps=4,
+            hwbp_k=0,
+            hwbp_k_schedule="step",
+            hwbp_k_step_every=2,
+            hwbp_k_max=3,
+        )
+        trainer = HighwayTrainer(
+            model=tiny_gpt2(seed=1), args=args, train_dataset=repetitive_data(), callbacks=[recorder]
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, recorder
+
+    expected = {step: min((step - 1) // 2, 3) for step in range(1, 9)}  # the k of optimizer step `step`
+    trainer, recorder = run()
+    assert recorder.k == expected
+    logged = {e["step"]: e["hwbp_k"] for e in train_entries(trainer)}
+    assert logged == expected
+    losses = {e["step"]: e["loss"] for e in train_entries(trainer)}
+
+    resumed, recorder = run(resume=str(tmp_path / "out" / "checkpoint-4"))
+    assert recorder.k == {step: expected[step] for step in range(5, 9)}  # only steps 5..8 ran, with their k
+    resumed_entries = [e for e in train_entries(resumed) if e["step"] > 4]
+    assert {e["step"]: e["hwbp_k"] for e in resumed_entries} == {step: expected[step] for step in range(5, 9)}
+    for e in resumed_entries:  # same weights, data order and k: the same losses as the uninterrupted run
+        assert math.isclose(e["loss"], losses[e["step"]], rel_tol=1e-5), (e, losses[e["step"]])
+
+
+def test_exact_last_schedule_applied(tmp_path):
+    recorder = StepRecorder()
+    args = make_args(
+        tmp_path, max_steps=5, hwbp_k=1, hwbp_tol=1e-12, hwbp_k_schedule="exact_last", hwbp_exact_last_steps=2
+    )
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(), callbacks=[recorder])
+    trainer.train()
+    assert recorder.k == {1: 1, 2: 1, 3: 1, 4: N_LAYER, 5: N_LAYER}
+    assert recorder.tol == {1: 1e-12, 2: 1e-12, 3: 1e-12, 4: None, 5: None}  # exact steps drop the adaptive stop
+    assert [e["hwbp_k"] for e in train_entries(trainer)] == [1, 1, 1, N_LAYER, N_LAYER]
+
+
+def test_callable_schedule_and_auto_k(tmp_path):
+    recorder = StepRecorder()
+    trainer = HighwayTrainer(
+        model=tiny_gpt2(),
+        args=make_args(tmp_path, max_steps=5),
+        train_dataset=repetitive_data(),
+        callbacks=[recorder],
+        k_schedule=lambda step: step % 3,
+    )
+    trainer.train()
+    assert recorder.k == {1: 0, 2: 1, 3: 2, 4: 0, 5: 1}
+    assert [e["hwbp_iterations"] for e in train_entries(trainer)] == [0, 1, 2, 0, 1]
+    with pytest.raises(ValueError, match="not both"):
+        HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path, hwbp_k_schedule="step"), k_schedule=lambda step: 1)
+
+    # "auto": up to the number of blocks, stopping adaptively (a loose tol stops before exact)
+    model = tiny_gpt2()
+    trainer = HighwayTrainer(
+        model=model, args=make_args(tmp_path, max_steps=3, hwbp_k="auto", hwbp_tol=0.5), train_dataset=repetitive_data()
+    )
+    trainer.train()
+    assert highway_state(model).config.k == N_LAYER and highway_state(model).config.tol == 0.5
+    entries = train_entries(trainer)
+    assert all(e["hwbp_k"] == N_LAYER for e in entries)
+    assert all(1 <= e["hwbp_iterations"] < N_LAYER for e in entries), entries
+
+
+def test_fidelity_logged_without_changing_training(tmp_path):
+    def run(fidelity_steps):
+        model = tiny_gpt2(dropout=0.1)
+        args = make_args(tmp_path, max_steps=4, logging_steps=3, hwbp_k=1, hwbp_fidelity_steps=fidelity_steps)
+        trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
+        trainer.train()
+        return model, trainer
+
+    model, trainer = run(2)
+    reference, _ = run(0)
+    # Same dropout masks and the same gradients: the measurement leaves training bit-for-bit unchanged.
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.equal(p, q), name
+    fidelity = [e for e in trainer.state.log_history if "hwbp_fidelity/cosine" in e]
+    assert [e["step"] for e in fidelity] == [2, 4]
+    assert "loss" not in fidelity[0]  # step 2 has no training entry (logging_steps=3): an entry of its own
+    for e in fidelity:
+        assert e["hwbp_fidelity/k"] == 1 and e["hwbp_fidelity/iterations"] == 1
+        assert 0.5 < e["hwbp_fidelity/cosine"] <= 1 + 1e-9
+        assert 1e-6 < e["hwbp_fidelity/rel_error"] < 1
+        blocks = [e[f"hwbp_fidelity/block_{j}_rel_error"] for j in range(N_LAYER)]
+        # k=1: the top two blocks get their exact gradient, the lower ones do not
+        assert blocks[-1] < 1e-5 and blocks[-2] < 1e-5 and blocks[0] > 1e-6, blocks
+        assert all(f"hwbp_fidelity/block_{j}_cosine" in e for j in range(N_LAYER))
+
+
+def _reference_grads(k: int, data: list[dict]) -> dict[str, torch.Tensor]:
+    """Single-process Highway-BP(k) gradient of the mean loss over ``data`` (equal lengths, no padding)."""
+    model = tiny_gpt2(dtype=torch.float64)
+    patch_model(model, k=k)
+    model.train()
+    ids = torch.tensor([row["input_ids"] for row in data])
+    labels = torch.tensor([row["labels"] for row in data])
+    model(input_ids=ids, labels=labels).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_gradient_accumulation_and_clipping(tmp_path):
+    data = repetitive_data(n=4)
+    reference = _reference_grads(1, data)
+    ref_norm = torch.sqrt(sum(g.pow(2).sum() for g in reference.values())).item()
+
+    def run(batch, accumulation, max_grad_norm):
+        recorder = GradRecorder()
+        model = tiny_gpt2(dtype=torch.float64)
+        args = make_args(
+            tmp_path,
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=max_grad_norm,
+            optim="sgd",
+            learning_rate=0.1,
+            hwbp_k=1,
+        )
+        trainer = HighwayTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
+        trainer.train()
+        (entry,) = train_entries(trainer)
+        assert entry["hwbp_k"] == 1 and entry["hwbp_iterations"] == 1
+        return model, recorder.grads[0], entry["grad_norm"]
+
+    full, full_grads, full_norm = run(4, 1, 0.0)
+    accumulated, acc_grads, acc_norm = run(1, 4, 0.0)
+    for name, g in reference.items():
+        assert rel_err(full_grads[name], g) < 1e-10, name
+        assert rel_err(acc_grads[name], g) < 1e-10, name
+    for p, q in zip(full.parameters(), accumulated.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-12)
+    assert math.isclose(full_norm, ref_norm, rel_tol=1e-9) and math.isclose(acc_norm, ref_norm, rel_tol=1e-9)
+
+    _, clipped_grads, clipped_norm = run(2, 2, 1e-3)  # max_grad_norm scales the Highway gradient
+    assert math.isclose(clipped_norm, ref_norm, rel_tol=1e-9)  # the logged norm is the one before clipping
+    clipped_total = torch.sqrt(sum(g.pow(2).sum() for g in clipped_grads.values())).item()
+    assert math.isclose(clipped_total, 1e-3, rel_tol=1e-3)
+    for name, g in reference.items():
+        assert rel_err(clipped_grads[name] * (ref_norm / clipped_total), g) < 1e-8, name
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+    def grads(**overrides):
+        recorder = GradRecorder()
+        args = make_args(tmp_path, max_steps=2, max_grad_norm=0.0, hwbp_k=1, **overrides)
+        model = tiny_gpt2(dtype=torch.float64)
+        HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(n=8), callbacks=[recorder]).train()
+        return model, recorder.grads
+
+    _, reference = grads()
+    model, checkpointed = grads(
+        activation_checkpointing=True, activation_checkpointing_kwargs={"preserve_rng_state": False}
+    )
+    assert model.transformer.h[0].gradient_checkpointing
+    for step in range(2):
+        for name, g in reference[step].items():
+            assert rel_err(checkpointed[step][name], g) < 1e-12, (step, name)
+
+
+def test_evaluation_runs_without_highway(tmp_path, monkeypatch):
+    starts = []
+    original = HighwayPatch._start_record
+    monkeypatch.setattr(HighwayPatch, "_start_record", lambda self, h0: (starts.append(1), original(self, h0))[1])
+    model = tiny_gpt2()
+    args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    data = repetitive_data()
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+    trainer.train()
+    assert len([e for e in trainer.state.log_history if "eval_loss" in e]) == 2
+    assert len(starts) == 4  # one Highway record per training micro-batch, none for the evaluations
+
+    starts.clear()
+    metrics = trainer.evaluate()
+    assert starts == [] and highway_state(model)._record is None
+    plain = copy.deepcopy(model)
+    plain.eval()
+    ids = torch.tensor([row["input_ids"] for row in data[:8]])
+    labels = torch.tensor([row["labels"] for row in data[:8]])
+    with torch.no_grad():
+        expected = plain(input_ids=ids, labels=labels).loss.item()
+    assert math.isclose(metrics["eval_loss"], expected, rel_tol=1e-5)
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    model = tiny_gpt2()
+    args = make_args(tmp_path, max_steps=4, bf16=True, hwbp_k=1, hwbp_fidelity_steps=2)
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
+    entries = train_entries(trainer)
+    assert all(math.isfinite(e["loss"]) and e["hwbp_iterations"] == 1 for e in entries)
+    fidelity = [e for e in entries if "hwbp_fidelity/cosine" in e]
+    assert [e["step"] for e in fidelity] == [2, 4] and all(e["hwbp_fidelity/cosine"] > 0.5 for e in fidelity)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_plain_backprop_option(tmp_path):
+    model = tiny_gpt2()
+    args = make_args(tmp_path, max_steps=2, use_highway_bp=False, hwbp_fidelity_steps=1)
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
+    trainer.train()
+    assert not is_patched(model)
+    assert not any(key.startswith("hwbp") for e in trainer.state.log_history for key in e)
+
+    # A model patched by the caller still trains with ordinary backprop when use_highway_bp=False.
+    data = repetitive_data(n=4)
+    patched = patch_model(tiny_gpt2(dtype=torch.float64), k=0)
+    recorder = GradRecorder()
+    args = make_args(tmp_path, max_steps=1, use_highway_bp=False, max_grad_norm=0.0)
+    HighwayTrainer(model=patched, args=args, train_dataset=data, callbacks=[recorder]).train()
+    exact = _reference_grads(N_LAYER, data)  # k = number of blocks: exact backprop
+    assert all(rel_err(recorder.grads[0][n], g) < 1e-10 for n, g in exact.items())
+
+
+def test_trainer_settings_replace_an_existing_patch(tmp_path):
+    model = patch_model(tiny_gpt2(), k=0, tol=0.5, group_size=3)
+    HighwayTrainer(model=model, args=make_args(tmp_path, hwbp_k=3, hwbp_group_size=2), train_dataset=repetitive_data())
+    config = highway_state(model).config
+    assert (config.k, config.tol, config.group_size) == (3, None, 2)
+    HighwayTrainer(model=model, args=make_args(tmp_path, hwbp_k="auto"), train_dataset=repetitive_data())
+    config = highway_state(model).config
+    assert (config.k, config.tol, config.group_size) == (N_LAYER, AUTO_DEFAULT_TOL, 1)
+
+
+def test_plain_training_arguments_get_highway_defaults(tmp_path):
+    model = tiny_gpt2()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        report_to="none",
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
+    trainer.train()
+    assert [e["hwbp_k"] for e in train_entries(trainer)] == [2, 2]
+    assert highway_state(model).config.k == 2
+
+
+# ----- LoRA ---------------------------------------------------------------------------------------------------------
+def test_lora_trains_only_the_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = make_args(tmp_path, max_steps=10, learning_rate=1e-2, hwbp_k=1, hwbp_fidelity_steps=5)
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
+    assert is_patched(base) and highway_state(model) is highway_state(base)
+    trainer.train()
+    entries = train_entries(trainer)
+    assert all(e["hwbp_iterations"] == 1 for e in entries)
+    assert entries[-1]["loss"] < entries[0]["loss"]
+    fidelity = [e for e in entries if "hwbp_fidelity/cosine" in e]  # over the LoRA parameters only
+    assert [e["step"] for e in fidelity] == [5, 10] and all(e["hwbp_fidelity/cosine"] > 0.5 for e in fidelity)
+    lora = [n for n in before if "lora_" in n]
+    assert len(lora) == 4 * N_LAYER  # A and B of q_proj and v_proj in every layer
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        if "lora_" in name:
+            assert not torch.equal(after[name], value), f"LoRA weight {name} did not change"
+        else:
+            assert torch.equal(after[name], value), f"base weight {name} changed"
+
+
+def test_check_lora_targets(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    matched = check_lora_targets(model, ["q_proj", "v_proj"])
+    assert len(matched) == 2 * N_LAYER and all(n.endswith(("q_proj", "v_proj")) for n in matched)
+    assert len(check_lora_targets(model, r".*\.0\.self_attn\.q_proj")) == 1
+    with pytest.raises(ValueError, match=r"\['vv_proj'\] match no module of LlamaForCausalLM.*v_proj"):
+        check_lora_targets(model, ["q_proj", "vv_proj"])
+    with pytest.raises(ValueError, match="regex 'q_proj' matches no module"):
+        check_lora_targets(model, "q_proj")  # a string is a full-match regex in PEFT
+    with pytest.raises(ValueError, match="c_attn"):  # GPT-2 names its projections differently
+        check_lora_targets(tiny_gpt2(), ["q_proj"])
+
+    # PEFT silently skips a target that matches nothing when another one matches: the trainer refuses it.
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj", "vv_proj"]))
+    with pytest.raises(ValueError, match=r"adapter 'default'.*\['vv_proj'\]"):
+        HighwayTrainer(model=peft_model, args=make_args(tmp_path), train_dataset=repetitive_data())
+    # When nothing matches PEFT raises itself (NoMatchingPeftModuleError, a ValueError) naming the targets.
+    with pytest.raises(ValueError, match="not found in the base model"):
+        get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["qq_proj"]))
