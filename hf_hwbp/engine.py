@@ -29,15 +29,14 @@ class HighwayResult:
 
     Attributes:
         input_grad: delta^(k)_0, the gradient for the stack input (None when not requested).
-        param_grads: for each block, the gradients of its parameters (None for a parameter the block
-            does not use), in the order the parameters were given.
+        param_grads: the gradients of the given parameters, in their order (None for one no block uses).
         iterations: the number of Highway iterations actually run (<= k, fewer with ``tol``).
         block_grads: delta^(k)_j for j = 1..L (only when ``keep_block_grads=True``; used by tests and the
             fidelity metrics).
     """
 
     input_grad: Tensor | None
-    param_grads: list[tuple[Tensor | None, ...]]
+    param_grads: tuple[Tensor | None, ...]
     iterations: int
     block_grads: list[Tensor] | None = None
 
@@ -105,7 +104,7 @@ def highway_iterations(
 def highway_backward(
     inputs: Sequence[Tensor],
     outputs: Sequence[Tensor],
-    params: Sequence[Sequence[Tensor]],
+    params: Sequence[Tensor],
     d: Tensor,
     extra_grads: Sequence[Tensor | None] | None = None,
     *,
@@ -114,23 +113,17 @@ def highway_backward(
     need_input_grad: bool = True,
     keep_block_grads: bool = False,
 ) -> HighwayResult:
-    """Highway-BP(k): k iterations, then one parameter VJP per block with delta^(k)_j.
+    """Highway-BP(k): k iterations, then one parameter VJP of every block with its delta^(k)_j.
 
-    Block j's local graph is freed by its parameter VJP, as ordinary backprop frees it.
+    ``params`` are the blocks' trainable parameters (each once). The parameter step is a single autograd
+    call over all blocks, which frees each local graph as it goes, as ordinary backprop does.
     """
-    if len(params) != len(outputs):
-        raise ValueError(f"Got parameter lists for {len(params)} blocks, expected {len(outputs)}.")
     delta, iterations = highway_iterations(
         inputs, outputs, d, extra_grads, k=k, tol=tol, need_input_grad=need_input_grad
     )
-    param_grads: list[tuple[Tensor | None, ...]] = []
-    for j in range(1, len(outputs) + 1):
-        block_params = list(params[j - 1])
-        if block_params:
-            grads = torch.autograd.grad(outputs[j - 1], block_params, delta[j], allow_unused=True)
-        else:
-            grads = ()
-        param_grads.append(tuple(grads))
+    param_grads: tuple[Tensor | None, ...] = ()
+    if params:
+        param_grads = torch.autograd.grad(list(outputs), list(params), delta[1:], allow_unused=True)
     return HighwayResult(
         input_grad=delta[0] if need_input_grad else None,
         param_grads=param_grads,

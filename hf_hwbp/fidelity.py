@@ -81,7 +81,7 @@ def measure_fidelity(
     cosine, rel = compare_gradients(_flat(highway, params), _flat(exact, params))
     report = FidelityReport(cosine=cosine, rel_error=rel, k=patch.effective_k, iterations=iterations)
     index = {id(p): i for i, p in enumerate(params)}
-    for block in patch._block_params():
+    for block in patch.block_parameters():
         ids = [index[id(p)] for p in block if id(p) in index]
         c, e = compare_gradients(
             _flat([highway[i] for i in ids], [params[i] for i in ids]),

@@ -303,7 +303,8 @@ class HighwayPatch:
                     seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def _block_params(self) -> list[list[Tensor]]:
+    def block_parameters(self) -> list[list[Tensor]]:
+        """The trainable parameters of each Highway block (group of layers), bottom to top."""
         g = self.config.group_size
         blocks: list[list[Tensor]] = []
         for start in range(0, self.num_layers, g):
@@ -329,16 +330,12 @@ class HighwayPatch:
             d = torch.zeros_like(last)
         # e_0 (a loss on h_0 itself) reaches h_0 directly through autograd: the engine leaves it out.
         extra = [None] + [record.output_grads.get(j) for j in range(num_blocks - 1)]
-        block_params = self._block_params()
-        ids = {id(p) for p in record.entry_params}
-        if any(id(p) not in ids for ps in block_params for p in ps):
-            raise RuntimeError("Highway-BP: requires_grad of a stack parameter changed between forward and backward.")
         record.in_engine = True
         try:
             result = highway_backward(
                 record.inputs,
                 record.outputs,
-                block_params,
+                record.entry_params,
                 d,
                 extra,
                 k=self.config.k,
@@ -354,13 +351,7 @@ class HighwayPatch:
             record.output_grads.clear()
         self.last_iterations = result.iterations
         self.last_block_grads = result.block_grads
-        grads: dict[int, Tensor] = {}
-        for ps, gs in zip(block_params, result.param_grads):
-            for p, g in zip(ps, gs):
-                if g is not None:
-                    grads[id(p)] = g if id(p) not in grads else grads[id(p)] + g
-        param_grads = tuple(grads.get(id(p)) for p in record.entry_params)
-        return (None, None, result.input_grad) + param_grads
+        return (None, None, result.input_grad) + tuple(result.param_grads)
 
 
 def get_patch(model: nn.Module) -> HighwayPatch | None:

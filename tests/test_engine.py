@@ -249,9 +249,7 @@ def test_highway_backward_direct_call_matches_recursion(stack_and_input):
     d = _output_grad(stack, states[-1])
     inputs = [s.clone().requires_grad_(True) for s in states[:-1]]
     outputs = [layer(h) for layer, h in zip(stack.layers, inputs)]  # the stack is not patched here
-    result = highway_backward(
-        inputs, outputs, [list(layer.parameters()) for layer in stack.layers], d, k=2, keep_block_grads=True
-    )
+    result = highway_backward(inputs, outputs, list(stack.layers.parameters()), d, k=2, keep_block_grads=True)
     delta = _recursion(jac, d, 2, DEPTH)
     torch.testing.assert_close(result.input_grad, delta[0], rtol=1e-12, atol=1e-14)
     for j in range(1, DEPTH + 1):
