@@ -14,7 +14,7 @@ from .gpipe import GPipeBaseline
 from .layout import StageLayout, make_layout
 from .runner import LayerParallelHighway, check_world
 from .stages import Stage, build_stage
-from .train import train_layer_parallel
+from .train import init_distributed, train_layer_parallel
 
 __all__ = [
     "Comm",
@@ -24,6 +24,7 @@ __all__ = [
     "StageLayout",
     "build_stage",
     "check_world",
+    "init_distributed",
     "make_layout",
     "train_layer_parallel",
 ]

@@ -4,9 +4,14 @@ Byte convention (payload only, no headers): ``send`` counts the tensor once; ``b
 per receiver at the source; ``all_gather`` counts a rank's tensor once per other rank; ``all_reduce`` over
 n ranks counts ``2 (n - 1) / n`` times the tensor per rank (a ring). Sends are asynchronous (``isend``) so
 that a stage never waits for its neighbour to post the matching receive; ``wait()`` drains them.
+
+Setting ``comm.trace = []`` records ``(op, peer, thread CPU time)`` at every call (scripts/bench_pipeline.py
+replays these to estimate the step time of an idle machine from the compute between calls).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.distributed as dist
@@ -21,16 +26,23 @@ class Comm:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bytes_sent = 0
+        self.trace: list[tuple] | None = None
         self._pending: list[tuple[dist.Work, Tensor]] = []
+
+    def _mark(self, op: str, peer) -> None:
+        if self.trace is not None:
+            self.trace.append((op, peer, time.thread_time()))
 
     # ----- point to point ------------------------------------------------------------------------------
     def send(self, tensor: Tensor, dst: int) -> None:
+        self._mark("send", dst)
         tensor = tensor.detach().contiguous()
         work = dist.isend(tensor, group=self.group, group_dst=dst)
         self._pending.append((work, tensor))  # keep the buffer alive until the send completes
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
     def recv(self, shape, dtype: torch.dtype, device: torch.device, src: int) -> Tensor:
+        self._mark("recv", src)
         buffer = torch.empty(shape, dtype=dtype, device=device)
         dist.recv(buffer, group=self.group, group_src=src)
         return buffer
@@ -46,6 +58,7 @@ class Comm:
         """``tensor`` from stage ``src`` on every stage (others pass None)."""
         if self.world_size == 1:
             return tensor
+        self._mark("broadcast", src)
         if self.rank == src:
             tensor = tensor.detach().contiguous()
             self.bytes_sent += tensor.numel() * tensor.element_size() * (self.world_size - 1)
@@ -65,6 +78,7 @@ class Comm:
         if world == 1:
             return torch.zeros_like(tensor)
         if mode == "allgather":
+            self._mark("collective", tuple(range(world)))
             gathered = [torch.empty_like(tensor) for _ in range(world)]
             dist.all_gather(gathered, tensor.contiguous(), group=self.group)
             self.bytes_sent += tensor.numel() * tensor.element_size() * (world - 1)
@@ -89,6 +103,12 @@ class Comm:
         group = self.group if group is None else group
         n = dist.get_world_size(group)
         if n > 1:
+            if self.trace is not None:
+                ranks = range(self.world_size)
+                if group is not self.group:  # stage indices of the subgroup's members
+                    members = dist.get_process_group_ranks(group)
+                    ranks = members if self.group is None else [dist.get_group_rank(self.group, g) for g in members]
+                self._mark("collective", tuple(ranks))
             dist.all_reduce(tensor, group=group)
             self.bytes_sent += tensor.numel() * tensor.element_size() * 2 * (n - 1) // n
         return tensor

@@ -55,7 +55,7 @@ class GPipeBaseline:
         self.stage = build_stage(model, dist.get_rank(process_group), num_stages, group_size="stage")
         self.n_microbatches = n_microbatches
         self.comm = Comm(process_group)
-        self._tie_group = tie_group(self.stage, process_group)
+        self._tie = tie_group(self.stage, process_group)
         pipe_stage = PipelineStage(
             _StageModule(self.stage), self.stage.index, num_stages, self.stage.device, group=process_group
         )
@@ -78,7 +78,7 @@ class GPipeBaseline:
         stage = self.stage
         input_ids, labels = input_ids.to(stage.device), labels.to(stage.device)
         losses: list[Tensor] = []
-        with TiedGrads(stage, self.comm, self._tie_group):
+        with TiedGrads(stage, self.comm, self._tie):
             if stage.is_first and stage.is_last:
                 self.schedule.step(input_ids, target=labels, losses=losses)
             elif stage.is_first:

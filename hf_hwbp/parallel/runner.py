@@ -27,31 +27,33 @@ def check_world(num_stages: int | None, world_size: int) -> int:
     return num_stages
 
 
-def tie_group(stage: Stage, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    """The process group of the first and last stages, which hold the two halves of a tied parameter.
+def tie_group(stage: Stage, group: dist.ProcessGroup | None) -> tuple[bool, dist.ProcessGroup | None]:
+    """Whether gradients are tied between stages, and the group of the first and last stages that sums them.
 
-    Every rank must call this (``new_group`` is collective); returns None when there is nothing tied.
+    Every rank must call this (``new_group`` is collective). With two stages that group is ``group`` itself
+    (None: the world).
     """
     if not stage.has_tied:
-        return None
+        return False, None
     if stage.num_stages == 2:
-        return group
+        return True, group
     ranks = [0, stage.num_stages - 1]
     if group is not None:
         ranks = [dist.get_global_rank(group, r) for r in ranks]
-    return dist.new_group(ranks)
+    return True, dist.new_group(ranks)
 
 
 class TiedGrads:
     """Sums the gradient of parameters split between the first and last stage (e.g. GPT-2's tied embedding).
 
-    Use ``with TiedGrads(stage, comm, group):`` around one backward: it sets the tied gradients aside,
+    Use ``with TiedGrads(stage, comm, tie_group(stage, group)):`` around one backward: it sets the tied gradients aside,
     lets the backward produce this stage's part alone, sums the parts of both stages and adds back what
     was there before (so gradient accumulation keeps working).
     """
 
-    def __init__(self, stage: Stage, comm: Comm, group: dist.ProcessGroup | None):
-        self.params = stage.tied if group is not None else []
+    def __init__(self, stage: Stage, comm: Comm, tie: tuple[bool, dist.ProcessGroup | None]):
+        tied, group = tie
+        self.params = stage.tied if tied else []
         self.comm, self.group = comm, group
         self.saved: list[Tensor | None] = []
 
@@ -93,6 +95,10 @@ class LayerParallelHighway:
         scan: how the per-stage sums reach the stages below: ``"chain"`` (S - 1 sends) or ``"allgather"``.
         tol: optional adaptive stop, as in ``HighwayConfig`` (one extra all_reduce of two scalars per iteration).
         blocks_per_stage: optional explicit count of Highway blocks per stage.
+        microbatches: M >= 1 slices of the batch in the forward, so that the stages overlap on different
+            slices (the head, the loss and the Highway backward still see the whole batch; with
+            ``method="backprop"`` the backward also goes slice by slice: the GPipe schedule). Gradients are
+            the same for every M.
         process_group: the group whose ranks are the stages (default: the world).
 
     Raises:
@@ -112,6 +118,7 @@ class LayerParallelHighway:
         scan: str = "chain",
         tol: float | None = None,
         blocks_per_stage=None,
+        microbatches: int = 1,
         process_group: dist.ProcessGroup | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
@@ -133,10 +140,13 @@ class LayerParallelHighway:
             group_size=group_size,
             blocks_per_stage=blocks_per_stage,
         )
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}.")
         self.method = method
         self.scan = scan
+        self.microbatches = microbatches
         self.comm = Comm(process_group)
-        self._tie_group = tie_group(self.stage, process_group)
+        self._tie = tie_group(self.stage, process_group)
         self.last_iterations: int | None = None
 
     # ----- settings ------------------------------------------------------------------------------------
@@ -188,8 +198,8 @@ class LayerParallelHighway:
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         segments = stage.blocks if self.method == "highway" else [range(len(stage.layers))]
         try:
-            with TiedGrads(stage, self.comm, self._tie_group):
-                record = stage_forward(stage, self.comm, input_ids, labels, attention_mask, segments)
+            with TiedGrads(stage, self.comm, self._tie):
+                record = stage_forward(stage, self.comm, input_ids, labels, attention_mask, segments, self.microbatches)
                 if self.method == "highway":
                     self.last_iterations = highway_backward(
                         stage, self.comm, record, k=self._config.k, scan=self.scan, tol=self._config.tol

@@ -76,6 +76,7 @@ def train_layer_parallel(
     device: torch.device | str | None = None,
     scan: str = "chain",
     tol: float | None = None,
+    microbatches: int = 1,
     log_every: int = 0,
     process_group: dist.ProcessGroup | None = None,
 ) -> list[float]:
@@ -88,10 +89,11 @@ def train_layer_parallel(
     Args:
         model_config_or_model: a GPT-2 / Llama ``PretrainedConfig`` (the model is built with ``seed`` on every
             rank) or a model that is identical on every rank (same seed or checkpoint).
-        batches: an iterable giving the same batches on every rank: dicts with ``input_ids`` (and optionally
-            ``labels``, ``attention_mask``), ``(input_ids, labels)`` tuples or bare ``input_ids`` tensors.
-        k, group_size, method, scan, tol: see :class:`LayerParallelHighway` (``method="backprop"`` trains with
-            ordinary pipeline backprop).
+        batches: an iterable giving the same batches on every rank (e.g. a DataLoader with a seeded generator,
+            no DistributedSampler: the stages split the model, not the data): dicts with ``input_ids`` (and
+            optionally ``labels``, ``attention_mask``), ``(input_ids, labels)`` tuples or bare ``input_ids``.
+        k, group_size, method, scan, tol, microbatches: see :class:`LayerParallelHighway`
+            (``method="backprop"`` trains with ordinary pipeline backprop).
         steps: optimizer steps (fewer if ``batches`` runs out).
         lr, weight_decay: AdamW settings. ``lr_lambda``: optional multiplier of ``lr`` per step (LambdaLR).
         max_grad_norm: optional clipping of the global gradient norm (over all stages).
@@ -112,7 +114,14 @@ def train_layer_parallel(
         model = AutoModelForCausalLM.from_config(model_config_or_model)
     model.to(device=device, dtype=dtype).train()
     runner = LayerParallelHighway(
-        model, k=k, group_size=group_size, method=method, scan=scan, tol=tol, process_group=process_group
+        model,
+        k=k,
+        group_size=group_size,
+        method=method,
+        scan=scan,
+        tol=tol,
+        microbatches=microbatches,
+        process_group=process_group,
     )
     del model  # this function keeps only its stage (the caller may still hold the full model)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=lr, weight_decay=weight_decay)
