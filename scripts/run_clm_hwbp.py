@@ -291,6 +291,15 @@ class RunArguments:
         default=False,
         metadata={"help": "Shrink everything (tiny model, a few steps) to check the pipeline in seconds."},
     )
+    layer_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "Layer-parallel training (hf_hwbp.parallel): one pipeline stage per process, every stage "
+            "running its Highway backward at the same time. Launch with `torchrun --nproc_per_node S`. GPT-2 and "
+            "Llama; uses --hwbp_k, --hwbp_group_size, --learning_rate, --weight_decay, --max_grad_norm, "
+            "--warmup_steps, --max_steps; --use_highway_bp false trains with pipeline backprop."
+        },
+    )
 
 
 # ----- arguments (shared with run_image_classification_hwbp.py) -------------------------------------------------------
@@ -802,6 +811,101 @@ def _select(dataset, limit: int | None):
     return dataset.select(range(min(len(dataset), limit))) if limit is not None else dataset
 
 
+def run_layer_parallel(
+    model_args, lora_args, training_args, config, tokenizer, train_dataset, eval_dataset, run_args
+) -> dict[str, float]:
+    """--layer_parallel: train with hf_hwbp.parallel under torchrun, then evaluate and save on rank 0."""
+    import torch.distributed as dist
+
+    from hf_hwbp.parallel import train_layer_parallel
+
+    if run_args.compare_backprop or lora_args.use_lora:
+        raise ValueError("--layer_parallel does not combine with --compare_backprop or --use_lora.")
+    if training_args.use_highway_bp and not isinstance(training_args.hwbp_k, int):
+        raise ValueError("--layer_parallel needs an integer --hwbp_k (not 'auto').")
+    if train_dataset is None:
+        raise ValueError("--layer_parallel trains: it needs --do_train and a train dataset.")
+    steps = training_args.max_steps
+    if steps <= 0:
+        steps = math.ceil(
+            len(train_dataset) / training_args.per_device_train_batch_size * training_args.num_train_epochs
+        )
+    set_seed(training_args.seed)
+    model = build_model(model_args, lora_args, config, tokenizer)
+    generator = torch.Generator().manual_seed(training_args.seed)  # the same batches on every rank
+    loader = torch.utils.data.DataLoader(
+        train_dataset,
+        batch_size=training_args.per_device_train_batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=default_data_collator,
+        drop_last=True,
+    )
+
+    def batches():
+        while True:
+            yield from loader
+
+    warmup = training_args.warmup_steps
+
+    def lr_lambda(step: int) -> float:  # linear warmup, then cosine decay to zero
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    start = time.perf_counter()
+    losses = train_layer_parallel(
+        model,
+        batches(),
+        k=training_args.hwbp_k if training_args.use_highway_bp else 0,
+        group_size=training_args.hwbp_group_size,
+        steps=steps,
+        lr=training_args.learning_rate,
+        method="highway" if training_args.use_highway_bp else "backprop",
+        weight_decay=training_args.weight_decay,
+        max_grad_norm=training_args.max_grad_norm or None,
+        lr_lambda=lr_lambda,
+        seed=training_args.seed,
+        log_every=training_args.logging_steps if training_args.logging_steps >= 1 else 0,
+        sync_model=True,
+        device="cpu" if training_args.use_cpu or not torch.cuda.is_available() else None,
+    )
+    seconds = time.perf_counter() - start
+    metrics = {
+        "train_loss": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+        "train_steps": len(losses),
+        "seconds_per_step": seconds / max(1, len(losses)),
+        "stages": dist.get_world_size(),
+    }
+    if eval_dataset is not None:
+        model.eval()
+        eval_loader = torch.utils.data.DataLoader(
+            eval_dataset, batch_size=training_args.per_device_eval_batch_size, collate_fn=default_data_collator
+        )
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            eval_losses = [model(**{k: v.to(device) for k, v in b.items()}).loss.item() for b in eval_loader]
+        metrics["eval_loss"] = float(np.mean(eval_losses))
+        metrics["perplexity"] = math.exp(metrics["eval_loss"])
+    if dist.get_rank() == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        model.save_pretrained(training_args.output_dir)
+        tokenizer.save_pretrained(training_args.output_dir)
+        with open(os.path.join(training_args.output_dir, "all_results.json"), "w") as f:
+            json.dump({**metrics, "train_losses": losses}, f, indent=2)
+        method = f"highway k={training_args.hwbp_k}" if training_args.use_highway_bp else "backprop"
+        print(
+            f"[layer-parallel {method}, {metrics['stages']} stages] "
+            + (
+                f"validation loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}, "
+                if "eval_loss" in metrics
+                else ""
+            )
+            + f"{metrics['seconds_per_step']:.3f} s/step"
+        )
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Run the script with ``argv`` (default: the command line). Returns each run's metrics by run name."""
     model_args, lora_args, data_args, training_args, run_args = parse_script_args(
@@ -845,6 +949,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         raise ValueError("--do_eval requires a validation dataset (--validation_file or a validation split).")
     train_dataset = _select(lm_datasets["train"], data_args.max_train_samples) if training_args.do_train else None
     eval_dataset = _select(lm_datasets["validation"], data_args.max_eval_samples) if training_args.do_eval else None
+
+    if run_args.layer_parallel:
+        return {
+            "layer_parallel": run_layer_parallel(
+                model_args, lora_args, training_args, config, tokenizer, train_dataset, eval_dataset, run_args
+            )
+        }
 
     variants = [training_args] + ([backprop_arguments(training_args)] if run_args.compare_backprop else [])
     results = []

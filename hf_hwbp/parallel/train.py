@@ -79,6 +79,7 @@ def train_layer_parallel(
     microbatches: int = 1,
     log_every: int = 0,
     process_group: dist.ProcessGroup | None = None,
+    sync_model: bool = False,
 ) -> list[float]:
     """Train a causal LM with one pipeline stage per process; return the per-step training losses.
 
@@ -100,6 +101,8 @@ def train_layer_parallel(
         dtype, device: where and in which precision to train (default: the model's dtype, CUDA if available).
         log_every: print the loss from the last rank every this many steps (0: never).
         process_group: the group whose ranks are the stages (default: the world).
+        sync_model: when a model is passed, copy every stage's trained weights into it on every rank at the end
+            (so the caller can evaluate, generate or ``save_pretrained`` the whole trained model).
 
     Returns:
         The loss of every step, on every rank (sent from the last rank once, at the end).
@@ -123,6 +126,7 @@ def train_layer_parallel(
         microbatches=microbatches,
         process_group=process_group,
     )
+    full_model = model if sync_model else None
     del model  # this function keeps only its stage (the caller may still hold the full model)
     optimizer = torch.optim.AdamW(runner.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda) if lr_lambda is not None else None
@@ -139,6 +143,23 @@ def train_layer_parallel(
         losses.append(float(loss) if loss is not None else float("nan"))
         if log_every and runner.is_last and (step + 1) % log_every == 0:
             print(f"[layer-parallel {method} k={k}] step {step + 1}: loss {losses[-1]:.4f}", flush=True)
+    if full_model is not None:
+        gather_trained_weights(full_model, runner, process_group)
     result = torch.tensor(losses, dtype=torch.float64, device=device)
     dist.broadcast(result, group=process_group, group_src=runner.stage.num_stages - 1)
     return result.tolist()
+
+
+def gather_trained_weights(model: nn.Module, runner: LayerParallelHighway, group: dist.ProcessGroup | None) -> None:
+    """Copy each stage's parameters (held by its own rank) into ``model`` on every rank."""
+    own = {id(p) for p in runner.parameters()}
+    mine = {name: p.detach().cpu() for name, p in model.named_parameters() if id(p) in own}
+    gathered: list[dict | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    merged: dict[str, Tensor] = {}
+    for part in gathered:
+        merged.update(part)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in merged:
+                p.copy_(merged[name].to(p.device))
