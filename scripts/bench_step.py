@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--ks", nargs="+", type=int, default=[0, 1, 2, 4])
     parser.add_argument("--rounds", type=int, default=7, help="timed steps per method (median reported)")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
