@@ -556,6 +556,28 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def run_training(trainer, args, timer, train_dataset, eval_dataset, extra_eval=None) -> RunResult:
+    """Train and evaluate one variant (Highway-BP or backprop) and collect what the comparison needs."""
+    name = run_label(args)
+    logger.info(f"*** Train: {name} -> {args.output_dir} ***")
+    metrics = train_and_evaluate(
+        trainer,
+        args,
+        len(train_dataset) if train_dataset is not None else None,
+        len(eval_dataset) if eval_dataset is not None else None,
+        extra_eval=extra_eval,
+    )
+    metrics["seconds_per_step"] = timer.seconds_per_step()
+    return RunResult(
+        name=name,
+        output_dir=args.output_dir,
+        metrics=metrics,
+        log_history=list(trainer.state.log_history),
+        seconds_per_step=timer.seconds_per_step(),
+        highway_k=args.hwbp_k if args.use_highway_bp else None,
+    )
+
+
 def train_and_evaluate(trainer, training_args, n_train: int | None, n_eval: int | None, extra_eval=None) -> dict:
     """run_clm's train / save / evaluate sequence; returns the merged train and eval metrics."""
     metrics: dict[str, float] = {}
@@ -974,26 +996,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             preprocess_logits_for_metrics=preprocess_logits_for_metrics if args.do_eval else None,
             callbacks=[timer],
         )
-        name = run_label(args)
-        logger.info(f"*** Train: {name} -> {args.output_dir} ***")
-        metrics = train_and_evaluate(
-            trainer,
-            args,
-            len(train_dataset) if train_dataset is not None else None,
-            len(eval_dataset) if eval_dataset is not None else None,
-            extra_eval=perplexity_of,
-        )
-        metrics["seconds_per_step"] = timer.seconds_per_step()
-        results.append(
-            RunResult(
-                name=name,
-                output_dir=args.output_dir,
-                metrics=metrics,
-                log_history=list(trainer.state.log_history),
-                seconds_per_step=timer.seconds_per_step(),
-                highway_k=args.hwbp_k if args.use_highway_bp else None,
-            )
-        )
+        result = run_training(trainer, args, timer, train_dataset, eval_dataset, extra_eval=perplexity_of)
+        results.append(result)
+        name, metrics = result.name, result.metrics
         if "eval_loss" in metrics and args.should_save:  # the main process only
             print(
                 f"[{name}] validation loss {metrics['eval_loss']:.4f}, perplexity {metrics['perplexity']:.2f}"

@@ -53,15 +53,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_clm_hwbp import (  # noqa: E402  (the scripts share their argument, timing and comparison helpers)
     LoraArguments,
     RunArguments,
-    RunResult,
     StepTimer,
     apply_lora,
     backprop_arguments,
     check_highway_supported,
     parse_script_args,
-    run_label,
+    run_training,
     setup_logging,
-    train_and_evaluate,
     write_comparison,
 )
 
@@ -481,25 +479,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             compute_metrics=compute_metrics if args.do_eval else None,
             callbacks=[timer],
         )
-        name = run_label(args)
-        logger.info(f"*** Train: {name} -> {args.output_dir} ***")
-        metrics = train_and_evaluate(
-            trainer,
-            args,
-            len(train_dataset) if train_dataset is not None else None,
-            len(eval_dataset) if eval_dataset is not None else None,
-        )
-        metrics["seconds_per_step"] = timer.seconds_per_step()
-        results.append(
-            RunResult(
-                name=name,
-                output_dir=args.output_dir,
-                metrics=metrics,
-                log_history=list(trainer.state.log_history),
-                seconds_per_step=timer.seconds_per_step(),
-                highway_k=args.hwbp_k if args.use_highway_bp else None,
-            )
-        )
+        result = run_training(trainer, args, timer, train_dataset, eval_dataset)
+        results.append(result)
+        name, metrics = result.name, result.metrics
         if "eval_accuracy" in metrics and args.should_save:  # the main process only
             print(
                 f"[{name}] validation accuracy {metrics['eval_accuracy']:.4f}, loss {metrics['eval_loss']:.4f}"
