@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import hf_hwbp
-from hf_hwbp.engine import highway_backward
+from hf_hwbp.engine import RecordedStack, ResidualScan, highway_backward, run_recursion
 
 torch.set_default_dtype(torch.float64)
 
@@ -255,3 +255,41 @@ def test_highway_backward_direct_call_matches_recursion(stack_and_input):
     for j in range(1, DEPTH + 1):
         torch.testing.assert_close(result.block_grads[j - 1], delta[j], rtol=1e-12, atol=1e-14)
     assert result.iterations == 2
+
+
+class _CountingStack(RecordedStack):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vjp_calls: list[int] = []
+
+    def input_vjp(self, local_index, grad):
+        self.vjp_calls.append(local_index + 1)
+        return super().input_vjp(local_index, grad)
+
+
+@pytest.mark.parametrize("need_input_grad", [True, False])
+def test_final_deltas_reuse_their_vjp(stack_and_input, need_input_grad):
+    """delta^(n)_j is final once n >= L - j: its VJP is computed once, and k = L stays exact."""
+    stack, x = stack_and_input
+    states = _states(stack, x)
+    jac = _jacobians_of_g(stack, states)
+    d = _output_grad(stack, states[-1])
+    inputs = [s.clone().requires_grad_(True) for s in states[:-1]]
+    outputs = [layer(h) for layer, h in zip(stack.layers, inputs)]
+    recorded = _CountingStack(inputs, outputs, d, need_input_grad=need_input_grad)
+    delta, ran = run_recursion(recorded, DEPTH)
+    assert ran == DEPTH
+    # Iteration n (0-based) needs fresh VJPs for blocks 1..L-n only; block 1 only when delta_0 is wanted.
+    lowest = 1 if need_input_grad else 2
+    expected_calls = sorted(j for n in range(DEPTH) for j in range(lowest, DEPTH - n + 1))
+    assert sorted(recorded.vjp_calls) == expected_calls
+    exact = _recursion(jac, d, DEPTH, DEPTH)
+    for j in range(0 if need_input_grad else 1, DEPTH + 1):
+        torch.testing.assert_close(delta[j], exact[j], rtol=1e-12, atol=1e-14)
+
+
+def test_residual_scan_is_a_reverse_cumulative_sum():
+    top = torch.tensor([1.0])
+    inflow = [torch.tensor([2.0]), None, torch.tensor([4.0])]
+    out = ResidualScan()(top, inflow)
+    assert [float(t) for t in out] == [7.0, 5.0, 5.0, 1.0]
