@@ -99,11 +99,13 @@ class StepRecorder(TrainerCallback):
     def __init__(self):
         self.k: dict[int, int] = {}
         self.tol: dict[int, float | None] = {}
+        self.group_size: dict[int, int] = {}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         config = highway_state(model).config
         self.k[state.global_step] = config.k
         self.tol[state.global_step] = config.tol
+        self.group_size[state.global_step] = config.group_size
 
 
 class GradRecorder(TrainerCallback):
@@ -195,8 +197,8 @@ def test_callable_schedule_checks_values():
     [
         (dict(hwbp_k=-1), "hwbp_k must be >= 0"),
         (dict(hwbp_k="-1"), "hwbp_k must be >= 0"),
-        (dict(hwbp_k="two"), "hwbp_k must be an int >= 0 or 'auto'"),
-        (dict(hwbp_k=1.5), "hwbp_k must be an int >= 0 or 'auto'"),
+        (dict(hwbp_k="two"), "hwbp_k must be an int >= 0"),
+        (dict(hwbp_k=1.5), "hwbp_k must be an int >= 0"),
         (dict(hwbp_k_schedule="cosine"), "Unknown hwbp_k_schedule 'cosine'"),
         (dict(hwbp_k="auto", hwbp_tol=0.0), "hwbp_tol must be a float > 0"),
         (dict(hwbp_tol=-1e-3), "hwbp_tol must be a float > 0"),
@@ -220,11 +222,11 @@ def test_bad_arguments_raise(tmp_path, overrides, message):
 
 
 def test_arguments_normalize(tmp_path):
-    assert make_args(tmp_path).hwbp_k == 2
-    assert make_args(tmp_path, hwbp_k="3").hwbp_k == 3
-    auto = make_args(tmp_path, hwbp_k="auto")
-    assert auto.hwbp_k == "auto" and auto.hwbp_tol == AUTO_DEFAULT_TOL
-    assert make_args(tmp_path, hwbp_k="Auto", hwbp_tol=1e-5).hwbp_tol == 1e-5
+    assert make_args(tmp_path).highway_config.k == 2
+    assert make_args(tmp_path, hwbp_k="3").highway_config.k == 3
+    auto = make_args(tmp_path, hwbp_k="auto").highway_config
+    assert auto.k == "auto" and auto.tol == AUTO_DEFAULT_TOL
+    assert make_args(tmp_path, hwbp_k="Auto", hwbp_tol=1e-5).highway_config.tol == 1e-5
     # Checkpointing kwargs that do not choose a form get the non-reentrant one (the one Highway-BP supports).
     checkpointed = make_args(
         tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"preserve_rng_state": False}
@@ -246,18 +248,15 @@ def test_hf_argument_parser(tmp_path):
         common
         + ["--hwbp_k", "auto", "--hwbp_tol", "1e-4", "--hwbp_k_schedule", "exact_last", "--hwbp_exact_last_steps", "5"]
     )
-    assert (args.hwbp_k, args.hwbp_tol, args.hwbp_k_schedule, args.hwbp_exact_last_steps) == (
-        "auto",
-        1e-4,
-        "exact_last",
-        5,
-    )
+    config = args.highway_config
+    assert (config.k, config.tol, config.k_schedule, config.exact_last_steps) == ("auto", 1e-4, "exact_last", 5)
     (args,) = parser.parse_args_into_dataclasses(
         common + ["--hwbp_k", "1", "--hwbp_k_schedule", "step", "--hwbp_k_step_every", "10", "--hwbp_k_max", "3"]
     )
-    assert (args.hwbp_k, args.hwbp_k_step_every, args.hwbp_k_max, args.use_highway_bp) == (1, 10, 3, True)
+    config = args.highway_config
+    assert (config.k, config.k_step_every, config.k_max, args.use_highway_bp) == (1, 10, 3, True)
     (args,) = parser.parse_args_into_dataclasses(common + ["--no_use_highway_bp", "--hwbp_fidelity_steps", "7"])
-    assert (args.use_highway_bp, args.hwbp_k, args.hwbp_fidelity_steps) == (False, 2, 7)
+    assert (args.use_highway_bp, args.highway_config.k, args.highway_config.fidelity_steps) == (False, 2, 7)
     help_text = parser.format_help()
     for name in ("--hwbp_k ", "--hwbp_tol", "--hwbp_group_size", "--hwbp_k_schedule", "--hwbp_fidelity_steps"):
         assert name in help_text
@@ -270,9 +269,12 @@ def test_loss_falls_and_k_is_logged(tmp_path):
     model = tiny_gpt2()
     args = make_args(tmp_path, max_steps=40, learning_rate=1e-2, lr_scheduler_type="constant", hwbp_k=2)
     capture = LogCapture()
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[capture])
-    assert is_patched(model) and highway_state(model).config.k == 2  # patched in __init__, before training
+    recorder = StepRecorder()
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[capture, recorder])
+    assert not is_patched(model)  # patched when training begins
     trainer.train()
+    assert not is_patched(model)  # and unpatched when it ends
+    assert recorder.k == {step: 2 for step in range(1, 41)}
     entries = train_entries(trainer)
     seen = [log for log in capture.logs if "loss" in log]
     assert len(seen) == 40 and all(log["hwbp_k"] == 2 and log["hwbp_iterations"] == 2 for log in seen)
@@ -280,7 +282,6 @@ def test_loss_falls_and_k_is_logged(tmp_path):
     assert all(e["hwbp_k"] == 2 and e["hwbp_iterations"] == 2 for e in entries)
     first, last = entries[0]["loss"], sum(e["loss"] for e in entries[-5:]) / 5
     assert last < 0.5 * first, (first, last)
-    assert highway_state(model).last_iterations == 2
 
 
 def test_step_schedule_applied_then_resumed(tmp_path):
@@ -345,12 +346,11 @@ def test_callable_schedule_and_auto_k(tmp_path):
         HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path, hwbp_k_schedule="step"), k_schedule=lambda step: 1)
 
     # "auto": up to the number of blocks, stopping adaptively (a loose tol stops before exact)
-    model = tiny_gpt2()
-    trainer = HighwayTrainer(
-        model=model, args=make_args(tmp_path, max_steps=3, hwbp_k="auto", hwbp_tol=0.5), train_dataset=repetitive_data()
-    )
+    recorder = StepRecorder()
+    args = make_args(tmp_path, max_steps=3, hwbp_k="auto", hwbp_tol=0.5)
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(), callbacks=[recorder])
     trainer.train()
-    assert highway_state(model).config.k == N_LAYER and highway_state(model).config.tol == 0.5
+    assert set(recorder.k.values()) == {N_LAYER} and set(recorder.tol.values()) == {0.5}
     entries = train_entries(trainer)
     assert all(e["hwbp_k"] == N_LAYER for e in entries)
     assert all(1 <= e["hwbp_iterations"] < N_LAYER for e in entries), entries
@@ -465,8 +465,9 @@ def test_evaluation_runs_without_highway(tmp_path, monkeypatch):
     assert len(starts) == 4  # one Highway record per training micro-batch, none for the evaluations
 
     starts.clear()
+    assert not is_patched(model)  # unpatched at the end of training
     metrics = trainer.evaluate()
-    assert starts == [] and highway_state(model)._record is None
+    assert starts == []
     plain = copy.deepcopy(model)
     plain.eval()
     ids = torch.tensor([row["input_ids"] for row in data[:8]])
@@ -507,14 +508,20 @@ def test_plain_backprop_option(tmp_path):
     assert all(rel_err(recorder.grads[0][n], g) < 1e-10 for n, g in exact.items())
 
 
-def test_trainer_settings_replace_an_existing_patch(tmp_path):
+def test_trainer_settings_replace_an_existing_patch_for_the_run(tmp_path):
     model = patch_model(tiny_gpt2(), k=0, tol=0.5, group_size=3)
-    HighwayTrainer(model=model, args=make_args(tmp_path, hwbp_k=3, hwbp_group_size=2), train_dataset=repetitive_data())
-    config = highway_state(model).config
-    assert (config.k, config.tol, config.group_size) == (3, None, 2)
-    HighwayTrainer(model=model, args=make_args(tmp_path, hwbp_k="auto"), train_dataset=repetitive_data())
-    config = highway_state(model).config
-    assert (config.k, config.tol, config.group_size) == (N_LAYER, AUTO_DEFAULT_TOL, 1)
+    recorder = StepRecorder()
+    args = make_args(tmp_path, max_steps=2, hwbp_k=3, hwbp_group_size=2)
+    HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[recorder]).train()
+    assert (recorder.k, recorder.tol, recorder.group_size) == ({1: 3, 2: 3}, {1: None, 2: None}, {1: 2, 2: 2})
+    config = highway_state(model).config  # the caller's patch is back after training
+    assert (config.k, config.tol, config.group_size) == (0, 0.5, 3)
+
+    recorder = StepRecorder()
+    args = make_args(tmp_path, max_steps=1, hwbp_k="auto")
+    HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[recorder]).train()
+    assert (recorder.k, recorder.tol, recorder.group_size) == ({1: N_LAYER}, {1: AUTO_DEFAULT_TOL}, {1: 1})
+    assert highway_state(model).config.group_size == 3
 
 
 def test_plain_training_arguments_get_highway_defaults(tmp_path):
@@ -531,7 +538,7 @@ def test_plain_training_arguments_get_highway_defaults(tmp_path):
     trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
     trainer.train()
     assert [e["hwbp_k"] for e in train_entries(trainer)] == [2, 2]
-    assert highway_state(model).config.k == 2
+    assert [e["hwbp_iterations"] for e in train_entries(trainer)] == [2, 2]
 
 
 # ----- LoRA ---------------------------------------------------------------------------------------------------------
@@ -542,9 +549,10 @@ def test_lora_trains_only_the_adapter(tmp_path):
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = make_args(tmp_path, max_steps=10, learning_rate=1e-2, hwbp_k=1, hwbp_fidelity_steps=5)
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
-    assert is_patched(base) and highway_state(model) is highway_state(base)
+    recorder = StepRecorder()
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[recorder])
     trainer.train()
+    assert recorder.k == {step: 1 for step in range(1, 11)}  # the PEFT model's base model was patched
     entries = train_entries(trainer)
     assert all(e["hwbp_iterations"] == 1 for e in entries)
     assert entries[-1]["loss"] < entries[0]["loss"]
