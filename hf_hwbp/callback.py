@@ -14,8 +14,8 @@ What it does, at the Trainer's own events:
 - before every optimizer step: sets k (and the adaptive stop) from the k schedule at ``state.global_step``, so a run
   resumed from a checkpoint continues the schedule where it stopped;
 - after every micro-batch: reads how many Highway iterations its backward ran; if a whole optimizer step ran no
-  Highway backward although the stack has trainable parameters, it raises (the Trainer trains another model than
-  the one it gave its callbacks, e.g. a plain Trainer with ``model_init``: use ``HighwayTrainer``);
+  Highway backward although the stack has trainable parameters, it raises (the loss came from another model than the
+  one the Trainer gives its callbacks);
 - on every training log entry (the ones with ``"loss"``): adds ``hwbp_k`` (the k of the last optimizer step) and
   ``hwbp_iterations`` (iterations per backward since the previous entry, averaged) to the entry the Trainer records
   in ``state.log_history`` and to the ``logs`` dict that the callbacks after this one receive;
@@ -194,8 +194,9 @@ class HighwayCallback(TrainerCallback):
             raise RuntimeError(
                 f"Highway-BP: optimizer step {state.global_step + 1} ran no Highway backward, although "
                 f"{type(self._model).__name__} (the model HighwayCallback patched) has trainable parameters in its "
-                "stack. The Trainer is training another model than the one it passes to its callbacks (a plain "
-                "Trainer with model_init does that): use HighwayTrainer, or pass model= instead of model_init."
+                "stack: the Trainer computes its loss with another model than the one it passes to its callbacks, or "
+                "outside of training mode. Patch the model that is trained (hf_hwbp.patch_model), or give the "
+                "Trainer that model."
             )
         if not self.k_history or self.k_history[-1][1] != self.last_k:
             self.k_history.append((state.global_step + 1, self.last_k))  # steps are 1-based in the logs

@@ -16,8 +16,6 @@ ahead of the ``report_to`` integrations so that they receive those values. What 
   step (this needs ``compute_loss``, which callbacks do not have). The measurement leaves the training gradients and
   the RNG streams as they were. If the step has no training log entry (``logging_steps`` does not divide it) the
   fidelity metrics get an entry of their own;
-- ``model_init`` support (transformers passes callbacks the model built in ``__init__``; the trainer hands them the
-  new one);
 - ``create_model_card`` tags the card ``hf_hwbp`` and appends the Highway section (``hf_hwbp.model_card``).
 
 Evaluation and prediction run the plain model (the patch is inactive in eval mode and under ``torch.no_grad``).
@@ -77,11 +75,6 @@ class HighwayTrainer(Trainer):
     def highway_config(self) -> HighwayConfig:
         """The Highway settings of this trainer."""
         return self.highway_callback.config
-
-    def call_model_init(self, trial=None) -> nn.Module:
-        model = super().call_model_init(trial)
-        self.callback_handler.model = model  # transformers keeps handing callbacks the model from __init__
-        return model
 
     # ----- fidelity ---------------------------------------------------------------------------------------------
     def training_step(
