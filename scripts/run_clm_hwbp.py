@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     elif model_args.model_name_or_path:
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, **config_kwargs)
     else:
+        check_highway_supported(model_args.model_type, training_args.use_highway_bp, "causal-LM")
         config = CONFIG_MAPPING[model_args.model_type]()
         logger.warning("You are instantiating a new config instance from scratch.")
         if model_args.config_overrides is not None:
