@@ -182,7 +182,7 @@ def callback_part(k: int, out: str) -> dict:
 
 
 def refusal_part(k: int, out: str) -> dict:
-    """Under a back-end Highway-BP refuses (FSDP from `accelerate launch`): the error, raised when the Trainer is built."""
+    """Under FSDP from `accelerate launch` (refused): the error raised when the Trainer is built."""
     args = _step_arguments(TrainingArguments, os.path.join(out, "refused"))
     try:
         Trainer(model=tiny_gpt2(), args=args, train_dataset=dataset(), callbacks=[HighwayCallback(HighwayConfig(k=k))])

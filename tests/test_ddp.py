@@ -80,7 +80,9 @@ def accelerate_launch(out: Path, config: str, *worker_args: str) -> list[dict]:
         proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"The 2-process run timed out.\nstdout:\n{err.stdout}\nstderr:\n{err.stderr}")
-    assert proc.returncode == 0, f"worker failed (rc {proc.returncode}).\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"worker failed (rc {proc.returncode}).\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
