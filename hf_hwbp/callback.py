@@ -215,7 +215,7 @@ class HighwayCallback(TrainerCallback):
         # The Trainer appended {**logs, "step": ...} to log_history just before calling on_log: complete that entry.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             entry = state.log_history[-1]
-            if entry.get("loss") == logs.get("loss"):
+            if entry.get("loss") is logs.get("loss"):  # the same float object (also when it is NaN)
                 entry.update(extra)
 
     def on_train_end(self, args, state, control, **kwargs):

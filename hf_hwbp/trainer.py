@@ -68,6 +68,11 @@ class HighwayTrainer(Trainer):
         self.highway_callback.fidelity_by_trainer = True
         self._hwbp_fidelity_step: int | None = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
+        if any(isinstance(cb, HighwayCallback) or cb is HighwayCallback for cb in callbacks):
+            raise ValueError(
+                "HighwayTrainer has its own HighwayCallback: pass the settings as highway_config= (or in the "
+                "arguments), or use a plain Trainer with callbacks=[HighwayCallback(...)]."
+            )
         super().__init__(*args, callbacks=[*callbacks, self.highway_callback], **kwargs)
         place_first(self, self.highway_callback)  # ahead of the report_to integrations
 

@@ -274,3 +274,5 @@ def test_callback_arguments(tmp_path):
         HighwayCallback(2)
     with pytest.raises(TypeError, match=r"Unknown Highway-BP setting\(s\) \['kk'\]"):
         HighwayCallback({"kk": 2})
+    with pytest.raises(ValueError, match="has its own HighwayCallback"):
+        HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path), callbacks=[HighwayCallback()])
