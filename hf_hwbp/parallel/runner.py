@@ -12,7 +12,17 @@ from .arch import get_module
 from .comm import Comm
 from .graph import HighwayShape, StepGraph, Task, backprop_graph, highway_graph
 from .runtime import MicroBatch, StageRuntime
-from .simulate import StackCosts, WorkCosts, highway_task_cost, list_schedule, message_latency, split_batch
+from .simulate import (
+    StackCosts,
+    Timeline,
+    WorkCosts,
+    backprop_task_cost,
+    highway_task_cost,
+    list_schedule,
+    message_latency,
+    replay,
+    split_batch,
+)
 from .stages import build_stage
 from .tied import TiedGrads, check_world, tie_group
 
@@ -134,6 +144,8 @@ class LayerParallelHighway:
         tied = self.stage.has_tied
         self._tie = tie_group(tied, (0, num_stages - 1), process_group)
         self.last_iterations: int | None = None
+        self.trace = False  # set True to record every task's (start, end, seconds waited) in ``last_trace``
+        self.last_trace: list[tuple[Task, float, float, float]] | None = None
         self._plans: dict[tuple, tuple[StepGraph, list[list[Task]]]] = {}
 
     @staticmethod
@@ -189,22 +201,35 @@ class LayerParallelHighway:
         if self.method == "backprop":
             graph = backprop_graph(self.backprop_order, layout.num_stages, len(sizes))
             return graph, graph.order
-        shape = HighwayShape(
+        shape = self._highway_shape(len(sizes))
+        graph = highway_graph(shape)
+        costs = self.costs if self.costs is not None else flop_costs(self.stage.config, seq_len)
+        timeline = list_schedule(graph, *self._cost_model(shape, costs, sizes, graph))
+        return graph, timeline.order
+
+    def _highway_shape(self, microbatches: int) -> HighwayShape:
+        layout = self.stage.layout
+        return HighwayShape(
             tuple(b - a for a, b in layout.stage_blocks),
-            len(sizes),
+            microbatches,
             self._config.k,
             need_input_grad=self.need_input_grad,
             tol=self._config.tol is not None,
         )
-        graph = highway_graph(shape)
-        costs = self.costs if self.costs is not None else flop_costs(self.stage.config, seq_len)
-        per_block = costs.layers_per_block
-        if max(b - a for a, b in layout.blocks) != per_block:  # plan with this layout's block size
-            costs = _with_block_size(costs, max(b - a for a, b in layout.blocks))
-        timeline = list_schedule(
-            graph, highway_task_cost(shape, costs, list(sizes), self.fuse), message_latency(graph, costs, list(sizes))
-        )
-        return graph, timeline.order
+
+    def _cost_model(self, shape: HighwayShape, costs: StackCosts, sizes, graph: StepGraph):
+        layout = self.stage.layout
+        costs = replace(costs, layers_per_block=max(b - a for a, b in layout.blocks))  # this layout's block size
+        return highway_task_cost(shape, costs, list(sizes), self.fuse), message_latency(graph, costs, list(sizes))
+
+    def predict(self, costs: StackCosts, batch_size: int, seq_len: int) -> Timeline:
+        """The simulator's replay of the schedule a step of this shape runs, with ``costs`` (seconds)."""
+        graph, order = self.plan(batch_size, seq_len)
+        sizes = split_batch(batch_size, self.microbatches)
+        graph = StepGraph(graph.num_ranks, graph.placement, graph.deps, order, graph.info)
+        if self.method == "backprop":
+            return replay(graph, backprop_task_cost(graph, costs, sizes), message_latency(graph, costs, sizes))
+        return replay(graph, *self._cost_model(self._highway_shape(len(sizes)), costs, sizes, graph))
 
     # ----- one step ------------------------------------------------------------------------------------
     def step(
@@ -265,12 +290,10 @@ class LayerParallelHighway:
             need_input_grad=self.need_input_grad,
             fuse=self.fuse,
         )
+        runtime.trace = [] if self.trace else None
         with TiedGrads(stage.tied, self.comm, self._tie):
             loss, iterations = runtime.run(micro, num_items_in_batch)
+        self.last_trace = runtime.trace
         if self.method == "highway":
             self.last_iterations = max(iterations) if self._config.k and self.num_blocks else 0
         return loss
-
-
-def _with_block_size(costs: StackCosts, layers_per_block: int) -> StackCosts:
-    return replace(costs, layers_per_block=layers_per_block)

@@ -9,6 +9,7 @@ message that is sent after something the waiting rank has not done yet: the step
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ class Mailbox:
                 self.expected[src] = [t for t in tasks if rank in graph.sends(t)]
         self.arrived: dict[Task, Tensor] = {}
         self.graph = graph
+        self.waited = 0.0  # seconds spent blocked in receives
 
     def get(self, producer: Task) -> Tensor:
         """The output of ``producer`` (a task of another rank), receiving earlier messages of that rank first."""
@@ -43,7 +45,9 @@ class Mailbox:
             if not queue:
                 raise RuntimeError(f"rank {self.rank}: no message from {producer} is expected.")
             task = queue.pop(0)
+            start = time.perf_counter()
             self.arrived[task] = self.comm.recv(self.shape_of(task), self.dtype, self.device, src)
+            self.waited += time.perf_counter() - start
         return self.arrived[producer]
 
     def cancel(self, tasks: set[Task]) -> None:
@@ -99,6 +103,7 @@ class StageRuntime:
         self.method, self.k, self.tol = method, min(k, stage.layout.num_blocks), tol
         self.need_input_grad, self.fuse = need_input_grad, fuse
         self.block_params = stage.block_parameters() if method == "highway" else None
+        self.trace: list[tuple[Task, float, float, float]] | None = None  # (task, start, end, seconds waited)
 
     # ----- one step -------------------------------------------------------------------------------------------------
     def run(self, micro: list[MicroBatch], num_items_in_batch) -> tuple[Tensor | None, list[int]]:
@@ -128,7 +133,12 @@ class StageRuntime:
         try:
             for task in self.order[stage.index]:
                 self.task = task
+                if self.trace is None:
+                    handlers[task.kind](task, micro[task.mb])
+                    continue
+                waited, start = self.mailbox.waited, time.perf_counter()
                 handlers[task.kind](task, micro[task.mb])
+                self.trace.append((task, start, time.perf_counter(), self.mailbox.waited - waited))
         finally:
             for mb in micro:
                 if mb.recursion is not None:

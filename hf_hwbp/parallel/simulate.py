@@ -86,16 +86,35 @@ class StackCosts:
         t = (samples - lo) / (hi - lo)
         return WorkCosts(**{k: (1 - t) * getattr(a, k) + t * getattr(b, k) for k in asdict(a)})
 
-    def scaled(self, name: str, num_layers: int, factor: float, activation_factor: float) -> StackCosts:
-        """Another stack whose layers cost ``factor`` times these (e.g. a FLOP ratio) and whose activations are
-        ``activation_factor`` times larger; head and embeddings are scaled the same way."""
+    def scaled(
+        self,
+        name: str,
+        num_layers: int,
+        *,
+        layer: float,
+        head: float,
+        embed: float,
+        activation: float,
+    ) -> StackCosts:
+        """Another stack of ``num_layers`` layers whose per-sample costs are these times a factor: ``layer`` for
+        every kind of layer work (so the measured ratios between kinds are kept), ``head`` for the head,
+        ``embed`` for the embeddings and the scan's additions, ``activation`` for the bytes of a message."""
+        factors = {"embed_f": embed, "embed_b": embed, "add": embed, "head_f": head, "head_b": head, "head_bi": head}
+
+        def scale(c: WorkCosts) -> WorkCosts:
+            return WorkCosts(**{k: v * factors.get(k, layer) for k, v in asdict(c).items()})
+
         return replace(
             self,
             name=name,
             num_layers=num_layers,
-            activation_bytes_per_sample=self.activation_bytes_per_sample * activation_factor,
-            by_batch={s: _scale(c, factor) for s, c in self.by_batch.items()},
-            notes={**self.notes, "scaled_from": self.name, "factor": factor},
+            activation_bytes_per_sample=self.activation_bytes_per_sample * activation,
+            by_batch={s: scale(c) for s, c in self.by_batch.items()},
+            notes={
+                **self.notes,
+                "scaled_from": self.name,
+                "factors": {"layer": layer, "head": head, "embed": embed, "activation": activation},
+            },
         )
 
     def message_seconds(self, samples: float) -> float:
