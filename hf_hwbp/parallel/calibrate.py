@@ -27,14 +27,22 @@ from .simulate import StackCosts, WorkCosts
 from .stages import Stage
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_time(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None = None) -> float:
+    """Median seconds of ``fn()`` (or ``fn(setup())``, the setup untimed); CUDA work is waited for."""
     times = []
-    for _ in range(reps):
+    for _ in range(reps + 1):  # the first call warms up (allocator, kernels)
         state = setup() if setup is not None else None
+        _sync()
         start = time.perf_counter()
         fn() if state is None else fn(state)
+        _sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 def _layer_costs(stage: Stage, batch: int, seq_len: int, reps: int, generator: torch.Generator) -> dict[str, float]:
