@@ -18,6 +18,10 @@
    for the two-stages-per-rank schedules); the same blocks at L = 64 (``deep``) fill the larger S.
 
 Writes ``<out>/simulate_pipeline.{json,md}`` and ``<out>/simulate_pipeline_map.png``.
+
+With ``--gpu_costs <bench_gpu out>/gpu_costs.json`` (per-layer costs of the same two shapes measured on a GPU by
+``scripts/bench_gpu.py``) it maps those instead, with an assumed link (``--link_latency_us``,
+``--link_gbps``; no validation: a 2-rank GPU measurement needs two GPUs), to ``<out>/simulate_pipeline_gpu.*``.
 """
 
 from __future__ import annotations
@@ -213,8 +217,11 @@ def to_markdown(result: dict) -> str:
             f"{100 * r['error']:+.1f} % |"
         )
     errors = [abs(r["error"]) for r in result["validation"]]
-    within = sum(e <= 0.10 for e in errors)
-    lines += ["", f"Within 10 %: {within} of {len(errors)} (largest error {100 * max(errors):.1f} %).", ""]
+    if errors:
+        within = sum(e <= 0.10 for e in errors)
+        lines += ["", f"Within 10 %: {within} of {len(errors)} (largest error {100 * max(errors):.1f} %).", ""]
+    else:
+        lines += ["", "(no 2-rank measurement for these costs: not validated)", ""]
     for entry in result["maps"]:
         lines += [
             f"## {entry['name']}: speed-up of Highway-BP(k) over the best backprop schedule",
@@ -243,27 +250,46 @@ def main() -> None:
     parser.add_argument("--bench", default="results/pipeline/bench_pipeline.json")
     parser.add_argument("--out", default="results/pipeline")
     parser.add_argument("--deep_layers", type=int, default=64, help="L of the deep variants (0: none)")
+    parser.add_argument("--gpu_costs", default=None, help="gpu_costs.json of scripts/bench_gpu.py: map those")
+    parser.add_argument("--link_latency_us", type=float, default=10.0, help="assumed GPU link latency")
+    parser.add_argument("--link_gbps", type=float, default=100.0, help="assumed GPU link bandwidth (GB/s)")
     args = parser.parse_args()
-    bench = json.loads(Path(args.bench).read_text())
     import sys
 
-    result = {"command": "python scripts/simulate_pipeline.py " + " ".join(sys.argv[1:]), "bench": args.bench}
-    result["validation"] = validate(bench)
+    result = {"command": "python scripts/simulate_pipeline.py " + " ".join(sys.argv[1:])}
+    if args.gpu_costs:
+        stem = "simulate_pipeline_gpu"
+        measured = json.loads(Path(args.gpu_costs).read_text())
+        result["validation"] = []
+        result["link"] = {"latency_us": args.link_latency_us, "gbps": args.link_gbps, "assumed": True}
+        stacks = []
+        for arch, data in measured.items():
+            costs = StackCosts.from_json(data)
+            costs.name = f"{TARGETS[arch]['name']} (GPU-measured layers)"
+            costs.latency = args.link_latency_us * 1e-6
+            costs.seconds_per_byte = 1 / (args.link_gbps * 1e9)
+            stacks.append(costs)
+    else:
+        stem = "simulate_pipeline"
+        bench = json.loads(Path(args.bench).read_text())
+        result["bench"] = args.bench
+        result["validation"] = validate(bench)
+        stacks = []
+        for model in bench["models"]:
+            measured = StackCosts.from_json(model["costs"])
+            stacks.append(target_costs(model["model"], measured))
+            if args.deep_layers:
+                stacks.append(target_costs(model["model"], measured, args.deep_layers))
     maps = []
-    for model in bench["models"]:
-        measured = StackCosts.from_json(model["costs"])
-        variants = [target_costs(model["model"], measured)]
-        if args.deep_layers:
-            variants.append(target_costs(model["model"], measured, args.deep_layers))
-        for costs in variants:
-            maps.append({"name": costs.name, "costs": costs.to_json(), "cells": speedup_map(costs)})
-            print(f"mapped {costs.name}", flush=True)
+    for costs in stacks:
+        maps.append({"name": costs.name, "costs": costs.to_json(), "cells": speedup_map(costs)})
+        print(f"mapped {costs.name}", flush=True)
     result["maps"] = maps
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "simulate_pipeline.json").write_text(json.dumps(result, indent=1))
-    (out / "simulate_pipeline.md").write_text(to_markdown(result) + "\n")
-    heatmap(maps, out / "simulate_pipeline_map.png")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{stem}.md").write_text(to_markdown(result) + "\n")
+    heatmap(maps, out / f"{stem}_map.png")
     print(to_markdown(result))
 
 
