@@ -176,7 +176,9 @@ def heatmap(maps: list[dict], path: Path) -> None:
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
-    fig, axes = plt.subplots(len(maps), len(KS), figsize=(4.2 * len(KS), 3.6 * len(maps)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(maps), len(KS), figsize=(4.4 * len(KS), 3.9 * len(maps)), squeeze=False, layout="constrained"
+    )
     norm = TwoSlopeNorm(vmin=0.25, vcenter=1.0, vmax=4.0)
     for row, entry in enumerate(maps):
         for col, k in enumerate(KS):

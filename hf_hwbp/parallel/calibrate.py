@@ -3,7 +3,8 @@
     costs = measure_stack_costs(model, batch_sizes=[8, 4, 2], seq_len=128)     # one process
     latency, seconds_per_byte = measure_link(comm, nbytes)                     # two ranks (0 and 1)
 
-Layers are timed one at a time on the model's own layers (with the side inputs the stage builds), each kind
+Layers are timed one at a time on the model's own layers (with the side inputs the stage builds; on CPU with
+one thread in thread CPU time, so that other processes on the machine do not inflate the costs), each kind
 of work as the runtime or torch runs it: ``f`` the forward (recording the graph), ``b`` a full backward,
 ``v`` the Highway inflow (input-only VJP minus the identity path), ``w`` the Highway parameter VJP, ``bi`` /
 ``bw`` torch's zero-bubble split (``stage_backward_input`` then ``stage_backward_weight``). The head (final
@@ -32,16 +33,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _clock() -> Callable[[], float]:
+    """CUDA: wall time (work is waited for). CPU: this thread's CPU time, which other processes sharing the cores
+    do not inflate (with one intra-op thread, the forward and the backward both run on the calling thread)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return time.perf_counter
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
 def _median_time(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None = None) -> float:
-    """Median seconds of ``fn()`` (or ``fn(setup())``, the setup untimed); CUDA work is waited for."""
+    """Median seconds of ``fn()`` (or ``fn(setup())``, the setup untimed)."""
+    clock = _clock()
     times = []
     for _ in range(reps + 1):  # the first call warms up (allocator, kernels)
         state = setup() if setup is not None else None
         _sync()
-        start = time.perf_counter()
+        start = clock()
         fn() if state is None else fn(state)
         _sync()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times[1:])
 
 
