@@ -10,11 +10,12 @@ with the same M (``hf_hwbp.parallel.LayerParallelHighway``). A step is forward +
 timed from a barrier to the slowest rank's end; methods run round-robin (one step of each per round) and the
 median over rounds is reported, with the ratio to the best backprop schedule at the same M.
 
-Before timing, each rank measures the per-layer costs of its own layers and both ranks average them
-(``hf_hwbp.parallel.calibrate``), plus the link (ping-pong): the Highway runners plan their schedules with
-these costs, and the simulator (``hf_hwbp.parallel.simulate``) predicts every method's step time from them,
-replaying the exact per-rank order each one runs. One untimed traced step per Highway setting records where
-each rank's time goes (compute per kind of task, waiting for messages, idle).
+Each rank measures the per-layer costs of its own layers (``hf_hwbp.parallel.calibrate``; both ranks at once)
+before timing, and again at the start of every round; both ranks average them, plus the link (ping-pong). The
+Highway runners plan their schedules with the first measurement; the simulator (``hf_hwbp.parallel.simulate``)
+predicts every method's step time from the median over rounds (so that the costs see the machine as the
+timed steps saw it), replaying the exact per-rank order each method runs. One untimed traced step per Highway
+setting records where each rank's time goes (compute per kind of task, waiting for messages, idle).
 
 Writes ``<out>/<tag>.json``, ``<out>/<tag>.md`` and ``<out>/costs_<model>.json`` (rank 0).
 """
@@ -36,7 +37,7 @@ import torch.distributed as dist
 
 from hf_hwbp.parallel import LayerParallelHighway, TorchPipeline
 from hf_hwbp.parallel.baselines import schedule_requirement
-from hf_hwbp.parallel.calibrate import average_over_ranks, measure_link, measure_stack_costs
+from hf_hwbp.parallel.calibrate import average_over_ranks, measure_link, measure_stack_costs, median_costs
 from hf_hwbp.parallel.comm import Comm
 from hf_hwbp.parallel.simulate import StackCosts, backprop_timeline, even_split
 
@@ -100,13 +101,14 @@ def build(name: str, args):
     return model.float().train()
 
 
-def calibrate(model, args, world: int) -> StackCosts:
+def calibrate(model, args, world: int, reps: int) -> StackCosts:
     """Both ranks measure their own layers at the same time (the machine as loaded as during the steps)."""
     rank = dist.get_rank()
     layers = even_split(args.layers, world)
     mine = range(sum(layers[:rank]), sum(layers[: rank + 1]))
     sizes = sorted({args.batch // m for m in args.microbatches})
-    costs = measure_stack_costs(model, sizes, args.seq, layers=mine, reps=args.calib_reps, name=f"{args.model_name}")
+    dist.barrier()
+    costs = measure_stack_costs(model, sizes, args.seq, layers=mine, reps=reps, name=f"{args.model_name}")
     costs = average_over_ranks(costs)
     comm = Comm()
     nbytes = int(max(sizes) * costs.activation_bytes_per_sample)
@@ -182,19 +184,22 @@ def bench_model(name: str, args, world: int) -> dict:
     args.model_name = name
     model = build(name, args)
     wait_for_quiet(args.wait_load, args.wait_max)
-    costs = calibrate(model, args, world)
-    methods = make_methods(model, args, costs, world)
+    plan_costs = calibrate(model, args, world, args.calib_reps)
+    methods = make_methods(model, args, plan_costs, world)
     gen = torch.Generator().manual_seed(args.seed + 1)
     times: dict[str, list[float]] = {m: [] for m in methods}
-    loads, waits = [], []
+    loads, waits, measured = [], [], []
     for rep in range(args.warmup + args.reps):
         ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
         waits.append(wait_for_quiet(args.wait_load, args.wait_max))
         loads.append(loadavg())
+        if rep >= args.warmup:
+            measured.append(calibrate(model, args, world, args.round_calib_reps))
         for method_name, method in methods.items():
             t = timed_step(method, ids)
             if rep >= args.warmup:
                 times[method_name].append(t)
+    costs = median_costs(measured)
     profiles = {}
     for method_name, method in methods.items():
         if method["family"] == "highway":
@@ -227,6 +232,7 @@ def bench_model(name: str, args, world: int) -> dict:
         "model": name,
         "params": sum(p.numel() for p in model.parameters()),
         "costs": costs.to_json(),
+        "plan_costs": plan_costs.to_json(),
         "loadavg_per_round": loads,
         "waited_for_quiet_s": waits,
         "rows": rows,
@@ -246,7 +252,7 @@ def to_markdown(result: dict) -> str:
         f"vocab {a['vocab']}, float32; {a['reps']} interleaved rounds after {a['warmup']} warm-up rounds; median "
         "step (forward + backward, slowest rank). *speed-up* = (median of the best backprop schedule at the same "
         "M) / (median of this method): above 1 is faster. *predicted*: the simulator with the costs measured at "
-        "the start of this run, replaying the exact order each method ran.",
+        "every round of this run (medians), replaying the exact order each method ran.",
         "",
         f"Load (1/5/15 min) before: {result['load_before']}, after: {result['load_after']}; torch {result['torch']}.",
         "",
@@ -302,7 +308,8 @@ def main() -> None:
     parser.add_argument("--schedules", default=",".join(SCHEDULE_LABELS), help="torch schedules to run")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--calib_reps", type=int, default=5)
+    parser.add_argument("--calib_reps", type=int, default=5, help="repetitions of the calibration before timing")
+    parser.add_argument("--round_calib_reps", type=int, default=2, help="... and at the start of every round")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/pipeline")

@@ -118,12 +118,13 @@ def validate(bench: dict) -> list[dict]:
     names = {v: k for k, v in _labels().items()}
     for model in bench["models"]:
         costs = StackCosts.from_json(model["costs"])
+        plan = StackCosts.from_json(model["plan_costs"]) if "plan_costs" in model else None
         for row in model["rows"]:
             method = row["method"]
             if method == "pipeline backprop":
                 seconds = predict("gpipe", costs, world, 1, batch=batch)
             elif method.startswith("highway"):
-                seconds = predict("highway", costs, world, row["M"], row["k"], batch=batch)
+                seconds = predict("highway", costs, world, row["M"], row["k"], batch=batch, plan_costs=plan)
             else:
                 seconds = predict(names[method.rsplit(" M=", 1)[0]], costs, world, row["M"], batch=batch)
             rows.append(

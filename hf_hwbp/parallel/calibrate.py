@@ -3,8 +3,7 @@
     costs = measure_stack_costs(model, batch_sizes=[8, 4, 2], seq_len=128)     # one process
     latency, seconds_per_byte = measure_link(comm, nbytes)                     # two ranks (0 and 1)
 
-Layers are timed one at a time on the model's own layers (with the side inputs the stage builds; on CPU with
-one thread in thread CPU time, so that other processes on the machine do not inflate the costs), each kind
+Layers are timed one at a time on the model's own layers (with the side inputs the stage builds), each kind
 of work as the runtime or torch runs it: ``f`` the forward (recording the graph), ``b`` a full backward,
 ``v`` the Highway inflow (input-only VJP minus the identity path), ``w`` the Highway parameter VJP, ``bi`` /
 ``bw`` torch's zero-bubble split (``stage_backward_input`` then ``stage_backward_weight``). The head (final
@@ -33,17 +32,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _clock() -> Callable[[], float]:
-    """CUDA: wall time (work is waited for). CPU: this thread's CPU time, which other processes sharing the cores
-    do not inflate (with one intra-op thread, the forward and the backward both run on the calling thread)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return time.perf_counter
-    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-
-
 def _median_time(fn: Callable[[], object], reps: int, setup: Callable[[], object] | None = None) -> float:
     """Median seconds of ``fn()`` (or ``fn(setup())``, the setup untimed)."""
-    clock = _clock()
+    clock = time.perf_counter
     times = []
     for _ in range(reps + 1):  # the first call warms up (allocator, kernels)
         state = setup() if setup is not None else None
@@ -198,6 +189,20 @@ def measure_link(comm: Comm, nbytes: int, reps: int = 20, device: torch.device |
     dist.broadcast(stats, group=comm.group, group_src=0)
     small, large = float(stats[0]), float(stats[1])
     return small, max(0.0, (large - small) / max(1, nbytes - 4))
+
+
+def median_costs(measurements: list[StackCosts]) -> StackCosts:
+    """Every cost's median over several measurements of one stack (e.g. one per benchmark round)."""
+    from dataclasses import asdict, replace
+
+    first = measurements[0]
+    by_batch = {}
+    for size in first.by_batch:
+        keys = asdict(first.by_batch[size])
+        by_batch[size] = WorkCosts(
+            **{k: statistics.median(getattr(m.by_batch[size], k) for m in measurements) for k in keys}
+        )
+    return replace(first, by_batch=by_batch, notes={**first.notes, "measurements": len(measurements)})
 
 
 def average_over_ranks(costs: StackCosts, group: dist.ProcessGroup | None = None) -> StackCosts:

@@ -332,15 +332,30 @@ def highway_shape(num_layers: int, layers_per_block: int, num_ranks: int, microb
     return HighwayShape(tuple(even_split(blocks, num_ranks)), microbatches, k)
 
 
-def highway_timeline(costs: StackCosts, num_ranks: int, microbatches: int, k: int, batch: int | None = None):
-    """The list-scheduled Highway-BP(k) step (graph and timeline) for ``batch`` samples (default: M)."""
+def highway_timeline(
+    costs: StackCosts,
+    num_ranks: int,
+    microbatches: int,
+    k: int,
+    batch: int | None = None,
+    plan_costs: StackCosts | None = None,
+):
+    """The Highway-BP(k) step for ``batch`` samples (default: M): the graph and its timeline with ``costs``, in
+    the order list scheduling chooses with ``plan_costs`` (default: the same costs; the runtime plans with the
+    costs it was given, which may be an earlier measurement)."""
     batch = microbatches if batch is None else batch
     sizes = split_batch(batch, microbatches)
     shape = highway_shape(costs.num_layers, costs.layers_per_block, num_ranks, microbatches, k)
     graph = highway_graph(shape)
     cost = highway_task_cost(shape, costs, sizes)
     latency = message_latency(graph, costs, sizes)
-    return graph, list_schedule(graph, cost, latency)
+    if plan_costs is None:
+        return graph, list_schedule(graph, cost, latency)
+    planned = list_schedule(
+        graph, highway_task_cost(shape, plan_costs, sizes), message_latency(graph, plan_costs, sizes)
+    )
+    fixed = StepGraph(graph.num_ranks, graph.placement, graph.deps, planned.order, graph.info)
+    return fixed, replay(fixed, cost, latency)
 
 
 def backprop_timeline(schedule: str, costs: StackCosts, num_ranks: int, microbatches: int, batch: int | None = None):
@@ -351,11 +366,18 @@ def backprop_timeline(schedule: str, costs: StackCosts, num_ranks: int, microbat
 
 
 def predict(
-    method: str, costs: StackCosts, num_ranks: int, microbatches: int, k: int = 0, batch: int | None = None
+    method: str,
+    costs: StackCosts,
+    num_ranks: int,
+    microbatches: int,
+    k: int = 0,
+    batch: int | None = None,
+    plan_costs: StackCosts | None = None,
 ) -> float:
-    """Predicted seconds per step of ``method`` ("highway" or a backprop schedule name)."""
+    """Predicted seconds per step of ``method`` ("highway" or a backprop schedule name); ``plan_costs``: see
+    ``highway_timeline``."""
     if method == "highway":
-        return highway_timeline(costs, num_ranks, microbatches, k, batch)[1].makespan
+        return highway_timeline(costs, num_ranks, microbatches, k, batch, plan_costs)[1].makespan
     return backprop_timeline(method, costs, num_ranks, microbatches, batch)[1].makespan
 
 
