@@ -267,6 +267,8 @@ def main() -> None:
         result["link"] = {"latency_us": args.link_latency_us, "gbps": args.link_gbps, "assumed": True}
         stacks = []
         for arch, data in measured.items():
+            if arch not in TARGETS:
+                continue  # bench_gpu.py's bookkeeping ("seconds")
             costs = StackCosts.from_json(data)
             costs.name = f"{TARGETS[arch]['name']} (GPU-measured layers)"
             costs.latency = args.link_latency_us * 1e-6
