@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from .arch import get_module, recipe_for
 from .comm import Comm
@@ -47,43 +47,47 @@ def _median_time(fn: Callable[[], object], reps: int, setup: Callable[[], object
 
 
 def _layer_costs(stage: Stage, batch: int, seq_len: int, reps: int, generator: torch.Generator) -> dict[str, float]:
-    """Per-layer seconds of f, b, v, w, bi, bw, averaged over the stage's layers."""
+    """Per-layer seconds of f, b, v, w, bi, bw: each kind timed over all the stage's layers in a row (as a step
+    runs them, caches included), divided by their number."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
     shape = (batch, seq_len, stage.config.hidden_size)
     h = torch.randn(shape, generator=generator, dtype=stage.dtype).to(stage.device)
     g = torch.randn(shape, generator=generator, dtype=stage.dtype).to(stage.device) * 1e-2
     kwargs = stage.layer_kwargs(h)
-    totals = dict.fromkeys(("f", "b", "v", "w", "bi", "bw"), 0.0)
-    for index in range(len(stage.layers)):
-        for kind, seconds in _one_layer(stage, index, h, g, kwargs, reps).items():
-            totals[kind] += seconds
-    return {k: v / len(stage.layers) for k, v in totals.items()}
-
-
-def _one_layer(stage: Stage, index: int, h: Tensor, g: Tensor, kwargs: dict, reps: int) -> dict[str, float]:
-    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
-
-    params = [p for p in stage.layers[index].parameters() if p.requires_grad]
+    n = len(stage.layers)
+    params = [[p for p in layer.parameters() if p.requires_grad] for layer in stage.layers]
 
     def forward():
-        x = h.detach().requires_grad_(True)
-        return x, stage.run_layers(x, range(index, index + 1), kwargs)
+        pairs, x = [], h
+        for i in range(n):
+            leaf = x.detach().requires_grad_(True)
+            x = stage.run_layers(leaf, range(i, i + 1), kwargs)
+            pairs.append((leaf, x))
+        return pairs
 
-    def split_input(s):
-        return stage_backward_input([s[1]], [g], [s[0]], iter(params))
+    def each(fn):
+        return lambda pairs: [fn(i, leaf, out) for i, (leaf, out) in enumerate(pairs)]
 
-    out = {
+    def split_input(pairs):
+        return [stage_backward_input([out], [g], [leaf], iter(params[i]))[1] for i, (leaf, out) in enumerate(pairs)]
+
+    def split_weight(groups):
+        for i, group in enumerate(groups):
+            stage_backward_weight(iter(params[i]), group)
+
+    totals = {
         "f": _median_time(forward, reps),
-        "b": _median_time(lambda s: torch.autograd.backward(s[1], g, inputs=[s[0], *params]), reps, forward),
-        "v": _median_time(lambda s: torch.autograd.grad(s[1], s[0], g, retain_graph=True)[0] - g, reps, forward),
-        "w": _median_time(lambda s: torch.autograd.backward(s[1], g, inputs=params), reps, forward),
+        "b": _median_time(each(lambda i, x, y: torch.autograd.backward(y, g, inputs=[x, *params[i]])), reps, forward),
+        "v": _median_time(each(lambda i, x, y: torch.autograd.grad(y, x, g, retain_graph=True)[0] - g), reps, forward),
+        "w": _median_time(each(lambda i, x, y: torch.autograd.backward(y, g, inputs=params[i])), reps, forward),
         "bi": _median_time(split_input, reps, forward),
-        "bw": _median_time(
-            lambda groups: stage_backward_weight(iter(params), groups), reps, lambda: split_input(forward())[1]
-        ),
+        "bw": _median_time(split_weight, reps, lambda: split_input(forward())),
     }
-    for p in params:
-        p.grad = None
-    return out
+    for group in params:
+        for p in group:
+            p.grad = None
+    return {k: v / n for k, v in totals.items()}
 
 
 def _end_costs(model: nn.Module, batch: int, seq_len: int, reps: int, generator: torch.Generator) -> dict:
