@@ -139,6 +139,34 @@ def validate(bench: dict) -> list[dict]:
     return rows
 
 
+def kinds_breakdown(bench: dict) -> list[dict]:
+    """Per Highway setting and rank: seconds per kind of task, measured (the bench's traced step) vs predicted."""
+    from hf_hwbp.parallel.simulate import highway_timeline
+
+    rows = []
+    world, batch = bench["world_size"], bench["args"]["batch"]
+    for model in bench["models"]:
+        costs = StackCosts.from_json(model["costs"])
+        plan = StackCosts.from_json(model["plan_costs"]) if "plan_costs" in model else None
+        for method, ranks in model.get("profiles", {}).items():
+            row = next(r for r in model["rows"] if r["method"] == method)
+            graph, timeline = highway_timeline(costs, world, row["M"], row["k"], batch, plan)
+            for measured in ranks:
+                predicted: dict[str, float] = {}
+                for task in timeline.order[measured["rank"]]:
+                    predicted[task.kind] = predicted.get(task.kind, 0.0) + timeline.end[task] - timeline.start[task]
+                rows.append(
+                    {
+                        "model": model["model"],
+                        "method": method,
+                        "rank": measured["rank"],
+                        "measured": {k: measured.get(k, 0.0) for k in "FHVRWE"},
+                        "predicted": {k: predicted.get(k, 0.0) for k in "FHVRWE"},
+                    }
+                )
+    return rows
+
+
 def _labels() -> dict[str, str]:
     import importlib.util
 
@@ -219,6 +247,17 @@ def to_markdown(result: dict) -> str:
             f"| {r['model']} | {r['method']} | {r['measured_s']:.3f} | {r['predicted_s']:.3f} | "
             f"{100 * r['error']:+.1f} % |"
         )
+    if result.get("kinds"):
+        lines += [
+            "",
+            "Per kind of task (seconds per rank in one step, measured in the bench's traced step / predicted):",
+            "",
+            "| model | method | rank | F | H | V | R | W | E |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in result["kinds"]:
+            cells = " | ".join(f"{r['measured'][k]:.3f} / {r['predicted'][k]:.3f}" for k in "FHVRWE")
+            lines.append(f"| {r['model']} | {r['method']} | {r['rank']} | {cells} |")
     errors = [abs(r["error"]) for r in result["validation"]]
     if errors:
         within = sum(e <= 0.10 for e in errors)
@@ -279,6 +318,7 @@ def main() -> None:
         bench = json.loads(Path(args.bench).read_text())
         result["bench"] = args.bench
         result["validation"] = validate(bench)
+        result["kinds"] = kinds_breakdown(bench)
         stacks = []
         for model in bench["models"]:
             measured = StackCosts.from_json(model["costs"])
