@@ -126,10 +126,11 @@ def cuda_time(fn, device) -> float:
 # ----- parts -------------------------------------------------------------------------------------------------
 def part_batched_correctness(args, device) -> dict:
     out = {}
+    hidden, seq = (64, 16) if args.quick else (256, 64)
     for arch in ("gpt2", "llama"):
-        model = build(arch, 6, 256, 64, "eager", torch.float32, device)
+        model = build(arch, 6, hidden, seq, "eager", torch.float32, device)
         stage = build_stage(model, 0, 1)
-        ids = torch.randint(0, 8192, (2, 64), device=device)
+        ids = torch.randint(0, 8192, (2, seq), device=device)
         h = stage.embed(ids).detach()
         kwargs = stage.layer_kwargs(h)
         params = [p for layer in stage.layers for p in layer.parameters()]

@@ -139,3 +139,60 @@ def test_highway_graph_waits_only_for_the_scan_from_above():
     assert graph.sends(Task("H", 2, 0)) == [0, 1]  # d goes to every stage
     crossing = {(d.mb, t.mb) for t, deps in graph.deps.items() for d in deps}
     assert all(a == b for a, b in crossing)  # no micro-batch waits for another one
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _run(*cmd, timeout=240):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
+    """A tiny 2-rank bench_pipeline run, then simulate_pipeline on its JSON: files, validation rows, map cells."""
+    import json
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _run(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+        "scripts/bench_pipeline.py", "--models", "gpt2", "--layers", "4", "--hidden", "32", "--heads", "2",
+        "--vocab", "64", "--seq", "8", "--batch", "4", "--microbatches", "1,2", "--ks", "0,1",
+        "--schedules", "gpipe,zbv", "--reps", "1", "--warmup", "0", "--calib_reps", "1", "--round_calib_reps", "1",
+        "--out", str(tmp_path), "--tag", "bench",
+    )  # fmt: skip
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    methods = [r["method"] for r in bench["models"][0]["rows"]]
+    assert "torch ZBVZeroBubble M=2" in methods and "highway k=1 M=2" in methods
+    _run(
+        "scripts/simulate_pipeline.py",
+        "--bench",
+        str(tmp_path / "bench.json"),
+        "--out",
+        str(tmp_path),
+        "--deep_layers",
+        "0",
+    )
+    result = json.loads((tmp_path / "simulate_pipeline.json").read_text())
+    assert len(result["validation"]) == len(methods)
+    assert all(r["predicted_s"] > 0 for r in result["validation"])
+    cells = [c for m in result["maps"] for c in m["cells"] if c.get("best_backprop")]
+    assert cells and all(c["speedup_k0"] > 0 for c in cells)
+    assert (tmp_path / "simulate_pipeline_map.png").stat().st_size > 0
+
+
+def test_gpu_script_runs_its_cpu_check(tmp_path):
+    _run("scripts/bench_gpu.py", "--out", str(tmp_path), "--parts", "batched_correctness", "--quick")
+    import json
+
+    result = json.loads((tmp_path / "batched_correctness.json").read_text())
+    assert all(v["param_rel_err"] < 1e-5 for k, v in result.items() if k != "seconds")

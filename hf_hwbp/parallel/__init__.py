@@ -8,10 +8,12 @@
 
 Modules: ``graph`` (the dependency graph of a step), ``runtime`` (a rank executes its tasks), ``stage_stack``
 (the engine's recursion for one stage, with the scan across ranks), ``simulate`` (the same graphs replayed
-with measured costs), ``baselines`` (torch.distributed.pipelining's schedules over the same stages).
+with measured costs), ``calibrate`` (measures those costs), ``baselines`` (torch.distributed.pipelining's
+schedules over the same stages), ``batched`` (one device: the input-VJPs of one iteration as one batched call).
 """
 
 from .baselines import GPipeBaseline, TorchPipeline
+from .batched import BatchedBlocks, BatchedStack
 from .comm import Comm
 from .graph import HighwayShape, StepGraph, Task, backprop_graph, highway_graph
 from .layout import StageLayout, make_layout
@@ -23,6 +25,8 @@ from .tied import check_world
 from .train import init_distributed, train_layer_parallel
 
 __all__ = [
+    "BatchedBlocks",
+    "BatchedStack",
     "ChainScan",
     "Comm",
     "GPipeBaseline",
