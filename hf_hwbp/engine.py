@@ -15,10 +15,11 @@ recurrent cells) and J_j the rest of the block's Jacobian. One iteration is ther
    reverse cumulative sum; across the ranks of a layer-parallel run it is a cumulative sum with one
    exchange between ranks; for gated cells it is a reverse linear scan.
 
-``run_recursion`` is that loop, written once: it clamps k, decides which block VJPs can be reused (delta^(n)_j
-no longer changes once n >= L - j, so its VJP is the previous one), and applies the adaptive stop. What varies
-between one process, several ranks and recurrent cells lives in the ``HighwayStack`` it drives: how the
-deltas are stored, how the VJPs are computed, and the ``ResidualScan``.
+``recursion_steps`` is that loop, written once (``run_recursion`` runs it to the end; a scheduler can advance it
+step by step): it clamps k, decides which block VJPs can be reused (delta^(n)_j no longer changes once
+n >= L - j, so its VJP is the previous one), and applies the adaptive stop. What varies between one process,
+several ranks and recurrent cells lives in the ``HighwayStack`` it drives: how the deltas are stored, how the
+VJPs are computed, and the ``ResidualScan``.
 
 ``RecordedStack`` is the stack of recorded local graphs (one per block, each ending at its own input leaf)
 that ``hf_hwbp.patching`` and the layer-parallel stages use; ``highway_backward`` is its one-call form.
@@ -26,7 +27,7 @@ that ``hf_hwbp.patching`` and the layer-parallel stages use; ``highway_backward`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -76,19 +77,24 @@ class HighwayStack(Protocol):
         """(||new - old||^2, ||new||^2) over the whole stack (summed across ranks where it is split)."""
 
 
-def run_recursion(stack: HighwayStack, k: int, tol: float | None = None) -> tuple[Any, int]:
-    """Run k Highway iterations on ``stack``; return delta^(k) (the stack's container) and the iterations run.
+def recursion_steps(stack: HighwayStack, k: int, tol: float | None = None) -> Generator[tuple[str, int], None, Any]:
+    """The recursion as a generator: it yields ``("inflow", n)`` before the n-th inflow and ``("scan", n)``
+    before the n-th scan (n = 1..k), and returns ``(delta^(k), iterations)``.
 
-    k is clamped to the number of blocks (exact from there on). With ``tol``, iterations stop once
-    ||delta^(n+1) - delta^(n)|| <= tol * ||delta^(n+1)|| over all states.
+    A scheduler that interleaves several recursions with other work (the layer-parallel runtime) advances it
+    step by step; ``run_recursion`` simply drains it. k is clamped to the number of blocks (exact from there
+    on). With ``tol``, iterations stop once ||delta^(n+1) - delta^(n)|| <= tol * ||delta^(n+1)|| over all states.
     """
     num_blocks = stack.num_blocks
     k = min(k, num_blocks)
     delta = stack.scan(None)
     iterations = 0
     for n in range(k):
+        yield ("inflow", n + 1)
         # delta^(n)_j is exact for j >= L - n; it equals delta^(n-1)_j for j >= L - n + 1, whose VJPs are reused.
-        new = stack.scan(stack.inflow(delta, fresh_until=num_blocks - n, release=tol is None))
+        inflow = stack.inflow(delta, fresh_until=num_blocks - n, release=tol is None)
+        yield ("scan", n + 1)
+        new = stack.scan(inflow)
         iterations += 1
         if tol is not None:
             change_sq, norm_sq = stack.squared_change(new, delta)
@@ -97,6 +103,16 @@ def run_recursion(stack: HighwayStack, k: int, tol: float | None = None) -> tupl
                 break
         delta = new
     return delta, iterations
+
+
+def run_recursion(stack: HighwayStack, k: int, tol: float | None = None) -> tuple[Any, int]:
+    """Run k Highway iterations on ``stack``; return delta^(k) (the stack's container) and the iterations run."""
+    steps = recursion_steps(stack, k, tol)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
 
 
 class ResidualScan:

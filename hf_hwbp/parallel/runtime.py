@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..engine import run_recursion
+from ..engine import recursion_steps
 from .comm import Comm
-from .coroutine import PausableCall
 from .graph import StepGraph, Task
 from .stage_stack import ChainScan, StageStack
 from .stages import Stage
@@ -56,6 +55,33 @@ class Mailbox:
             self.expected[src] = [t for t in self.expected[src] if t not in tasks]
 
 
+class RecursionStepper:
+    """Advances one micro-batch's ``recursion_steps`` generator to the task the schedule has reached.
+
+    The generator stops before its n-th inflow (task ``("V", n)``) and before its n-th scan (``("R", n)``);
+    ``run_until(label)`` runs it up to that point, or to its end (then ``result`` is ``(delta, iterations)``).
+    """
+
+    _KINDS = {"inflow": "V", "scan": "R"}
+
+    def __init__(self, steps):
+        self._steps = steps
+        self.label: tuple[str, int] | None = None
+        self.done = False
+        self.result = None
+
+    def run_until(self, label: tuple[str, int]) -> None:
+        while not self.done and self.label != label:
+            try:
+                kind, n = next(self._steps)
+                self.label = (self._KINDS[kind], n)
+            except StopIteration as finished:
+                self.done, self.label, self.result = True, None, finished.value
+
+    def close(self) -> None:
+        self._steps.close()
+
+
 @dataclass
 class MicroBatch:
     """What one micro-batch leaves on this stage between its tasks."""
@@ -70,7 +96,7 @@ class MicroBatch:
     loss: Tensor | None = None  # last stage
     d: Tensor | None = None
     stack: StageStack | None = None
-    recursion: PausableCall | None = None
+    recursion: RecursionStepper | None = None
     delta: list[Tensor] | None = None
     iterations: int = 0
 
@@ -213,12 +239,9 @@ class StageRuntime:
                 mb.delta = mb.stack.scan(None)
         return mb.stack
 
-    def _recursion(self, task: Task, mb: MicroBatch) -> PausableCall:
+    def _recursion(self, task: Task, mb: MicroBatch) -> RecursionStepper:
         if mb.recursion is None:
-            stack = self._stack(task, mb)
-            call = PausableCall(lambda: run_recursion(stack, self.k, self.tol), device=self.stage.device)
-            stack.pause = call.pause
-            mb.recursion = call
+            mb.recursion = RecursionStepper(recursion_steps(self._stack(task, mb), self.k, self.tol))
         return mb.recursion
 
     def _inflow(self, task: Task, mb: MicroBatch) -> None:

@@ -1,20 +1,19 @@
 """The engine's recorded stack for one pipeline stage and one micro-batch: scan across ranks, fused final VJPs.
 
 ``StageStack`` is ``hf_hwbp.engine.RecordedStack`` over the blocks one stage holds (global block numbering, so
-the engine's reuse rule applies unchanged) with three additions:
+the engine's reuse rule applies unchanged) with two additions (the runtime interleaves several micro-batches'
+recursions by advancing the engine's ``recursion_steps`` generator):
 
 - its scan is a :class:`ChainScan`: the reverse cumulative sum of the whole stack, where the part above this
   stage arrives as one tensor from the stage above and the part from here on leaves as one tensor to the stage
   below;
-- it pauses (``pause(("V", n))`` before the n-th inflow, ``pause(("R", n))`` before the n-th scan) so that a
-  runtime can interleave several micro-batches' recursions with other work;
 - a block whose delta is final (the engine is about to store its VJP for reuse) gets its input and parameter
   VJPs in one backward pass, so its parameter step later costs nothing: the zero-bubble split in reverse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +52,6 @@ class StageStack(RecordedStack):
         block_params: the trainable parameters of each local block.
         scan: the cross-rank scan.
         first_block, num_blocks, need_input_grad: as in ``RecordedStack``.
-        pause: called with ``("V", n)`` / ``("R", n)`` before the n-th inflow / scan.
         fuse: compute the parameter VJP of a block together with its final input VJP.
     """
 
@@ -68,7 +66,6 @@ class StageStack(RecordedStack):
         first_block: int,
         num_blocks: int,
         need_input_grad: bool = True,
-        pause: Callable[[Hashable], None] | None = None,
         fuse: bool = True,
     ):
         super().__init__(
@@ -82,22 +79,17 @@ class StageStack(RecordedStack):
             num_blocks=num_blocks,
         )
         self.block_params = [list(p) for p in block_params]
-        self.pause = pause if pause is not None else (lambda label: None)
         self.fuse = fuse
         self.fused: set[int] = set()  # local blocks whose parameter VJP already ran with their final delta
-        self.iteration = 0
         self._fresh_until = num_blocks
 
     def inflow(self, delta: list[Tensor], fresh_until: int, release: bool) -> list[Tensor | None]:
-        self.iteration += 1
-        self.pause(("V", self.iteration))
         self._fresh_until = fresh_until
         return super().inflow(delta, fresh_until, release)
 
     def scan(self, inflow: list[Tensor | None] | None) -> list[Tensor]:
         if inflow is None:  # delta^(0) = d everywhere: no stage has an inflow yet, nothing crosses ranks
             return ResidualScan()(self.d, [None] * len(self.outputs))
-        self.pause(("R", self.iteration))
         return super().scan(inflow)
 
     def input_vjp(self, local_index: int, grad: Tensor) -> Tensor:
