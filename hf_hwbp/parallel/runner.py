@@ -118,7 +118,7 @@ class LayerParallelHighway:
             raise ValueError(f"backprop_order must be one of {BACKPROP_ORDERS}, got {backprop_order!r}.")
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}.")
-        self._config = HighwayConfig(k=k, tol=tol)  # validates k and tol
+        self._config = HighwayConfig.from_options(k=k, tol=tol)  # validates k (an int) and tol
         self._check_tol(tol, microbatches)
         world_size = dist.get_world_size(process_group)
         num_stages = check_world(num_stages, world_size)
