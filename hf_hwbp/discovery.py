@@ -114,8 +114,8 @@ def describe(stacks: Sequence[Stack]) -> str:
     return ", ".join(f"{s.path} ({len(s)} x {type(s.layers[0]).__name__})" for s in stacks)
 
 
-def _layer_counts(config) -> set[int]:
-    """Every positive int of the config (and its sub-configs) whose name speaks of layers or depth."""
+def _layer_counts(model: nn.Module) -> set[int]:
+    """Every positive int whose name speaks of layers or depth in the configs of the model and its submodels."""
     counts: set[int] = set()
 
     def visit(values: dict) -> None:
@@ -126,13 +126,14 @@ def _layer_counts(config) -> set[int]:
                 if re.search(r"layer|depth", key):
                     counts.add(value)
 
-    if config is not None:
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
+    for config in configs.values():
         visit(config.to_dict())
     return counts
 
 
 def _discover(model: nn.Module) -> list[Stack]:
-    counts = _layer_counts(getattr(model, "config", None))
+    counts = _layer_counts(model)
     lists = [
         (name, module)
         for name, module in model.named_modules()

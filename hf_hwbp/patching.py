@@ -488,7 +488,9 @@ class HighwayPatch:
         record = fwd.record
         if record is None:
             return self._maybe_start(s, i, fwd, hidden, args, kwargs)
-        args, kwargs = routing.swap_tensors(args, kwargs, functools.partial(self._known_leaf, fwd, i), deep=False)
+        args, kwargs = routing.swap_tensors(
+            args, kwargs, functools.partial(self._known_leaf, fwd, i, module), deep=False
+        )
         if self._block_start(record, i):
             if hidden is not fwd.last_exit:
                 raise RuntimeError(
@@ -546,14 +548,15 @@ class HighwayPatch:
         fwd.block_starts.append(torch._C._autograd._get_sequence_nr())
         return routing.with_hidden(args, kwargs, x0)
 
-    def _known_leaf(self, fwd: _StackForward, i: int, name: str, tensor: Tensor) -> Tensor:
+    def _known_leaf(self, fwd: _StackForward, i: int, module: nn.Module, name: str, tensor: Tensor) -> Tensor:
         leaf = fwd.leaf_of.get(id(tensor))
         if leaf is not None:
             return leaf
         if any(tensor is known for known in fwd.leaf_of.values()):
             return tensor
+        argument = routing.argument_name(module, name)
         raise RuntimeError(
-            f"Highway-BP: layer {i} of {fwd.record.stack.path} receives `{name}`, a tensor that requires grad that "
+            f"Highway-BP: layer {i} of {fwd.record.stack.path} receives `{argument}`, a tensor that requires grad that "
             f"layer {fwd.record.first_layer} did not receive (e.g. a value an earlier layer computed, like T5's "
             "position bias). Highway-BP routes the side inputs that the stack's first layer receives too (encoder "
             "states, prefix keys and values, parameters passed in). Train this model with ordinary backprop "

@@ -13,6 +13,7 @@ the ones a layer added.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -53,6 +54,18 @@ def with_output_hidden(output, hidden: Tensor):
     if isinstance(output, list):
         return [hidden] + output[1:]
     return hidden
+
+
+def argument_name(module: nn.Module, name: str) -> str:
+    """``argument 2`` -> the name of the layer's second parameter (for messages), when its signature says it."""
+    head, _, rest = name.partition("[")
+    if not head.startswith("argument "):
+        return name
+    try:
+        parameters = list(inspect.signature(module.forward).parameters)
+        return parameters[int(head.split()[1])] + (f"[{rest}" if rest else "")
+    except (ValueError, TypeError, IndexError):
+        return name
 
 
 def swap_tensors(args: tuple, kwargs: dict, replace: Replace, *, deep: bool) -> tuple[tuple, dict]:
