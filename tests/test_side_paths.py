@@ -213,7 +213,8 @@ def test_parameter_read_from_outside_the_stack():
 @CHECKPOINTING
 def test_moe_router_auxiliary_loss(checkpointing):
     entry = ZOO["mixtral"]
-    model = checkpointed(entry.build(output_router_logits=True, router_aux_loss_coef=0.5), checkpointing)
+    model = entry.build(output_router_logits=True, router_aux_loss_coef=0.5, attention_dropout=0.1)
+    model = checkpointed(model, checkpointing)
     batch = entry.batch()
 
     def loss_fn(m):
@@ -276,10 +277,11 @@ def test_two_training_forwards_then_one_backward(checkpointing):
 
 
 # ----- mixed train / eval layers -----------------------------------------------------------------------------------
+@CHECKPOINTING
 @pytest.mark.parametrize("eval_layer", [0, L - 1])
-def test_layers_in_mixed_train_eval_mode_follow_the_definition(eval_layer):
+def test_layers_in_mixed_train_eval_mode_follow_the_definition(eval_layer, checkpointing):
     """Some layers in eval mode (no dropout there), the others training: Highway-BP over the whole stack."""
-    model = gpt2()
+    model = checkpointed(gpt2(), checkpointing)
     model.transformer.h[eval_layer].eval()
     batch = ZOO["gpt2"].batch()
     assert_highway(model, seeded(lambda m: m(**batch).loss))

@@ -4,7 +4,9 @@ reference of tests/reference.py. Dropout stays at each config's default (same se
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from transformers import AlbertConfig, AlbertModel
 from transformers.utils import logging as hf_logging
 
 import hf_hwbp
+from model_patches import supported_model_types
 
 SEED = 7
 # float64: the Highway sums differ from autograd's only by rounding (observed <= 1e-13 relative).
@@ -66,6 +69,20 @@ def test_zoo_exact_at_L_and_reference_below(name):
         assert max_relative_error(grads_of(model, batch), expected) <= rtol
         assert hf_hwbp.last_highway_iterations(model) == k
         assert max_relative_error(expected, exact) > 1e-3  # k < L really differs from backprop here
+
+
+def test_tested_model_types_are_the_zoo():
+    assert supported_model_types() == sorted({entry.model_type for entry in ZOO.values()})
+
+
+def test_readme_table_is_generated_from_the_zoo():
+    """README.md holds the output of scripts/supported_models_table.py (run it with --write after changing the zoo)."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("supported_models_table", root / "scripts/supported_models_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (root / "README.md").read_text()
+    assert script.with_table(readme, script.table()) == readme
 
 
 def test_discovery_is_inspectable_and_logged_once(caplog):
