@@ -314,7 +314,7 @@ def _refuse_unrouted(record: _StackRecord) -> None:
     for position, leaf in enumerate(record.inputs[1:] + record.side_leaves):
         if leaf.grad is not None:
             where = (
-                f"layer input {position + 1} of {record.stack.path}"
+                f"the input of block {position + 1} of {record.stack.path}"
                 if position < len(record.inputs) - 1
                 else f"a side input of {record.stack.path}"
             )
@@ -367,7 +367,7 @@ class HighwayPatch:
 
     Read or change the settings between steps through ``config`` (or ``hf_hwbp.set_highway_k``); ``stacks`` says
     what discovery found; ``last_iterations`` is the number of Highway iterations the last backward ran (the
-    largest over its stacks and forwards).
+    largest over its stacks and forwards); ``recorded_forwards`` counts the stack forwards recorded so far.
     """
 
     def __init__(self, stacks: list[Stack], config: HighwayConfig, model_type: str | None = None):
@@ -380,6 +380,7 @@ class HighwayPatch:
         self.last_iterations: int | None = None
         self.last_block_grads: list[Tensor] | None = None
         self.keep_block_grads = False
+        self.recorded_forwards = 0  # stack forwards recorded for Highway-BP (one per stack per training forward)
         self._forwards: list[_StackForward | None] = [None] * len(self.stacks)
         self._graph_checked = [False] * len(self.stacks)
         self._last_task: int | None = None
@@ -520,12 +521,11 @@ class HighwayPatch:
         if not (hidden.requires_grad or found or _trainable(stack.layers[i:block_end])):
             return None  # frozen, and nothing below needs a gradient: the layer runs as it would unpatched
         flag = _EngineFlag()
-        originals = []
-        for _, tensor in found:
+        originals = list({id(tensor): tensor for _, tensor in found}.values())
+        for tensor in originals:
             if id(tensor) not in fwd.leaf_of:
                 fwd.leaf_of[id(tensor)] = tensor.detach().requires_grad_(True)
-                originals.append(tensor)
-        fwd.originals = originals
+        fwd.originals.extend(originals)
         num_blocks = sum(1 for j in range(i, len(stack)) if j % g == g - 1 or j == len(stack) - 1)
         record = _StackRecord(
             patch=self,
@@ -542,6 +542,7 @@ class HighwayPatch:
         )
         fwd.token = _StackEntry.apply(record, hidden, *params, *originals)
         fwd.record = record
+        self.recorded_forwards += 1
         args, kwargs = routing.swap_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
         x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
         record.inputs.append(x0)
@@ -579,6 +580,7 @@ class HighwayPatch:
         hidden = routing.output_hidden(output)
         if not hidden.requires_grad and not record.outputs and self._block_end(record, i):
             fwd.record = fwd.token = None  # its trainable parameters did not take part: still the frozen prefix
+            self.recorded_forwards -= 1
             return None
         output = self._cut_side_outputs(record, fwd, output)
         if not self._block_end(record, i):
@@ -645,12 +647,12 @@ class HighwayPatch:
         allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
         stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
         for block, (output, start) in enumerate(zip(record.outputs, fwd.block_starts)):
-            pending, seen = [output.grad_fn], set()
+            pending, seen = [output.grad_fn], {}
             while pending:
                 node = pending.pop()
                 if node is None or id(node) in seen or id(node) in stops:
                     continue
-                seen.add(id(node))
+                seen[id(node)] = node  # holding the node keeps its id unique during the walk
                 variable = getattr(node, "variable", None)
                 if variable is not None:
                     if id(variable) not in allowed and isinstance(variable, nn.Parameter):

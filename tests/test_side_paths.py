@@ -98,6 +98,7 @@ def test_frozen_bottom_layers_build_no_graph():
     assert seen == [False]
     entry = [n for n in _nodes(loss) if "_StackEntry" in n.name()][0]
     assert entry.record.first_layer == 1 and entry.record.num_blocks == L - 1
+    assert hf_hwbp.highway_state(model).recorded_forwards == 1
 
 
 def _nodes(tensor):
