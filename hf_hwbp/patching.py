@@ -175,6 +175,7 @@ class _StackRecord:
     output_grads: dict[int, Tensor] = field(default_factory=dict)  # block -> gradient reaching its output
     side_outputs: list[tuple[int, Tensor]] = field(default_factory=list)  # (block, tensor in its local graph)
     side_grads: dict[int, Tensor] = field(default_factory=dict)  # side output -> gradient the loss sent it
+    carried: list[tuple[int, Tensor]] = field(default_factory=list)  # (side output, the leaf later blocks read)
     retained: bool = False  # the last backward ran with retain_graph=True: the graphs are kept for the next one
 
 
@@ -188,6 +189,8 @@ class _StackForward:
     last_exit: Tensor | None = None
     leaf_of: dict[int, Tensor] = field(default_factory=dict)  # id(side input) -> the leaf blocks read instead
     originals: list[Tensor] = field(default_factory=list)  # keeps those ids valid while the forward runs
+    cut_of: dict[int, int] = field(default_factory=dict)  # id(cut side output) -> its index in the record
+    leaf_ids: set[int] = field(default_factory=set)  # ids of the side-input and carried leaves
     marks: dict[str, int] | None = None  # collector sizes before the running layer
     block_starts: list[int] = field(default_factory=list)  # autograd sequence number where each block began
     rng_state: tuple[torch.device, Tensor] | None = None  # checkpointed without preserving the RNG
@@ -223,7 +226,9 @@ def _run_backward(record: _StackRecord) -> tuple:
     try:
         if record.side_grads:
             direct = _route_side_outputs(record, extra, wrt)
-        if keep:  # the next backward needs the local graphs again: run the parameter VJP ourselves, retaining them
+        if keep or record.carried:
+            # The next backward needs the local graphs again, or carried tensors need them after the parameter VJP:
+            # run that VJP here, retaining the graphs.
             result = highway_backward(
                 record.inputs,
                 record.outputs,
@@ -235,11 +240,16 @@ def _run_backward(record: _StackRecord) -> tuple:
                 need_input_grad=record.input_requires_grad,
                 keep_block_grads=True,
             )
+            carried = [leaf for _, leaf in record.carried]
             grads = (
-                torch.autograd.grad(record.outputs, wrt, result.block_grads, retain_graph=True, allow_unused=True)
-                if wrt
+                torch.autograd.grad(
+                    record.outputs, wrt + carried, result.block_grads, retain_graph=True, allow_unused=True
+                )
+                if wrt or carried
                 else ()
             )
+            if carried:
+                grads, result.input_grad = _route_carried(record, grads[len(wrt) :], grads[: len(wrt)], result, wrt)
             if not record.patch.keep_block_grads:
                 result.block_grads = None
         else:
@@ -273,7 +283,8 @@ def _run_backward(record: _StackRecord) -> tuple:
     record.output_grads.clear()
     record.side_grads.clear()
     if not keep:  # nothing of this forward outlives its backward, even while the caller keeps the loss
-        for held in (record.inputs, record.outputs, record.side_outputs, record.params, record.side_leaves):
+        held_lists = (record.inputs, record.outputs, record.side_outputs, record.params, record.side_leaves)
+        for held in held_lists + (record.carried,):
             held.clear()
     return (result.input_grad,) + grads
 
@@ -309,9 +320,35 @@ def _route_side_outputs(record: _StackRecord, extra: list[Tensor | None], wrt: l
     return grads[position:]
 
 
+def _route_carried(record: _StackRecord, carried_grads, grads, result, wrt: list[Tensor]) -> tuple:
+    """A side output of block b that later blocks read is their side input: it gets sum_j (dg_j/dz)^T delta^(k)_j,
+    then ordinary backprop into block b (its parameters; h_0 when b is the first block). Returns the parameter and
+    side-input gradients and the stack input's gradient with that added."""
+    pairs = [(record.side_outputs[side], g) for (side, _), g in zip(record.carried, carried_grads) if g is not None]
+    if not pairs:
+        return grads, result.input_grad
+    blocks = sorted({block for (block, _), _ in pairs})
+    inputs = [record.inputs[b] for b in blocks if b > 0 or record.input_requires_grad]
+    below = torch.autograd.grad(
+        [s for (_, s), _ in pairs], inputs + wrt, [g for _, g in pairs], retain_graph=True, allow_unused=True
+    )
+    input_grad = result.input_grad
+    for b, g in zip([b for b in blocks if b > 0 or record.input_requires_grad], below):
+        if g is None:
+            continue
+        if b > 0:
+            raise RuntimeError(
+                f"Highway-BP: block {b} of {record.stack.path} returns a tensor that the blocks above it read and "
+                "that depends on its hidden state: its gradient would feed the Highway iteration it depends on. "
+                "Train this model with ordinary backprop (unpatch_model(model))."
+            )
+        input_grad = _add(input_grad, g)
+    return tuple(_add(a, b) for a, b in zip(grads, below[len(inputs) :])), input_grad
+
+
 def _refuse_unrouted(record: _StackRecord) -> None:
     """A gradient in a block-input or side-input leaf came through a block's graph outside Highway-BP."""
-    for position, leaf in enumerate(record.inputs[1:] + record.side_leaves):
+    for position, leaf in enumerate(record.inputs[1:] + record.side_leaves + [z for _, z in record.carried]):
         if leaf.grad is not None:
             where = (
                 f"the input of block {position + 1} of {record.stack.path}"
@@ -524,7 +561,7 @@ class HighwayPatch:
         originals = list({id(tensor): tensor for _, tensor in found}.values())
         for tensor in originals:
             if id(tensor) not in fwd.leaf_of:
-                fwd.leaf_of[id(tensor)] = tensor.detach().requires_grad_(True)
+                fwd.leaf_of[id(tensor)] = _leaf(fwd, tensor)
         fwd.originals.extend(originals)
         num_blocks = sum(1 for j in range(i, len(stack)) if j % g == g - 1 or j == len(stack) - 1)
         record = _StackRecord(
@@ -553,15 +590,28 @@ class HighwayPatch:
         leaf = fwd.leaf_of.get(id(tensor))
         if leaf is not None:
             return leaf
-        if any(tensor is known for known in fwd.leaf_of.values()):
+        if id(tensor) in fwd.leaf_ids:
             return tensor
+        side = fwd.cut_of.get(id(tensor))
+        if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
+            block, original = fwd.record.side_outputs[side]
+            if block > 0 and _reaches(original, fwd.record.inputs[block]):
+                raise RuntimeError(
+                    f"Highway-BP: layer {i} of {fwd.record.stack.path} reads a tensor that an earlier layer returned "
+                    f"and that depends on that layer's hidden state "
+                    f"(`{routing.argument_name(module, name)}`): its gradient would feed the Highway iteration it "
+                    "depends on. Train this model with ordinary backprop (unpatch_model(model))."
+                )
+            leaf = fwd.leaf_of[id(tensor)] = _leaf(fwd, tensor)
+            fwd.record.carried.append((side, leaf))
+            return leaf
         argument = routing.argument_name(module, name)
         raise RuntimeError(
             f"Highway-BP: layer {i} of {fwd.record.stack.path} receives `{argument}`, a tensor that requires grad that "
-            f"layer {fwd.record.first_layer} did not receive (e.g. a value an earlier layer computed, like T5's "
-            "position bias). Highway-BP routes the side inputs that the stack's first layer receives too (encoder "
-            "states, prefix keys and values, parameters passed in). Train this model with ordinary backprop "
-            "(unpatch_model(model)), or pass that tensor to every layer from the first."
+            f"layer {fwd.record.first_layer} did not receive and that no earlier layer returned. Highway-BP routes "
+            "the side inputs that the stack's first layer receives too (encoder states, prefix keys and values, "
+            "parameters passed in) and the tensors a layer returns for the next ones (T5's position bias). Train "
+            "this model with ordinary backprop (unpatch_model(model)), or pass that tensor to every layer."
         )
 
     def _after_layer(self, s: int, i: int, output):
@@ -597,7 +647,8 @@ class HighwayPatch:
         block = len(record.outputs)
         replaced = {}
         for position, tensor in routing.output_extras(output):
-            replaced[position] = self._side_exit(record, fwd, block, tensor)
+            if id(tensor) not in fwd.leaf_ids:  # a side input handed on unchanged is not a side output
+                replaced[position] = self._side_exit(record, fwd, block, tensor)
         for values, position, tensor in routing.new_collected(routing.collector(), fwd.marks):
             values[position] = self._side_exit(record, fwd, block, tensor)
         return routing.with_output_extras(output, replaced) if replaced else output
@@ -606,6 +657,8 @@ class HighwayPatch:
     def _side_exit(record: _StackRecord, fwd: _StackForward, block: int, tensor: Tensor) -> Tensor:
         record.side_outputs.append((block, tensor))
         cut, fwd.token = _SideExit.apply(record, len(record.side_outputs) - 1, tensor.detach(), fwd.token)
+        fwd.cut_of[id(cut)] = len(record.side_outputs) - 1
+        fwd.originals.append(cut)
         return cut
 
     def _block_start(self, record: _StackRecord, i: int) -> bool:
@@ -645,6 +698,7 @@ class HighwayPatch:
         stack = self.stacks[s]
         allowed = {id(p) for layer in stack.layers for p in layer.parameters()}
         allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
+        allowed |= {id(z) for _, z in record.carried}
         stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
         for block, (output, start) in enumerate(zip(record.outputs, fwd.block_starts)):
             pending, seen = [output.grad_fn], {}
@@ -671,6 +725,27 @@ class HighwayPatch:
                     )
                 pending.extend(fn for fn, _ in node.next_functions)
         self._graph_checked[s] = True
+
+
+def _reaches(tensor: Tensor, leaf: Tensor) -> bool:
+    """Whether ``tensor``'s autograd graph reaches the leaf ``leaf``."""
+    pending, seen = [tensor.grad_fn], {}
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if getattr(node, "variable", None) is leaf:
+            return True
+        pending.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _leaf(fwd: _StackForward, tensor: Tensor) -> Tensor:
+    """The leaf that blocks read in place of a side input (or of a carried side output)."""
+    leaf = tensor.detach().requires_grad_(True)
+    fwd.leaf_ids.add(id(leaf))
+    return leaf
 
 
 def _trainable(layers) -> list[Tensor]:

@@ -22,7 +22,7 @@ STACK_FINDERS: dict[str, StackFinder] = {"resnet": resnet_stacks}
 TESTED_MODEL_TYPES = (
     "bart", "bert", "deit", "dinov2", "distilbert", "electra", "falcon", "gemma", "gemma2", "gpt2", "gpt_neox",
     "granite", "llama", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "resnet", "roberta", "stablelm", "starcoder2", "vit",
+    "qwen3_moe", "resnet", "roberta", "stablelm", "starcoder2", "t5", "vit",
 )  # fmt: skip
 
 

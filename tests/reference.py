@@ -181,11 +181,14 @@ def _backward_run(run: _Run, k: int, group_size: int, stop) -> int:
             for p, g in zip(trainable, grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
+    e0 = grad_or_zero(run.inputs[0]).clone()
     for block, original, leaf in run.side:
         (g,) = torch.autograd.grad(run.outputs[block], leaf, delta[block + 1], retain_graph=True, allow_unused=True)
         total = g if leaf.grad is None else (leaf.grad if g is None else g + leaf.grad)
         if total is not None and original.requires_grad:
             original.backward(total, retain_graph=True)  # ordinary backprop below the side input
+    # A side input made by block 1 from h_0 (handed on to the blocks above) backpropagates into h_0 as well.
+    late = grad_or_zero(run.inputs[0]) - e0
     if run.stack_input.requires_grad:
-        run.stack_input.backward(delta[0], retain_graph=True)
+        run.stack_input.backward(delta[0] + late, retain_graph=True)
     return done

@@ -388,16 +388,58 @@ def test_parameter_read_behind_the_layers_back_raises():
     assert "argument" in str(info.value)
 
 
-def test_a_tensor_computed_by_an_earlier_layer_raises():
-    """T5 passes layer 0's position bias (computed from layer 0's parameters) to the other layers."""
-    from transformers import T5Config, T5ForConditionalGeneration
+class HandingOnBlock(nn.Module):
+    """Returns, next to its output, a tensor that the next layers read: from its parameters only (as T5's position
+    bias) or from its hidden state too."""
 
-    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, decoder_start_token_id=0)
-    model = T5ForConditionalGeneration(config).train()
-    hf_hwbp.patch_model(model, k=1)
-    ids = torch.randint(1, 64, (2, 6))
-    with pytest.raises(RuntimeError, match="position_bias") as info:
-        model(input_ids=ids, labels=ids)
+    def __init__(self, width: int, from_hidden: bool):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.bias = nn.Parameter(torch.rand(width))
+        self.from_hidden = from_hidden
+
+    def forward(self, h, carried=None):
+        if carried is None:
+            carried = self.bias.tanh() * (h.tanh() if self.from_hidden else 1)
+        return h + torch.tanh(self.linear(h)) * carried, carried
+
+
+class HandingOnModel(nn.Module):
+    def __init__(self, from_hidden: bool, width: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(3, width)
+        self.layers = nn.ModuleList([HandingOnBlock(width, from_hidden) for _ in range(L)])
+        self.head = nn.Linear(width, 1)
+
+    def forward(self, x, first: int = 0):
+        h, carried = self.embed(x), None
+        for i, layer in enumerate(self.layers):
+            h, new = layer(h, carried)
+            carried = new if i >= first else None
+        return self.head(h).pow(2).sum()
+
+
+@pytest.mark.parametrize("from_hidden", [False, True], ids=["from-parameters", "from-h0"])
+def test_a_tensor_handed_on_by_an_earlier_layer(from_hidden):
+    """Made by the first layer from its parameters (T5's position bias, in the zoo) or from h_0 too: routed as a side
+    input of the layers above, then into the first layer. Made from the hidden state of a layer above the first:
+    raises, before any forward finishes."""
+    model = HandingOnModel(from_hidden=from_hidden).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    exact = grads_of(model, lambda m: m(x))
+    hf_hwbp.patch_model(model, k=1, layers=model.layers)
+    with hf_hwbp.exact_backprop(model):
+        expected = reference_highway_grads(model, model.layers, lambda m: m(x), 1)
+    assert_close(grads_of(model, lambda m: m(x)), expected, 1e-10)
+    hf_hwbp.set_highway_k(model, L)
+    assert_close(grads_of(model, lambda m: m(x)), exact, 1e-10)
+    if not from_hidden:
+        return
+    model = HandingOnModel(from_hidden=True).double()
+    hf_hwbp.patch_model(model, k=1, layers=model.layers)
+    with pytest.raises(RuntimeError, match="depends on that layer's hidden state") as info:
+        model(x, first=1)  # layer 1 makes it from its hidden state, layer 2 reads it
     assert "unpatch_model" in str(info.value)
 
 
