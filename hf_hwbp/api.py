@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import nn
 from transformers.utils import logging
@@ -29,7 +29,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def patch_model(model: nn.Module, k: int = 2, *, layers=None, **options) -> nn.Module:
+def patch_model(
+    model: nn.Module, k: int = 2, *, layers: nn.Module | Sequence[nn.Module] | None = None, **options
+) -> nn.Module:
     """Replace the backward pass of ``model``'s residual stack(s) with Highway-BP(k), in place.
 
     Args:

@@ -27,6 +27,7 @@ and, only while a stack's forward runs, that forward's bookkeeping; it deep-copi
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 
@@ -228,9 +229,10 @@ class HighwayPatch:
         record = fwd.record
         if record is None:
             return self._maybe_start(s, i, fwd, hidden, args, kwargs)
-        args, kwargs = routing.swap_tensors(
-            args, kwargs, functools.partial(self._known_leaf, fwd, i, module), deep=False
-        )
+        if routing.has_grad_inputs(args, kwargs):
+            args, kwargs = routing.swap_tensors(
+                args, kwargs, functools.partial(self._known_leaf, fwd, i, module), deep=False
+            )
         if self._block_start(record, i):
             if hidden is not fwd.last_exit:
                 raise RuntimeError(
@@ -269,7 +271,7 @@ class HighwayPatch:
         record = _StackRecord(
             patch=self,
             stack=stack,
-            config=self.config.updated(),
+            config=copy.copy(self.config),
             first_layer=i,
             num_blocks=num_blocks,
             flag=flag,
@@ -282,7 +284,8 @@ class HighwayPatch:
         fwd.token = _StackEntry.apply(record, hidden, *params, *originals)
         fwd.record = record
         self.recorded_forwards += 1
-        args, kwargs = routing.swap_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
+        if originals:
+            args, kwargs = routing.swap_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
         x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
         record.inputs.append(x0)
         fwd.block_starts.append(torch._C._autograd._get_sequence_nr())

@@ -68,6 +68,25 @@ def argument_name(module: nn.Module, name: str) -> str:
         return name
 
 
+def has_grad_inputs(args: tuple, kwargs: dict) -> bool:
+    """Whether a layer receives, besides its hidden state, a tensor that requires grad (directly, or in tuples,
+    lists and dicts: what ``swap_tensors`` visits without ``deep``). The quick test that lets most layers skip it."""
+    values = list(args[1:]) + [v for key, v in kwargs.items() if args or key != "hidden_states"]
+    return any(_any_grad(value, 0) for value in values)
+
+
+def _any_grad(value, depth: int) -> bool:
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if depth >= _MAX_DEPTH:
+        return False
+    if isinstance(value, (tuple, list)):
+        return any(_any_grad(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_any_grad(v, depth + 1) for v in value.values())
+    return False
+
+
 def swap_tensors(args: tuple, kwargs: dict, replace: Replace, *, deep: bool) -> tuple[tuple, dict]:
     """Call ``replace(name, t)`` on every tensor that requires grad among a layer's inputs, except its hidden
     state, and put what it returns in its place. Tuples and the top-level ``args``/``kwargs`` are rebuilt;
