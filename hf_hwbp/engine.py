@@ -215,7 +215,8 @@ class RecordedStack:
 
     def squared_change(self, new: list[Tensor], old: list[Tensor]) -> tuple[Tensor, Tensor]:
         stats = torch.zeros(2, dtype=torch.float64, device=self.d.device)
-        for fresh, previous in zip(new, old):
+        skip_input = self.first_block == 0 and not self.need_input_grad  # delta_0 is not computed: leave it out
+        for fresh, previous in zip(new[1:] if skip_input else new, old[1:] if skip_input else old):
             stats[0] += (fresh - previous).double().pow(2).sum()
             stats[1] += fresh.double().pow(2).sum()
         stats = self.scan_along.all_reduce(stats)

@@ -191,7 +191,7 @@ def test_clm_train_file_and_lora(tmp_path):
         (["--train_file", "no/such/file.txt"], "does not exist"),
         (["--train_file", "data.parquet"], "csv, a json or a txt"),
         (["--model_type", "gpt-42"], "Unknown --model_type 'gpt-42'"),
-        (["--model_type", "opt"], "no adapter for model_type='opt'"),
+        (["--model_type", "bloom"], "no adapter for model_type='bloom'"),
         (["--hwbp_k", "-1"], "hwbp_k must be >= 0"),
         (["--model_name_or_path", "some/model", "--config_overrides", "n_layer=2"], "--config_overrides can't"),
         (["--validation_split_percentage", "0"], "validation_split_percentage"),
@@ -263,7 +263,7 @@ def test_image_folders_are_shuffled_before_selecting(tmp_path, monkeypatch):
     [
         (["--train_dir", "no/such/folder"], "is not a folder"),
         (["--model_type", "vitt"], "Unknown --model_type 'vitt'"),
-        (["--model_type", "resnet"], "no adapter for model_type='resnet'"),
+        (["--model_type", "convnext"], "no adapter for model_type='convnext'"),
         (["--hwbp_k", "-3"], "hwbp_k must be >= 0"),
         (["--config_overrides", "image_size=10,patch_size=4"], "not a multiple of patch_size"),
         (["--use_lora", "--lora_target_modules", "q_proj", "nope"], r"\[.nope.\] match no module"),

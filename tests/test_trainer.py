@@ -22,11 +22,11 @@ from trainer_helpers import (
 )
 from transformers import (
     HfArgumentParser,
+    TrainerCallback,
     TrainingArguments,
 )
 
 from hf_hwbp import highway_state, is_patched, patch_model
-from hf_hwbp.patching import HighwayPatch
 from hf_hwbp.schedules import (
     SCHEDULE_NAMES,
     CallableSchedule,
@@ -313,22 +313,26 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
             assert rel_err(checkpointed[step][name], g) < 1e-12, (step, name)
 
 
-def test_evaluation_runs_without_highway(tmp_path, monkeypatch):
-    starts = []
-    original = HighwayPatch._start_record
-    monkeypatch.setattr(HighwayPatch, "_start_record", lambda self, h0: (starts.append(1), original(self, h0))[1])
+def test_evaluation_runs_without_highway(tmp_path):
     model = tiny_gpt2()
     args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
     data = repetitive_data()
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+    recorded_at_eval = []
+
+    class RecordedForwards(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            recorded_at_eval.append(highway_state(model).recorded_forwards if is_patched(model) else None)
+
+    trainer = HighwayTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[RecordedForwards()]
+    )
     trainer.train()
     assert len([e for e in trainer.state.log_history if "eval_loss" in e]) == 2
-    assert len(starts) == 4  # one Highway record per training micro-batch, none for the evaluations
+    assert recorded_at_eval == [2, 4]  # one Highway record per training micro-batch, none for the evaluations
 
-    starts.clear()
     assert not is_patched(model)  # unpatched at the end of training
     metrics = trainer.evaluate()
-    assert starts == []
+    assert recorded_at_eval == [2, 4, None]
     plain = copy.deepcopy(model)
     plain.eval()
     ids = torch.tensor([row["input_ids"] for row in data[:8]])
