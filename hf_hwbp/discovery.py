@@ -10,10 +10,10 @@ first layer changes the shape) are listed in the ``model_patches`` registry.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -28,10 +28,13 @@ class Stack:
     Attributes:
         path: where it lives in the model, for messages and ``highway_state(model).stacks``.
         layers: the layers, bottom to top.
+        residual_gate: for layers ``act(h + g(h))``, the diagonal of their residual path from a layer's output
+            (``a_j = act'(...)`` held fixed, e.g. ``1[output > 0]`` for ReLU); None for ``h + g(h)``.
     """
 
     path: str
     layers: tuple[nn.Module, ...]
+    residual_gate: Callable[[Tensor], Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -45,12 +48,13 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
     Raises ValueError when there is none, naming ``layers=`` for stacks that discovery cannot see.
     """
-    from model_patches import STACK_FINDERS
+    from model_patches import RESIDUAL_GATES, STACK_FINDERS
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     finder = STACK_FINDERS.get(model_type)
     if finder is not None:
-        stacks = [Stack(path, tuple(layers)) for path, layers in finder(model)]
+        gate = RESIDUAL_GATES[model_type](model) if model_type in RESIDUAL_GATES else None
+        stacks = [Stack(path, tuple(layers), gate) for path, layers in finder(model)]
     else:
         stacks = _discover(model)
     if not stacks:

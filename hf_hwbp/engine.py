@@ -138,6 +138,31 @@ class ResidualScan:
         return stats
 
 
+class GatedResidualScan(ResidualScan):
+    """Accumulation along gated residual paths R_j = diag(a_j) on one process: a reverse linear scan.
+
+    ``gates[i]`` is a_j of local block i (the block that reads state i); delta_i = inflow[i] + a_j * delta_{i+1}.
+    Used for blocks ``act(h + g(h))`` whose activation's derivative, held fixed, is the residual path (the HF
+    ResNet's ReLU: a_j = 1 where the block's output is positive).
+    """
+
+    def __init__(self, gates: Sequence[Tensor]):
+        self.gates = list(gates)
+
+    def __call__(self, top: Tensor, inflow: list[Tensor | None]) -> list[Tensor]:
+        if len(self.gates) != len(inflow):
+            raise ValueError(f"Got {len(self.gates)} residual gates for {len(inflow)} blocks.")
+        out: list[Tensor] = [top] * (len(inflow) + 1)
+        running = top
+        for i in range(len(inflow) - 1, -1, -1):
+            running = self.gates[i] * running
+            if inflow[i] is not None:
+                running = running + inflow[i]
+                inflow[i] = None
+            out[i] = running
+        return out
+
+
 class RecordedStack:
     """Blocks recorded as local autograd graphs: block j wrote ``outputs[j-1]`` from the leaf ``inputs[j-1]``.
 
@@ -152,6 +177,8 @@ class RecordedStack:
         extra_grads: ``extra_grads[i]`` is e at the input state of local block i (i = 0 is h_0 for the whole
             stack); None entries for none.
         scan: the accumulation along the residual path.
+        residual_gates: a_j for each local block when its residual path is diag(a_j) rather than the identity
+            (gated blocks: J_j^T v is then the input-VJP minus a_j * v, and the scan is a linear scan).
         need_input_grad: whether delta_0 at the bottom is wanted (if not, block 1's VJP is skipped: it feeds
             delta_0 only).
         first_block: the global index of the state below local block 0 (0 for a whole stack).
@@ -166,12 +193,18 @@ class RecordedStack:
         extra_grads: Sequence[Tensor | None] | None = None,
         *,
         scan: ResidualScan | None = None,
+        residual_gates: Sequence[Tensor] | None = None,
         need_input_grad: bool = True,
         first_block: int = 0,
         num_blocks: int | None = None,
     ):
         if len(inputs) != len(outputs):
             raise ValueError(f"Got {len(inputs)} block inputs for {len(outputs)} block outputs.")
+        if residual_gates is not None:
+            if scan is not None:
+                raise ValueError("residual_gates come with their own scan (a linear scan); do not pass scan= too.")
+            scan = GatedResidualScan(residual_gates)
+        self.gates = list(residual_gates) if residual_gates is not None else None
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.d = d
@@ -185,9 +218,9 @@ class RecordedStack:
         self._reused: dict[int, Tensor] = {}  # local block index -> its last VJP, for blocks whose delta is final
 
     def input_vjp(self, local_index: int, grad: Tensor) -> Tensor:
-        """J^T grad of one local block: its full input-VJP minus the identity path."""
+        """J^T grad of one local block: its full input-VJP minus the residual path (identity, or its gate)."""
         (full,) = torch.autograd.grad(self.outputs[local_index], self.inputs[local_index], grad, retain_graph=True)
-        return full - grad
+        return full - (grad if self.gates is None else self.gates[local_index] * grad)
 
     def inflow(self, delta: list[Tensor], fresh_until: int, release: bool) -> list[Tensor | None]:
         local = len(self.outputs)
@@ -238,13 +271,17 @@ def highway_iterations(
     k: int,
     tol: float | None = None,
     need_input_grad: bool = True,
+    residual_gates: Sequence[Tensor] | None = None,
 ) -> tuple[list[Tensor], int]:
     """Run k Highway iterations over recorded blocks; return [delta^(k)_0, ..., delta^(k)_L] and the iterations run.
 
     ``extra_grads[i]`` (i = 0..L-1) is e_i, a gradient reaching the state h_i from outside the stack (None for
-    none). The local graphs are retained: the parameter step still needs them.
+    none); ``residual_gates[j-1]`` is a_j for gated residual paths (None: identity). The local graphs are
+    retained: the parameter step still needs them.
     """
-    stack = RecordedStack(inputs, outputs, d, extra_grads, need_input_grad=need_input_grad)
+    stack = RecordedStack(
+        inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
+    )
     return run_recursion(stack, k, tol)
 
 
@@ -259,13 +296,17 @@ def highway_backward(
     tol: float | None = None,
     need_input_grad: bool = True,
     keep_block_grads: bool = False,
+    residual_gates: Sequence[Tensor] | None = None,
 ) -> HighwayResult:
     """Highway-BP(k): k iterations, then one parameter VJP of every block with its delta^(k)_j.
 
     ``params`` are the blocks' trainable parameters (each once). The parameter step is a single autograd
-    call over all blocks, which frees each local graph as it goes, as ordinary backprop does.
+    call over all blocks, which frees each local graph as it goes, as ordinary backprop does. ``residual_gates``
+    as in ``highway_iterations``.
     """
-    stack = RecordedStack(inputs, outputs, d, extra_grads, need_input_grad=need_input_grad)
+    stack = RecordedStack(
+        inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
+    )
     delta, iterations = run_recursion(stack, k, tol)
     return HighwayResult(
         input_grad=delta[0] if need_input_grad else None,

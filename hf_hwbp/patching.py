@@ -375,6 +375,11 @@ class HighwayPatch:
 
     # ----- checks -----------------------------------------------------------------------------------------------
     def _check_forward(self, stack: Stack) -> None:
+        if stack.residual_gate is not None and self.config.group_size > 1:
+            raise ValueError(
+                f"Highway-BP: the layers of {stack.path} have a gated residual path (act(h + g(h))), which is defined "
+                "per layer: group_size must be 1 for this model (set_highway_config(model, group_size=1))."
+            )
         for layer in stack.layers:
             kwargs = _checkpoint_kwargs(layer)
             if kwargs is not None and kwargs.get("use_reentrant") is not False:

@@ -188,6 +188,8 @@ def run_backward(record: _StackRecord) -> tuple:
     extra: list[Tensor | None] = [None] + [record.output_grads.get(j) for j in range(last)]
     direct: tuple[Tensor | None, ...] = (None,) * len(wrt)
     config = record.config
+    gate = stack.residual_gate
+    gates = [gate(output.detach()) for output in record.outputs] if gate is not None else None
     record.flag.active = True
     try:
         if record.side_grads:
@@ -204,6 +206,7 @@ def run_backward(record: _StackRecord) -> tuple:
                 k=config.k,
                 tol=config.tol,
                 need_input_grad=record.input_requires_grad,
+                residual_gates=gates,
                 keep_block_grads=True,
             )
             carried = [leaf for _, leaf in record.carried]
@@ -228,6 +231,7 @@ def run_backward(record: _StackRecord) -> tuple:
                 k=config.k,
                 tol=config.tol,
                 need_input_grad=record.input_requires_grad,
+                residual_gates=gates,
                 keep_block_grads=record.patch.keep_block_grads,
             )
             grads = result.param_grads

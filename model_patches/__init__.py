@@ -2,19 +2,23 @@
 
 Most transformers models need nothing here: their residual stack is found from their structure. An entry is a
 function ``model -> [(path, layers), ...]`` returning the stacks in the order the forward runs them.
+``RESIDUAL_GATES`` names the models whose layers are ``act(h + g(h))`` rather than ``h + g(h)``: a function
+``model -> gate`` gives the diagonal of the residual path from a layer's output (docs/algorithm.md, residual
+paths that are not the identity), or raises for an activation it cannot express that way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
-from .resnet import resnet_stacks
+from .resnet import resnet_residual_gate, resnet_stacks
 
 StackFinder = Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
 
 STACK_FINDERS: dict[str, StackFinder] = {"resnet": resnet_stacks}
+RESIDUAL_GATES: dict[str, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {"resnet": resnet_residual_gate}
 
 
 # The model types of the zoo in tests/test_zoo.py (exact at k >= L and equal to the independent reference below),
@@ -31,4 +35,4 @@ def supported_model_types() -> list[str]:
     return sorted(TESTED_MODEL_TYPES)
 
 
-__all__ = ["STACK_FINDERS", "TESTED_MODEL_TYPES", "StackFinder", "supported_model_types"]
+__all__ = ["RESIDUAL_GATES", "STACK_FINDERS", "TESTED_MODEL_TYPES", "StackFinder", "supported_model_types"]

@@ -8,9 +8,11 @@ intermediate states (from losses on hidden states, and from side outputs such as
 logits, whose gradient ordinary autograd carries through the block's graph into its input leaf, its parameters
 and its side-input leaves: exactly the definition's e_{j-1} += (ds_j/dh_{j-1})^T g and its direct parameter
 term), and the gradients of everything outside the stacks. The recursion is then evaluated literally, with a
-sum over j > i for every i (O(L^2) VJPs), one stack run at a time from the last one the forward(s) ran to the
-first: each run's stack input and side inputs are backpropagated ordinarily into what lies below them, which
-may be an earlier stack's output (ResNet stages, an encoder under a decoder's cross-attention).
+sum over m >= i of what enters at every state h_m, carried down the residual path (the identity, or the fixed
+gates of act(h + g(h)) layers), for every i (O(L^2) VJPs), one stack run at a time from the last one the
+forward(s) ran to the first: each run's stack input and side inputs are backpropagated ordinarily into what
+lies below them, which may be an earlier stack's output (ResNet stages, an encoder under a decoder's
+cross-attention).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class _Run:
         self.outputs: list[torch.Tensor] = []  # block outputs, in their local graphs
         self.exposed: list[torch.Tensor] = []  # leaves the rest of the model reads as the block outputs
         self.side: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, original, leaf)
+        self.gates: list[torch.Tensor | None] = []  # a_j of each block's residual path (None: the identity)
 
 
 def _replace_grad_tensors(value, make_leaf, depth=0, seen=None):
@@ -65,6 +68,7 @@ def reference_highway_grads(
     group_size: int = 1,
     stop: Callable[[list[torch.Tensor], list[torch.Tensor]], bool] | None = None,
     iterations: list[int] | None = None,
+    residual_gate: Callable[[nn.Module], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gradients of every trainable parameter of ``model`` under Highway-BP(k), by name.
 
@@ -75,7 +79,11 @@ def reference_highway_grads(
         stop: optional adaptive stop, called after each iteration with (delta^(n), delta^(n+1)) of one stack
             run (lists over i = 0..L); True ends that run's iterations.
         iterations: if given, receives the number of iterations each stack run did (in the order they ran).
+        residual_gate: for layers act(h + g(h)): called with a layer just after its forward, returns a_j, the
+            diagonal of its residual path (the definition's R_j = diag(a_j)); group_size must then be 1.
     """
+    if residual_gate is not None and group_size != 1:
+        raise ValueError("The reference defines gated residual paths per layer: group_size must be 1.")
     stacks = [layers] if isinstance(layers[0], nn.Module) else list(layers)
     runs: list[_Run] = []
     current: dict[int, _Run] = {}
@@ -112,6 +120,7 @@ def reference_highway_grads(
             run = current[s]
             hidden = output[0] if isinstance(output, tuple) else output
             run.outputs.append(hidden)
+            run.gates.append(residual_gate(module) if residual_gate is not None else None)
             leaf = hidden.detach().requires_grad_(True)
             run.exposed.append(leaf)
             return (leaf,) + tuple(output[1:]) if isinstance(output, tuple) else leaf
@@ -156,19 +165,31 @@ def _backward_run(run: _Run, k: int, group_size: int, stop) -> int:
     e = [grad_or_zero(run.inputs[0])] + [
         grad_or_zero(run.exposed[j - 1]) + grad_or_zero(run.inputs[j]) for j in range(1, num_blocks)
     ]
-    base = [d + sum(e[i:], zeros) for i in range(num_blocks)] + [d]
+    gates = [None] + run.gates  # gates[j]: a_j of block j (None: the identity residual path)
 
-    def j_transpose(j: int, v: torch.Tensor) -> torch.Tensor:  # J_j^T v = (df_j/dh)^T v - v
+    def along_residual(i: int, m: int, v: torch.Tensor) -> torch.Tensor:  # R_{i+1}^T ... R_m^T v: h_m down to h_i
+        for j in range(i + 1, m + 1):
+            if gates[j] is not None:
+                v = gates[j] * v
+        return v
+
+    def j_transpose(j: int, v: torch.Tensor) -> torch.Tensor:  # J_j^T v = (df_j/dh)^T v - R_j^T v
         (full,) = torch.autograd.grad(run.outputs[j - 1], run.inputs[j - 1], v, retain_graph=True)
-        return full - v
+        return full - (v if gates[j] is None else gates[j] * v)
 
-    delta = list(base)
+    def deltas(crossed: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """delta_i = sum over m >= i of (what enters at h_m) carried down the residual path from h_m to h_i."""
+        entering = [e[m] + (crossed[m + 1] if crossed is not None else zeros) for m in range(num_blocks)] + [d]
+        return [
+            sum((along_residual(i, m, entering[m]) for m in range(i, num_blocks + 1)), zeros)
+            for i in range(num_blocks + 1)
+        ]
+
+    delta = deltas(None)
     done = 0
     for _ in range(min(k, num_blocks)):
-        new = [
-            base[i] + sum((j_transpose(j, delta[j]) for j in range(i + 1, num_blocks + 1)), zeros)
-            for i in range(num_blocks)
-        ] + [base[num_blocks]]
+        crossed = [None] + [j_transpose(j, delta[j]) for j in range(1, num_blocks + 1)]
+        new = deltas(crossed)
         delta, previous = new, delta
         done += 1
         if stop is not None and stop(previous, delta):

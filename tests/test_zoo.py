@@ -4,6 +4,7 @@ reference of tests/reference.py. Dropout stays at each config's default (same se
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -51,6 +52,30 @@ def max_relative_error(actual: dict, expected: dict) -> float:
     )
 
 
+@contextlib.contextmanager
+def pre_activation_gates(layers):
+    """ResNet layers are relu(h + g(h)): their residual path is diag(relu'(h + g(h))). The reference gets it from
+    each layer's pre-activation, read by a hook on the layer's activation (not from its output, as the patch does)."""
+    before_activation = {}
+    handles = [
+        layer.activation.register_forward_pre_hook(
+            lambda module, args, layer=layer: before_activation.__setitem__(layer, args[0].detach().clone())
+        )
+        for layer in layers
+    ]
+    try:
+        yield lambda layer: (before_activation[layer] > 0).to(before_activation[layer].dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_gates(entry, state):
+    if entry.task != "resnet":
+        return contextlib.nullcontext(None)
+    return pre_activation_gates([layer for stack in state.stacks for layer in stack.layers])
+
+
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_zoo_exact_at_L_and_reference_below(name):
     entry = ZOO[name]
@@ -63,8 +88,10 @@ def test_zoo_exact_at_L_and_reference_below(name):
     assert max_relative_error(grads_of(model, batch), exact) <= rtol
     assert hf_hwbp.last_highway_iterations(model) == ZOO_LAYERS
     for k in (1, 2):
-        with hf_hwbp.exact_backprop(model):  # the reference runs on the model's own backward
-            expected = reference_highway_grads(model, [s.layers for s in state.stacks], lambda m: loss_of(m, batch), k)
+        with hf_hwbp.exact_backprop(model), reference_gates(entry, state) as gate:  # the model's own backward
+            expected = reference_highway_grads(
+                model, [s.layers for s in state.stacks], lambda m: loss_of(m, batch), k, residual_gate=gate
+            )
         hf_hwbp.set_highway_k(model, k)
         assert max_relative_error(grads_of(model, batch), expected) <= rtol
         assert hf_hwbp.last_highway_iterations(model) == k
@@ -113,6 +140,30 @@ def test_resnet_stages_leave_the_shape_changing_layer_outside():
     paths = [s.path for s in hf_hwbp.highway_state(model).stacks]
     assert paths == ["resnet.encoder.stages.0.layers", "resnet.encoder.stages.1.layers[1:]"]
     assert hf_hwbp.highway_state(model).stacks[1].layers == tuple(stages[1].layers[1:])
+
+
+def test_resnet_highway_follows_the_relu_gated_residual_path():
+    """relu(h + g(h)): below k = L the gradient travels the ReLU-masked residual path, not the identity."""
+    entry = ZOO["resnet"]
+    model, batch = entry.build(), entry.batch()
+    hf_hwbp.patch_model(model, k=1)
+    state = hf_hwbp.highway_state(model)
+    stacks = [s.layers for s in state.stacks]
+    with hf_hwbp.exact_backprop(model):
+        identity_path = reference_highway_grads(model, stacks, lambda m: loss_of(m, batch), 1)
+        with reference_gates(entry, state) as gate:
+            gated_path = reference_highway_grads(model, stacks, lambda m: loss_of(m, batch), 1, residual_gate=gate)
+    assert max_relative_error(identity_path, gated_path) > 1e-3  # the two readings really differ here
+    assert max_relative_error(grads_of(model, batch), gated_path) <= RTOL[torch.float64]
+    with pytest.raises(ValueError, match="group_size must be 1"):
+        hf_hwbp.set_highway_config(model, group_size=2)
+        grads_of(model, batch)
+
+
+def test_resnet_with_another_activation_is_refused():
+    model = ZOO["resnet"].build(hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu'.*layers="):
+        hf_hwbp.patch_model(model, k=1)
 
 
 def test_model_without_a_residual_stack_raises_and_shows_layers():
