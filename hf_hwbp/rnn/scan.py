@@ -63,10 +63,14 @@ class ReverseLinearScan:
             torch.mul(a[:, p], products[:, p + 1], out=products[:, p])
         return products
 
-    def __call__(self, top: Tensor, inflow: Tensor | None) -> Tensor:
-        """[delta_0, ..., delta_T] as one [T + 1, *state] tensor; ``inflow`` [T, *state] (None: zero inflow)."""
+    def __call__(self, top: Tensor, inflow: Tensor | None, out: Tensor | None = None) -> Tensor:
+        """[delta_0, ..., delta_T] as one [T + 1, *state] tensor; ``inflow`` [T, *state] (None: zero inflow).
+
+        ``out`` (optional, contiguous [T + 1, *state], not ``inflow``) receives the result.
+        """
         num_steps, a = self.num_steps, self.coefficients
-        out = torch.empty((num_steps + 1, *top.shape), dtype=top.dtype, device=top.device)
+        if out is None:
+            out = torch.empty((num_steps + 1, *top.shape), dtype=top.dtype, device=top.device)
         out[num_steps] = top
         if inflow is None:
             inflow = torch.zeros_like(a)

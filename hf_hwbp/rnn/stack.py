@@ -40,6 +40,7 @@ class TimeStack:
         self.extra = extra
         self.num_blocks = scan.num_steps
         self._inflow: Tensor | None = None  # kept between calls: entries of blocks whose delta is final are reused
+        self._spare: Tensor | None = None  # a released delta: the next scan writes into it
 
     def inflow(self, delta: Tensor, fresh_until: int, release: bool) -> Tensor:
         """e_i + J_{i+1}^T delta_{i+1}; blocks above ``fresh_until`` keep the previous call's entries."""
@@ -50,10 +51,13 @@ class TimeStack:
         fresh = self._inflow[:fresh_until]
         extra = None if self.extra is None else self.extra[:fresh_until]
         self.steps.hidden_vjp(delta[1 : fresh_until + 1], extra, out=fresh)
+        if release:
+            self._spare = delta
         return self._inflow
 
     def scan(self, inflow: Tensor | None) -> Tensor:
-        return self.scan_along(self.top, self.extra if inflow is None else inflow)
+        out, self._spare = self._spare, None
+        return self.scan_along(self.top, self.extra if inflow is None else inflow, out=out)
 
     def squared_change(self, new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
         return (new - old).double().pow(2).sum(), new.double().pow(2).sum()
