@@ -15,7 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..engine import run_recursion
-from .gru_cell import GRUStepDerivatives
+from .gru_cell import GRUStepDerivatives, PreviousStates
 from .scan import ReverseLinearScan
 from .stack import TimeStack
 
@@ -49,16 +49,17 @@ class HighwayGRULayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_outputs, grad_last):
         x, h0, outputs, w_ih, w_hh, b_ih, b_hh = ctx.saved_tensors
+        grad_outputs = grad_outputs.contiguous()  # time-major rows (a batch-first loss sends a transposed one)
         settings: HighwaySettings = ctx.settings
-        h_prev = torch.cat([h0.unsqueeze(0), outputs[:-1]])
-        steps = GRUStepDerivatives.recompute(x, h_prev, w_ih, w_hh, b_ih, b_hh)
-        # e_i = the gradient of output i (the state h_i), i = 1..T-1; output T's joins the final-state gradient.
-        extra = torch.cat([torch.zeros_like(grad_outputs[:1]), grad_outputs[:-1]])
+        previous = PreviousStates(h0, outputs)
+        steps = GRUStepDerivatives.recompute(x, previous, w_ih, w_hh, b_ih, b_hh)
+        # The gradient of output t reaches the state h_t (an intermediate loss); the last output's joins h_T's.
         top = grad_outputs[-1] + grad_last
-        stack = TimeStack(steps, ReverseLinearScan(steps.update_gate, settings.chunk), top, extra)
+        stack = TimeStack(steps, ReverseLinearScan(steps.update_gate, settings.chunk), top, grad_outputs)
         delta, settings.iterations[ctx.index] = run_recursion(stack, settings.k, settings.tol)
+        del stack
         grad_x, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh = steps.parameter_and_input_grads(
-            delta[1:], x, h_prev, w_ih, need_input=ctx.needs_input_grad[0], need_bias=b_ih is not None
+            delta[1:], x, previous, w_ih, need_input=ctx.needs_input_grad[0], need_bias=b_ih is not None
         )
         grad_h0 = delta[0] if ctx.needs_input_grad[1] else None
         return grad_x, grad_h0, None, None, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh

@@ -7,12 +7,12 @@ is the linear recurrence
     delta_T = top,    delta_i = c_i + a_{i+1} (.) delta_{i+1},    i = T-1 .. 0.
 
 A Python loop over T would walk T tiny steps one after another, which is exactly what Highway-BP wants to avoid.
-``ReverseLinearScan`` cuts the T states into M chunks of C steps. Inside a chunk it scans from a zero carry, with
-one Python step per position but all M chunks at once; the carries between chunks are one step per chunk on a
-[B, H] tensor; one vectorized multiply-add then adds each chunk's carry, weighted by the product of the
-coefficients above it. That is about C + M ~ 2 sqrt(T) small steps plus two passes over the data, and no
-log/exp of gates (a gate can be ~0). The chunk products depend only on the coefficients, which stay fixed through
-all Highway iterations, so they are computed once and reused by every scan.
+``ReverseLinearScan`` cuts the T states into M chunks of C steps and works on all M chunks at once: a first sweep
+down the C positions of every chunk finds what the chunk's own inflow adds at its bottom; the carries between
+chunks then take one step per chunk on a [B, H] tensor; a second sweep down the chunks, now starting from their
+carries, writes the deltas. That is about 2C + M ~ 3 sqrt(T) small steps and two passes over the data, no
+full-size temporary, and no log/exp of gates (a gate can be ~0). The product of the coefficients over each chunk
+depends only on the (fixed) gates, so it is computed once and reused by every scan of the backward.
 """
 
 from __future__ import annotations
@@ -48,20 +48,19 @@ class ReverseLinearScan:
         self.num_chunks = num_steps // self.chunk
         # States [0, rest) are scanned one by one after the chunks; the chunks cover [rest, T).
         self.rest = num_steps - self.num_chunks * self.chunk
-        self._products = self._chunk_products() if self.num_chunks > 0 else None
+        self._through = self._chunk_products() if self.num_chunks > 0 else None
 
     def _chunked(self, tensor: Tensor) -> Tensor:
         """[T, *state] -> [M, C, *state] over the chunked part [rest, T)."""
         return tensor[self.rest :].view(self.num_chunks, self.chunk, *tensor.shape[1:])
 
     def _chunk_products(self) -> Tensor:
-        """products[m, p] = a at positions p..C-1 of chunk m, multiplied: how the carry above the chunk reaches p."""
+        """[M, *state]: the product of a over each chunk, i.e. how the carry above a chunk reaches its bottom."""
         a = self._chunked(self.coefficients)
-        products = torch.empty_like(a)
-        products[:, -1] = a[:, -1]
+        through = a[:, -1].clone()
         for p in range(self.chunk - 2, -1, -1):
-            torch.mul(a[:, p], products[:, p + 1], out=products[:, p])
-        return products
+            through.mul_(a[:, p])
+        return through
 
     def __call__(self, top: Tensor, inflow: Tensor | None, out: Tensor | None = None) -> Tensor:
         """[delta_0, ..., delta_T] as one [T + 1, *state] tensor; ``inflow`` [T, *state] (None: zero inflow).
@@ -82,16 +81,17 @@ class ReverseLinearScan:
 
     def _scan_chunks(self, top: Tensor, inflow: Tensor, out: Tensor) -> None:
         a, c = self._chunked(self.coefficients), self._chunked(inflow)
-        local = self._chunked(out[:-1])  # a view: the chunks are scanned in place
-        # 1. inside every chunk at once, from a zero carry
-        local[:, -1] = c[:, -1]
+        # 1. what each chunk adds at its bottom from its own inflow (all chunks at once, nothing stored)
+        from_inside = c[:, -1].clone()
         for p in range(self.chunk - 2, -1, -1):
-            torch.addcmul(c[:, p], a[:, p], local[:, p + 1], out=local[:, p])
-        # 2. the carries: carry[m] is delta at the top of chunk m (the first state of chunk m + 1)
-        products = self._products
+            torch.addcmul(c[:, p], a[:, p], from_inside, out=from_inside)
+        # 2. the carries, chunk by chunk from the top: carry[m] is delta at the first state above chunk m
         carry = torch.empty((self.num_chunks, *top.shape), dtype=top.dtype, device=top.device)
         carry[-1] = top
         for m in range(self.num_chunks - 1, 0, -1):
-            torch.addcmul(local[m, 0], products[m, 0], carry[m], out=carry[m - 1])
-        # 3. every state gets its chunk's carry through the coefficients above it
-        local.addcmul_(products, carry.unsqueeze(1))
+            torch.addcmul(from_inside[m], self._through[m], carry[m], out=carry[m - 1])
+        # 3. every chunk again, now from its carry, writing the deltas (all chunks at once)
+        deltas = self._chunked(out[:-1])
+        torch.addcmul(c[:, -1], a[:, -1], carry, out=deltas[:, -1])
+        for p in range(self.chunk - 2, -1, -1):
+            torch.addcmul(c[:, p], a[:, p], deltas[:, p + 1], out=deltas[:, p])

@@ -17,9 +17,9 @@ from .scan import ReverseLinearScan
 
 
 class StepDerivatives(Protocol):
-    """What the stack needs from a cell: J_t^T applied to all steps at once."""
+    """What the stack needs from a cell: J_t^T applied to a prefix of the steps at once."""
 
-    def hidden_vjp(self, grad: Tensor, extra: Tensor | None = None, out: Tensor | None = None) -> Tensor: ...
+    def hidden_vjp(self, grad: Tensor, out: Tensor | None = None) -> Tensor: ...
 
 
 class TimeStack:
@@ -29,35 +29,43 @@ class TimeStack:
         steps: the cell's local derivatives (``hidden_vjp`` computes J_t^T for a prefix of the steps).
         scan: the reverse linear scan with the forward's gates as coefficients.
         top: delta_T, the gradient at the last state from outside (final-state loss plus the last output's).
-        extra: [T, *state], ``extra[i]`` = e_i, the gradient reaching h_i from outside (e_0 is zero for a layer
-            whose initial state is read by nothing else); None for none.
+        output_grads: [T, *state], ``output_grads[t - 1]`` is the gradient the loss sends to output t (the state
+            h_t); the last row is not read (it belongs in ``top``). So e_0 = 0 (the initial state is read by
+            nothing else) and e_t = output_grads[t - 1] for t = 1..T-1.
     """
 
-    def __init__(self, steps: StepDerivatives, scan: ReverseLinearScan, top: Tensor, extra: Tensor | None):
+    def __init__(self, steps: StepDerivatives, scan: ReverseLinearScan, top: Tensor, output_grads: Tensor):
         self.steps = steps
         self.scan_along = scan
         self.top = top
-        self.extra = extra
+        self.output_grads = output_grads
         self.num_blocks = scan.num_steps
         self._inflow: Tensor | None = None  # kept between calls: entries of blocks whose delta is final are reused
         self._spare: Tensor | None = None  # a released delta: the next scan writes into it
 
-    def inflow(self, delta: Tensor, fresh_until: int, release: bool) -> Tensor:
-        """e_i + J_{i+1}^T delta_{i+1}; blocks above ``fresh_until`` keep the previous call's entries."""
+    def _inflow_buffer(self) -> Tensor:
         if self._inflow is None:
-            if fresh_until < self.num_blocks:
-                raise RuntimeError("TimeStack.inflow: the first call must compute every block (fresh_until = T).")
-            self._inflow = torch.empty_like(delta[1:])
-        fresh = self._inflow[:fresh_until]
-        extra = None if self.extra is None else self.extra[:fresh_until]
-        self.steps.hidden_vjp(delta[1 : fresh_until + 1], extra, out=fresh)
-        if release:
-            self._spare = delta
+            self._inflow = torch.empty_like(self.output_grads, memory_format=torch.contiguous_format)
         return self._inflow
 
+    def inflow(self, delta: Tensor, fresh_until: int, release: bool) -> Tensor:
+        """e_i + J_{i+1}^T delta_{i+1}; blocks above ``fresh_until`` keep the previous call's entries."""
+        if self._inflow is None and fresh_until < self.num_blocks:
+            raise RuntimeError("TimeStack.inflow: the first call must compute every block (fresh_until = T).")
+        flow = self._inflow_buffer()
+        self.steps.hidden_vjp(delta[1 : fresh_until + 1], out=flow[:fresh_until])
+        flow[1:fresh_until].add_(self.output_grads[: fresh_until - 1])
+        if release:
+            self._spare = delta
+        return flow
+
     def scan(self, inflow: Tensor | None) -> Tensor:
+        if inflow is None:  # delta^(0): the e_i alone
+            inflow = self._inflow_buffer()
+            inflow[0].zero_()
+            inflow[1:] = self.output_grads[:-1]
         out, self._spare = self._spare, None
-        return self.scan_along(self.top, self.extra if inflow is None else inflow, out=out)
+        return self.scan_along(self.top, inflow, out=out)
 
     def squared_change(self, new: Tensor, old: Tensor) -> tuple[Tensor, Tensor]:
         return (new - old).double().pow(2).sum(), new.double().pow(2).sum()
