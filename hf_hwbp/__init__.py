@@ -26,6 +26,7 @@ _LAZY = {
     "SCHEDULE_NAMES": ".schedules",
     "measure_fidelity": ".fidelity",
     "FidelityReport": ".fidelity",
+    "HighwayGRU": ".rnn",
 }
 
 
@@ -46,6 +47,7 @@ __all__ = [
     "check_lora_targets",
     "measure_fidelity",
     "HighwayConfig",
+    "HighwayGRU",
     "HighwayResult",
     "exact_backprop",
     "get_highway_config",

@@ -232,7 +232,7 @@ def reached_at(curve: list[dict], target: float, higher_is_better: bool) -> int 
     return None
 
 
-def summarize(out: Path) -> str:
+def summarize(out: Path) -> dict:
     runs = read_jsonl(out / "runs.jsonl")
     timing = {t["task"]: t for t in read_jsonl(out / "timing.jsonl")}  # the last timing run per task wins
     lines = []
@@ -283,20 +283,21 @@ def summarize(out: Path) -> str:
             )
         lines.append("")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    text = "\n".join(lines)
-    (out / "summary.md").write_text(text + "\n")
-    return text
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Train (or time) what the arguments ask for; return the summary of everything in ``output_dir``."""
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses()
+    (args,) = HfArgumentParser(QualityArguments).parse_args_into_dataclasses(args=argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
-        print(summarize(out))
-        return
+        summary = summarize(out)
+        print((out / "summary.md").read_text())
+        return summary
     set_threads(args.threads)
     for task in args.tasks:
         if task not in TASK_SPECS:
@@ -324,7 +325,9 @@ def main() -> None:
                 record = train_one(task, spec, method, seed, data, args)
                 record["machine"] = machine_note(args.threads)
                 append_jsonl(out / "runs.jsonl", record)
-    print(summarize(out))
+    summary = summarize(out)
+    print((out / "summary.md").read_text())
+    return summary
 
 
 if __name__ == "__main__":
