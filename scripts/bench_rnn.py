@@ -164,39 +164,60 @@ def _status_kib(key: str) -> int:
 
 
 def summarize(out: Path) -> str:
-    rows = read_jsonl(out / "runs.jsonl")
+    """The markdown table of ``runs.jsonl``; a configuration measured again replaces its earlier row."""
+    latest = {(r["T"], r["B"], r["H"], r.get("threads")): r for r in read_jsonl(out / "runs.jsonl") if "median_s" in r}
     lines = [
-        "| T | B | H | method | median step (ms) | ratio to nn.GRU | peak MiB | peak ratio | load (1 min) |",
-        "|---:|---:|---:|---|---:|---:|---:|---:|---|",
+        "| threads | T | B | H | method | median step (ms) | ratio to nn.GRU | peak MiB | peak ratio | load (1 min) |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for row in sorted(rows, key=lambda r: (r["T"], r["B"], r["H"])):
+    for _, row in sorted(latest.items()):
         base = row["median_s"]["nn.GRU"]
         mem = row.get("peak_mib") or {}
         for method, value in row["median_s"].items():
             peak = mem.get(method)
             peak_ratio = f"{peak / mem['nn.GRU']:.2f}x" if peak is not None and mem.get("nn.GRU") else "n/a"
             lines.append(
-                f"| {row['T']} | {row['B']} | {row['H']} | {method} | {value * 1000:.1f} | {value / base:.2f}x | "
+                f"| {row.get('threads')} | {row['T']} | {row['B']} | {row['H']} | {method} | "
+                f"{value * 1000:.1f} | {value / base:.2f}x | "
                 f"{'n/a' if peak is None else f'{peak:.0f}'} | {peak_ratio} | {row['loadavg_before'][0]} |"
             )
-    text = "\n".join(lines)
+    text = "\n".join(lines) + "\n\n" + compact_table(latest.values())
     (out / "summary.md").write_text(text + "\n")
     return text
 
 
-def main() -> None:
+def compact_table(rows) -> str:
+    """One line per configuration: nn.GRU's step time, every method's ratio to it, and k=1's peak-memory ratio."""
+    rows = sorted(rows, key=lambda r: (r.get("threads") or 0, r["T"], r["B"], r["H"]))
+    if not rows:
+        return ""
+    methods = [m for m in rows[0]["median_s"] if m != "nn.GRU"]
+    head = "| threads | T | B | H | nn.GRU (ms) | " + " | ".join(methods) + " | peak memory k=1 / nn.GRU |"
+    lines = [head, "|" + "---:|" * (6 + len(methods))]
+    for row in rows:
+        base = row["median_s"]["nn.GRU"]
+        mem = row.get("peak_mib") or {}
+        peak = f"{mem['k=1'] / mem['nn.GRU']:.2f}x" if mem.get("k=1") and mem.get("nn.GRU") else "n/a"
+        ratios = " | ".join(f"{row['median_s'][m] / base:.2f}x" for m in methods if m in row["median_s"])
+        config = f"| {row.get('threads')} | {row['T']} | {row['B']} | {row['H']}"
+        lines.append(f"{config} | {base * 1000:.0f} | {ratios} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure the grid the arguments ask for; return the records written to ``runs.jsonl``."""
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
+    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
     if args.memory_probe:
         set_threads(args.threads)
         run_memory_probe(args)
-        return
+        return []
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
         print(summarize(out))
-        return
+        return []
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch.")
     set_threads(args.threads)

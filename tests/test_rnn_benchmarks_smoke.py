@@ -47,3 +47,20 @@ def test_bench_rnn_quality_smoke(tmp_path):
     before = (tmp_path / "runs.jsonl").read_text()
     bench.main(["--tasks", "digits", "--methods", "k1", "--max_steps", "4", "--eval_every", "2", "--resume"] + common)
     assert (tmp_path / "runs.jsonl").read_text() == before
+
+
+def test_bench_rnn_smoke(tmp_path):
+    bench = _load("bench_rnn")
+    args = ["--seq_lens", "6", "--batch_sizes", "2", "--hidden_sizes", "4", "--ks", "0", "6", "--rounds", "1"]
+    records = bench.main(args + ["--threads", "1", "--output_dir", str(tmp_path)])
+    (record,) = records
+    assert set(record["median_s"]) == {"nn.GRU", "k=0", "k=6"} and all(v > 0 for v in record["median_s"].values())
+    assert set(record["peak_mib"]) == set(record["median_s"])
+    check = json.loads((tmp_path / "checks.jsonl").read_text())["check"]
+    assert check["torch.float64"] < 1e-12 and check["torch.float32"] < 1e-4  # HighwayGRU(k = T) is exact
+    table = (tmp_path / "summary.md").read_text()
+    assert "| 1 | 6 | 2 | 4 | k=6 |" in table
+    # a configuration measured again replaces its row
+    bench.main(args + ["--threads", "1", "--memory", "false", "--check", "false", "--output_dir", str(tmp_path)])
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "summary.md").read_text().count("| k=6 |") == 1
