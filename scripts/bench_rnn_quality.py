@@ -264,7 +264,12 @@ def summarize(out: Path) -> dict:
             t_method, t_bp = step_s.get(method), step_s.get("backprop")
             ratio = "n/a"
             if t_method and t_bp and reach and all(s is not None for s in reach):
-                bp_steps = [backprop[r["seed"]]["curve"][-1]["step"] for r in rows if r["seed"] in backprop]
+                # backprop's own time: the first evaluation at which it reached its final metric
+                bp_steps = [
+                    reached_at(backprop[r["seed"]]["curve"], backprop[r["seed"]]["final_val"], spec.higher_is_better)
+                    for r in rows
+                    if r["seed"] in backprop
+                ]
                 ratio = f"{statistics.fmean(s * t_method for s in reach) / statistics.fmean(bp_steps) / t_bp:.2f}x"
             elif reach and any(s is None for s in reach):
                 ratio = "not reached" + (" (some seeds)" if any(s is not None for s in reach) else "")
@@ -277,6 +282,11 @@ def summarize(out: Path) -> dict:
             per_seed = ", ".join(f"{v:.2f}" for v in finals)
             step_time = "n/a" if t_method is None else f"{t_method:.4f}"
             gap = f"{statistics.fmean(gaps):+.2f}" if gaps else "n/a"
+            if gaps and not spec.higher_is_better:  # a loss: the relative gap too
+                relative = [
+                    (r["final_val"] / backprop[r["seed"]]["final_val"] - 1) * 100 for r in rows if r["seed"] in backprop
+                ]
+                gap += f" ({statistics.fmean(relative):+.1f} %)"
             lines.append(
                 f"| {method} | {statistics.fmean(finals):.2f} ({per_seed}) | {gap} | "
                 f"{', '.join(str(s) for s in reach)} | {step_time} | {ratio} |"
