@@ -248,21 +248,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         check = {"check": gradient_check(args.device), "tag": args.tag, **note}
         append_jsonl(out / "checks.jsonl", check)
         print("gradient check (relative error at k = T):", json.dumps(check["check"]), flush=True)
+    records = []
     for steps in args.seq_lens:
         for batch in args.batch_sizes:
             for hidden in args.hidden_sizes:
                 load_before = open("/proc/loadavg").read().split()[:3]
                 record = {"T": steps, "B": batch, "H": hidden, "dtype": args.dtype, "tag": args.tag,
                           "rounds": args.rounds, "loadavg_before": load_before, **note}  # fmt: skip
-                record.update(time_config(args, steps, batch, hidden, dtype))
-                record["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
-                if args.memory:
-                    record["peak_mib"] = {m: peak_memory(args, steps, batch, hidden, m) for m in method_names(args.ks)}
+                try:
+                    record.update(time_config(args, steps, batch, hidden, dtype))
+                    record["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+                    if args.memory:
+                        record["peak_mib"] = {
+                            m: peak_memory(args, steps, batch, hidden, m) for m in method_names(args.ks)
+                        }
+                except (RuntimeError, subprocess.CalledProcessError) as error:  # e.g. out of memory: keep the rest
+                    record["error"] = repr(error)
+                    print(f"T={steps} B={batch} H={hidden}: failed: {error!r}", flush=True)
+                    append_jsonl(out / "runs.jsonl", record)
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 append_jsonl(out / "runs.jsonl", record)
+                records.append(record)
                 base = record["median_s"]["nn.GRU"]
                 ratios = ", ".join(f"{m} {v / base:.2f}x" for m, v in record["median_s"].items())
                 print(f"T={steps} B={batch} H={hidden}: nn.GRU {base * 1000:.1f} ms; {ratios}", flush=True)
     print(summarize(out))
+    return records
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ class RecurrentModel(nn.Module):
 
 def build(task: str, spec: TaskSpec, method: str, seed: int, vocab_size: int | None) -> RecurrentModel:
     torch.manual_seed(seed)
-    model = RecurrentModel(task, spec.hidden_size, vocab_size)
+    model = RecurrentModel(task, spec.hidden_size, vocab_size).float()  # whatever the default dtype is
     if method != "backprop":
         model.use_highway(int(method[1:]))
     return model
