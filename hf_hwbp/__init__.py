@@ -37,6 +37,7 @@ _LAZY = {
     "SCHEDULE_NAMES": ".config",
     "measure_fidelity": ".fidelity",
     "FidelityReport": ".fidelity",
+    "HighwayGRU": ".rnn",
 }
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "HighwayArguments",
     "HighwayCallback",
     "HighwayConfig",
+    "HighwayGRU",
     "HighwayResult",
     "HighwayTrainer",
     "HighwayTrainingArguments",
