@@ -240,7 +240,8 @@ class LayerParallelHighway:
         sizes = split_batch(batch_size, self.microbatches)
         graph = StepGraph(graph.num_ranks, graph.placement, graph.deps, order, graph.info)
         if self.method == "backprop":
-            return replay(graph, backprop_task_cost(graph, costs, sizes), message_latency(graph, costs, sizes))
+            cost = backprop_task_cost(graph, costs, sizes, costs.task_overhead)  # this runtime's overhead
+            return replay(graph, cost, message_latency(graph, costs, sizes))
         return replay(graph, *self._cost_model(self._highway_shape(len(sizes)), costs, sizes, graph))
 
     # ----- one step ------------------------------------------------------------------------------------
