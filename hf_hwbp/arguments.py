@@ -22,6 +22,10 @@ e.g. TRL's::
 
 The callback (``HighwayCallback()``, no config) reads the settings from such arguments, so
 ``SFTTrainer(..., args=HighwaySFTConfig(...), callbacks=[HighwayCallback()])`` trains with Highway-BP.
+
+``layer_parallel`` (``--layer_parallel``) switches ``HighwayTrainer`` to layer-parallel training: one pipeline stage
+per process (stages = world size, under ``torchrun`` / ``accelerate launch``), the batch cut into
+``layer_parallel_microbatches`` micro-batches (see ``hf_hwbp.parallel``).
 """
 
 from __future__ import annotations
@@ -111,9 +115,32 @@ class HighwayArguments:
     hwbp_k_max: int | None = _alias("k_max")
     hwbp_exact_last_steps: int | None = _alias("exact_last_steps")
     hwbp_fidelity_steps: int | None = _alias("fidelity_steps")
+    layer_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "Layer-parallel training (HighwayTrainer): one pipeline stage per process, stages = world size "
+            "(launch with `torchrun --nproc_per_node S` or `accelerate launch --num_processes S`); every rank gets "
+            "the same batches and runs its stage's Highway backward at the same time as the others. GPT-2 and "
+            "Llama-family causal LMs, ViT image classification. With use_highway_bp=False: pipeline backprop over "
+            "the same stages."
+        },
+    )
+    layer_parallel_microbatches: int = field(
+        default=1,
+        metadata={"help": "Layer-parallel: micro-batches each batch is cut into (along the batch dimension)."},
+    )
+    layer_parallel_scan: str = field(
+        default="chain",
+        metadata={
+            "help": "Layer-parallel: how the per-stage sums of every Highway iteration reach the stages below "
+            "('chain': one message per stage boundary, overlapping with other micro-batches).",
+            "choices": ["chain"],
+        },
+    )
 
     def __post_init__(self) -> None:
         self._resolve_highway_settings()
+        self._check_layer_parallel_settings()
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:  # the arguments class this is mixed into (TrainingArguments, SFTConfig, ...)
             parent()
@@ -122,6 +149,30 @@ class HighwayArguments:
     def highway_config(self) -> HighwayConfig:
         """The validated Highway settings of these arguments."""
         return HighwayConfig.from_dict(self.hwbp_config)
+
+    def _check_layer_parallel_settings(self) -> None:
+        """Refuse layer-parallel settings that cannot run, before anything is built."""
+        if not isinstance(self.layer_parallel, bool):
+            raise ValueError(f"layer_parallel must be True or False, got {self.layer_parallel!r}.")
+        microbatches = self.layer_parallel_microbatches
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"layer_parallel_microbatches must be an int >= 1, got {microbatches!r}.")
+        if self.layer_parallel_scan != "chain":
+            raise ValueError(f"layer_parallel_scan must be 'chain', got {self.layer_parallel_scan!r}.")
+        if not self.layer_parallel or not self.use_highway_bp:
+            return
+        config = self.highway_config
+        if config.tol is not None and microbatches > 1:
+            raise ValueError(
+                "The adaptive stop (hwbp_tol, or hwbp_k='auto') needs layer_parallel_microbatches=1 in layer-parallel "
+                "training (every micro-batch would stop on its own collective). Use one micro-batch, or an int hwbp_k "
+                "without hwbp_tol."
+            )
+        if config.fidelity_steps:
+            raise ValueError(
+                "hwbp_fidelity_steps is not measured in layer-parallel training (it needs the whole model's exact "
+                "gradient on one process): set hwbp_fidelity_steps=0, or measure fidelity in a single-process run."
+            )
 
     def _resolve_highway_settings(self) -> None:
         """Fold the ``hwbp_*`` flags into ``hwbp_config`` (a flag beats the same entry of ``hwbp_config``)."""
@@ -162,6 +213,11 @@ class HighwayTrainingArguments(HighwayArguments, TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()  # the Highway settings, then TrainingArguments
         self._check_activation_checkpointing()
+        if self.layer_parallel and self.fp16:
+            raise ValueError(
+                "layer_parallel does not support fp16: its loss scaler would have to scale a backward that the stages "
+                "run themselves. Use bf16 (no loss scaling), or train without layer_parallel."
+            )
 
     def _check_activation_checkpointing(self) -> None:
         # After TrainingArguments.__post_init__, which resolves the activation/gradient checkpointing aliases and

@@ -21,6 +21,10 @@ What it does, at the Trainer's own events:
   in ``state.log_history`` and to the ``logs`` dict that the callbacks after this one receive;
 - at train end: unpatches the model (or restores the settings it had if the caller had patched it).
 
+In layer-parallel training (``HighwayTrainer`` with ``layer_parallel=True``) the trainer hands the callback its
+runner (``use_runner``): the callback then patches nothing and applies the schedule to the runner, which runs the
+Highway backward of this rank's stage; the logs are the same.
+
 Settings: ``HighwayCallback(config)`` with a ``HighwayConfig`` (or its dict); ``HighwayCallback()`` reads them from
 training arguments that carry Highway settings (``HighwayTrainingArguments`` or any arguments class with the
 ``HighwayArguments`` mixin, whose ``use_highway_bp=False`` turns the callback off), else uses the ``HighwayConfig``
@@ -81,7 +85,10 @@ class HighwayCallback(TrainerCallback):
         self.config: HighwayConfig | None = None  # resolved from config / the training arguments
         self.enabled = True
         self.fidelity_by_trainer = False  # set by HighwayTrainer, which measures fidelity itself
+        self.layer_parallel_by_trainer = False  # set by HighwayTrainer, which runs the layer-parallel mode
         self._model: nn.Module | None = None  # the patched (unwrapped) model during a run
+        self._runner = None  # a layer-parallel runner that runs the Highway backward instead of a patch
+        self._target: _PatchTarget | _RunnerTarget | None = None  # where k is set and iterations are read
         self._restore: tuple[HighwayConfig, bool] | None = None  # a caller's own patch, put back at train end
         self._schedule_cache: tuple[tuple, KSchedule] | None = None
         self._pending_logs: dict[str, float] = {}
@@ -133,8 +140,21 @@ class HighwayCallback(TrainerCallback):
             self._schedule_cache = (key, schedule)
         return self._schedule_cache[1]
 
+    def _check_layer_parallel(self, args) -> None:
+        if getattr(args, "layer_parallel", False) and not self.layer_parallel_by_trainer:
+            raise ValueError(
+                "layer_parallel=True is run by HighwayTrainer (its training step drives the stages); this Trainer "
+                "would silently train without it. Use HighwayTrainer, or set layer_parallel=False."
+            )
+
+    def use_runner(self, runner) -> None:
+        """Drive a layer-parallel runner (``hf_hwbp.parallel.LayerParallelHighway``) instead of patching the model:
+        set its k (and adaptive stop) from the schedule, read its iterations. None: patch the model again."""
+        self._runner = runner
+
     # ----- lifecycle --------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        self._check_layer_parallel(args)
         self.resolve_settings(args)
         if self.enabled:
             check_distributed_support(model, args)
@@ -142,6 +162,7 @@ class HighwayCallback(TrainerCallback):
                 check_peft_model(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_layer_parallel(args)
         if self.config is None:  # added after the Trainer was built: on_init_end did not run
             self.resolve_settings(args)
         if model is None:
@@ -149,6 +170,9 @@ class HighwayCallback(TrainerCallback):
         target = unwrap_model(model)
         self._model = target
         self._restore = None
+        if self._runner is not None:
+            self._begin_with_runner(target, state)
+            return
         if is_patched(target):
             patch = highway_state(target)
             self._restore = (patch.config, patch.enabled)
@@ -167,9 +191,23 @@ class HighwayCallback(TrainerCallback):
             )
         patch_model(target, k=0, tol=None, group_size=self.config.group_size)
         highway_state(target).enabled = True
-        self.num_blocks = highway_state(target).num_blocks
-        if callable(getattr(target, "add_model_tags", None)):
-            target.add_model_tags([MODEL_TAG])
+        self._start(target, _PatchTarget(target), state)
+
+    def _begin_with_runner(self, model: nn.Module, state) -> None:
+        if not self.enabled:
+            return
+        if is_patched(model):
+            raise ValueError(
+                "Layer-parallel training runs the Highway backward itself: unpatch the model (hf_hwbp.unpatch_model) "
+                "before training it with layer_parallel=True."
+            )
+        self._start(model, _RunnerTarget(self._runner), state)
+
+    def _start(self, model: nn.Module, target, state) -> None:
+        self._target = target
+        self.num_blocks = target.num_blocks
+        if callable(getattr(model, "add_model_tags", None)):
+            model.add_model_tags([MODEL_TAG])
         self._reset_counters()
         self._pending_logs.clear()
         self.k_history = []
@@ -179,7 +217,7 @@ class HighwayCallback(TrainerCallback):
         if self._active():
             self._apply_schedule(state)
             self._backwards_this_step = 0
-            highway_state(self._model).last_iterations = None
+            self._target.pop_iterations()
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self._active():
@@ -189,8 +227,7 @@ class HighwayCallback(TrainerCallback):
         if not self._active():
             return
         self._collect_iterations()
-        patch = highway_state(self._model)
-        if self._backwards_this_step == 0 and any(patch.block_parameters()):
+        if self._backwards_this_step == 0 and self._target.has_stack_parameters():
             raise RuntimeError(
                 f"Highway-BP: optimizer step {state.global_step + 1} ran no Highway backward, although "
                 f"{type(self._model).__name__} (the model HighwayCallback patched) has trainable parameters in its "
@@ -220,7 +257,8 @@ class HighwayCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         model, self._model = self._model, None
-        if model is None:
+        self._target = None
+        if model is None or self._runner is not None:  # a runner: nothing was patched
             return
         if self._restore is None:
             unpatch_model(model)
@@ -248,7 +286,7 @@ class HighwayCallback(TrainerCallback):
         return self._model
 
     def _active(self) -> bool:
-        return self.enabled and self._model is not None
+        return self.enabled and self._target is not None
 
     def _reset_counters(self) -> None:
         self._iteration_sum = 0
@@ -257,22 +295,63 @@ class HighwayCallback(TrainerCallback):
 
     def _apply_schedule(self, state) -> None:
         """Set k (and the adaptive stop) for the optimizer step ``state.global_step``."""
-        patch = highway_state(self._model)
         step = state.global_step
-        schedule = self.schedule(patch.num_blocks, state.max_steps)
+        schedule = self.schedule(self._target.num_blocks, state.max_steps)
         k = schedule(step)
         tol = None if schedule.exact_at(step) else self.config.tol
-        if patch.config.k != k or patch.config.tol != tol:
-            patch.config = patch.config.updated(k=k, tol=tol)
+        self._target.set(k, tol)
         self.last_k = k
 
     def _collect_iterations(self) -> None:
-        patch = highway_state(self._model)
-        if patch.last_iterations is not None:
-            self._iteration_sum += patch.last_iterations
+        iterations = self._target.pop_iterations()
+        if iterations is not None:
+            self._iteration_sum += iterations
             self._iteration_count += 1
             self._backwards_this_step += 1
-            patch.last_iterations = None
+
+
+class _PatchTarget:
+    """The schedule's view of a patched model: k and tol go into its patch, iterations come from its backward."""
+
+    def __init__(self, model: nn.Module):
+        self.patch = highway_state(model)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.patch.num_blocks
+
+    def set(self, k: int, tol: float | None) -> None:
+        if self.patch.config.k != k or self.patch.config.tol != tol:
+            self.patch.config = self.patch.config.updated(k=k, tol=tol)
+
+    def pop_iterations(self) -> int | None:
+        iterations, self.patch.last_iterations = self.patch.last_iterations, None
+        return iterations
+
+    def has_stack_parameters(self) -> bool:
+        return any(self.patch.block_parameters())
+
+
+class _RunnerTarget:
+    """The schedule's view of a layer-parallel runner (``LayerParallelHighway``): the same four operations."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def set(self, k: int, tol: float | None) -> None:
+        if self.runner.k != k or self.runner.tol != tol:
+            self.runner.k, self.runner.tol = k, tol
+
+    def pop_iterations(self) -> int | None:
+        iterations, self.runner.last_iterations = self.runner.last_iterations, None
+        return iterations
+
+    def has_stack_parameters(self) -> bool:
+        return any(self.runner.stage.block_parameters())
 
 
 def add_highway_callback(

@@ -4,8 +4,10 @@
 The flags are run_clm's (``--model_name_or_path``, ``--model_type``/``--config_overrides``, ``--tokenizer_name``,
 ``--dataset_name``, ``--train_file``/``--validation_file``, ``--block_size``, ``--max_train_samples``, ... and every
 ``TrainingArguments`` flag) plus Highway-BP's (``--hwbp_k``, ``--hwbp_config``, ``--use_highway_bp false``, ...; see
-``hf_hwbp.HighwayTrainingArguments``), LoRA (``--use_lora``), ``--compare_backprop`` and ``--layer_parallel``.
-A single ``.json`` argument is read as an arguments file.
+``hf_hwbp.HighwayTrainingArguments``), LoRA (``--use_lora``), ``--compare_backprop`` and ``--layer_parallel``
+(layer-parallel Highway-BP through the same ``HighwayTrainer``: one pipeline stage per process, launched with
+``torchrun --nproc_per_node S``; ``--layer_parallel_microbatches M``). A single ``.json`` argument is read as an
+arguments file.
 
 Defaults that differ from run_clm, all shown by ``--help`` for the command line it is given with:
 
@@ -24,6 +26,7 @@ cores with ``OMP_NUM_THREADS=1`` (validation loss 4.68, perplexity 108); on a ma
     python scripts/run_clm_hwbp.py --compare_backprop       # + the same run with plain backprop, beside output_dir
     python scripts/run_clm_hwbp.py --hwbp_k 0 --max_steps 100 --output_dir outputs/k0
     python scripts/run_clm_hwbp.py --model_name_or_path ./my-gpt2 --train_file train.txt --use_lora
+    torchrun --nproc_per_node 2 scripts/run_clm_hwbp.py --layer_parallel --hwbp_k 1 --use_cpu   # 2 stages
 """
 
 from __future__ import annotations
@@ -56,7 +59,6 @@ from hf_hwbp.comparison import StepTimer, compare_with_backprop
 from hf_hwbp.data import reference_manual_datasets, train_bpe_tokenizer
 from hf_hwbp.examples import (
     ComparisonArguments,
-    LayerParallelArguments,
     LoraArguments,
     apply_lora,
     check_highway_supported,
@@ -222,23 +224,16 @@ class DataTrainingArguments:
             raise ValueError(f"--validation_split_percentage must be in 1..99, got {self.validation_split_percentage}.")
 
 
-ARGUMENT_TYPES = (
-    ModelArguments,
-    DataTrainingArguments,
-    HighwayTrainingArguments,
-    LoraArguments,
-    ComparisonArguments,
-    LayerParallelArguments,
-)
+ARGUMENT_TYPES = (ModelArguments, DataTrainingArguments, HighwayTrainingArguments, LoraArguments, ComparisonArguments)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple:
-    """The script's arguments: run_clm's, Highway-BP's, LoRA, comparison, layer-parallel."""
+    """The script's arguments: run_clm's, Highway-BP's (layer-parallel included), LoRA, comparison."""
     return parse_args_with_defaults(ARGUMENT_TYPES, argv, script_defaults)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args, lora_args, compare_args, parallel_args = parse_args(argv)
+    model_args, data_args, training_args, lora_args, compare_args = parse_args(argv)
     compare_args.check(training_args)
 
     # Setup logging
@@ -430,17 +425,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name, split in (("train", training_args.do_train), ("validation", training_args.do_eval)):
         if split and len(lm_datasets[name]) == 0:
             raise ValueError(f"The {name} split has fewer than --block_size={block_size} tokens.")
-
-    if parallel_args.layer_parallel:
-        from hf_hwbp.examples.layer_parallel import run_layer_parallel
-
-        return run_layer_parallel(
-            model,
-            tokenizer,
-            training_args,
-            train_dataset if training_args.do_train else None,
-            eval_dataset if training_args.do_eval else None,
-        )
 
     def build_trainer(args, model):
         return HighwayTrainer(

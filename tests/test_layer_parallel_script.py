@@ -1,4 +1,5 @@
-"""run_clm_hwbp.py --layer_parallel as a real 2-process torchrun: trains, gathers every stage, evaluates, saves."""
+"""run_clm_hwbp.py --layer_parallel as a real 2-process torchrun: HighwayTrainer trains one stage per process, logs,
+evaluates the gathered model and saves it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, set_seed
 
@@ -35,6 +37,7 @@ def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
         *("--max_train_samples", "32", "--max_eval_samples", "8", "--per_device_train_batch_size", "4"),
         *("--per_device_eval_batch_size", "4", "--logging_steps", "1", "--warmup_steps", "0", "--report_to", "none"),
         "--layer_parallel",
+        "--use_cpu",
         "--output_dir",
         str(tmp_path),
         "--seed",
@@ -47,11 +50,15 @@ def _run(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_layer_parallel_script_trains_every_stage(tmp_path):
     out = tmp_path / "trained"
-    proc = _run(out, "--hwbp_k", "1")
+    proc = _run(out, "--hwbp_k", "1", "--layer_parallel_microbatches", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "all_results.json").read_text())
-    assert results["stages"] == 2 and results["train_steps"] >= 2
-    assert all(torch.isfinite(torch.tensor(results["train_losses"])))
+    assert results["eval_loss"] > 0 and "perplexity" in results and "train_loss" in results
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    steps = [e for e in history if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert all(e["hwbp_k"] == 1 and e["hwbp_iterations"] == 1 for e in steps)
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in steps)
     trained = AutoModelForCausalLM.from_pretrained(out)
     set_seed(3)  # the script builds its model from the same config after set_seed(seed): the initial weights
     initial = AutoModelForCausalLM.from_config(trained.config)
@@ -64,4 +71,12 @@ def test_layer_parallel_script_trains_every_stage(tmp_path):
     # ... by a few optimizer steps from the same initialization (not a different random init)
     for (name, a), (_, b) in zip(trained.named_parameters(), initial.named_parameters()):
         assert (a - b).norm() < 0.5 * b.norm() + 0.5, name
-    assert "validation loss" in proc.stdout and results["eval_loss"] > 0
+    assert "hf_hwbp" in (out / "README.md").read_text()  # the model card
+
+
+def test_layer_parallel_script_refuses_compare_backprop(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import run_clm_hwbp
+
+    with pytest.raises(ValueError, match="--compare_backprop does not run with --layer_parallel"):
+        run_clm_hwbp.main(["--layer_parallel", "--compare_backprop", "--output_dir", str(tmp_path)])

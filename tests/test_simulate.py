@@ -11,6 +11,7 @@ from hf_hwbp.parallel.simulate import (
     StackCosts,
     WorkCosts,
     backprop_task_cost,
+    fit_task_overhead,
     highway_task_cost,
     list_schedule,
     message_latency,
@@ -40,6 +41,36 @@ def test_gpipe_two_microbatches():
 def test_latency_delays_every_crossing():
     # F0 [0,1], message 0.5, F1 [1.5,2.5], B1 [2.5,4.5], message, B0 [5,7]
     assert predict("gpipe", unit_costs(latency=0.5), num_ranks=2, microbatches=1) == pytest.approx(7.0)
+
+
+def test_task_overhead_is_paid_by_every_task():
+    # GPipe M = 1: F0, F1, B1, B0 in a chain, each 0.25 s longer: 6 + 4 x 0.25
+    costs = unit_costs()
+    costs.torch_task_overhead = 0.25
+    assert predict("gpipe", costs, num_ranks=2, microbatches=1) == pytest.approx(7.0)
+    # pipeline backprop through hf_hwbp's runtime pays its own overhead instead
+    costs.task_overhead = 0.5
+    assert predict("gpipe", costs, num_ranks=2, microbatches=1, overhead=costs.task_overhead) == pytest.approx(8.0)
+
+
+def test_fit_task_overhead_recovers_the_overhead_of_a_step():
+    from dataclasses import replace
+
+    costs = unit_costs(4, latency=0.1, head_f=0.5, head_b=0.5)
+    measured = predict("highway", replace(costs, task_overhead=0.03), num_ranks=2, microbatches=2, k=1, batch=2)
+
+    def predict_with(overhead):
+        return predict("highway", replace(costs, task_overhead=overhead), num_ranks=2, microbatches=2, k=1, batch=2)
+
+    assert fit_task_overhead(predict_with, measured) == pytest.approx(0.03, rel=1e-9)
+    assert fit_task_overhead(predict_with, 0.5 * predict_with(0.0)) == 0.0  # faster than the bare work: none
+
+
+def test_costs_without_overheads_load_as_zero():
+    data = unit_costs().to_json()
+    del data["task_overhead"], data["torch_task_overhead"]  # a costs file written before the overheads existed
+    costs = StackCosts.from_json(data)
+    assert costs.task_overhead == 0.0 and costs.torch_task_overhead == 0.0
 
 
 def test_1f1b_order_and_time():
@@ -177,6 +208,8 @@ def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
         "scripts/simulate_pipeline.py",
         "--bench",
         str(tmp_path / "bench.json"),
+        "--overhead_bench",
+        str(tmp_path / "bench.json"),  # the same run stands in for the near-free-layers run
         "--out",
         str(tmp_path),
         "--deep_layers",
@@ -185,6 +218,9 @@ def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
     result = json.loads((tmp_path / "simulate_pipeline.json").read_text())
     assert len(result["validation"]) == len(methods)
     assert all(r["predicted_s"] > 0 for r in result["validation"])
+    overheads = result["overheads"]["gpt2"]
+    assert overheads["hf_hwbp"] >= 0 and overheads["torch"] >= 0 and set(overheads["per_method"]) == set(methods)
+    assert all(r["predicted_s"] >= r["predicted_no_overhead_s"] for r in result["validation"])
     cells = [c for m in result["maps"] for c in m["cells"] if c.get("best_backprop")]
     assert cells and all(c["speedup_k0"] > 0 for c in cells)
     assert (tmp_path / "simulate_pipeline_map.png").stat().st_size > 0

@@ -2,16 +2,16 @@
 
 The scripts keep the shape of transformers' run_clm.py / run_image_classification.py; this package holds the parts
 those scripts do not have: the embedded default recipes (defaults that user flags always beat, shown by --help),
-LoRA, the Highway model-type check, the layer-parallel run and the comparison with backprop (``hf_hwbp.comparison``).
+LoRA, the Highway model-type check and the comparison with backprop (``hf_hwbp.comparison``). Layer-parallel training
+is a training argument (``--layer_parallel``, ``hf_hwbp.HighwayTrainingArguments``).
 """
 
-from .arguments import ComparisonArguments, LayerParallelArguments, LoraArguments, parse_args_with_defaults
+from .arguments import ComparisonArguments, LoraArguments, parse_args_with_defaults
 from .lora import apply_lora
 from .models import check_highway_supported, fit_config_to_tokenizer, highway_model_types
 
 __all__ = [
     "ComparisonArguments",
-    "LayerParallelArguments",
     "LoraArguments",
     "apply_lora",
     "check_highway_supported",

@@ -108,21 +108,11 @@ class ComparisonArguments:
             raise ValueError("--compare_backprop compares Highway-BP with plain backprop: leave --use_highway_bp true.")
         if not training_args.do_train:
             raise ValueError("--compare_backprop compares two training runs: leave --do_train true.")
+        if getattr(training_args, "layer_parallel", False):
+            raise ValueError(
+                "--compare_backprop does not run with --layer_parallel: train the baseline as a second run with "
+                "--use_highway_bp false (pipeline backprop over the same stages)."
+            )
 
 
-@dataclass
-class LayerParallelArguments:
-    """Layer-parallel training (hf_hwbp.parallel) instead of the Trainer."""
-
-    layer_parallel: bool = field(
-        default=False,
-        metadata={
-            "help": "Layer-parallel training (hf_hwbp.parallel): one pipeline stage per process, every stage "
-            "running its Highway backward at the same time. Launch with `torchrun --nproc_per_node S`. GPT-2 and "
-            "Llama; uses --hwbp_k, --hwbp_group_size, --learning_rate, --weight_decay, --max_grad_norm, "
-            "--warmup_steps, --max_steps; --use_highway_bp false trains with pipeline backprop."
-        },
-    )
-
-
-__all__ = ["ComparisonArguments", "LayerParallelArguments", "LoraArguments", "as_bool", "parse_args_with_defaults"]
+__all__ = ["ComparisonArguments", "LoraArguments", "as_bool", "parse_args_with_defaults"]

@@ -1,6 +1,10 @@
 """Layer-parallel Highway-BP on torch.distributed: one pipeline stage per process.
 
-    torchrun --nproc_per_node 2 your_script.py      # gloo on CPU, NCCL on GPU
+Through the Trainer (one flag; ``hf_hwbp.parallel.trainer_mode``)::
+
+    torchrun --nproc_per_node 2 train.py    # HighwayTrainer with HighwayTrainingArguments(layer_parallel=True, ...)
+
+or the runner directly, in your own loop::
 
     from hf_hwbp.parallel import LayerParallelHighway
     runner = LayerParallelHighway(model, k=1, microbatches=4)   # every rank: same model, keeps its stage
@@ -12,6 +16,7 @@ with measured costs), ``calibrate`` (measures those costs), ``baselines`` (torch
 schedules over the same stages), ``batched`` (one device: the input-VJPs of one iteration as one batched call).
 """
 
+from .arch import supported_models
 from .baselines import GPipeBaseline, TorchPipeline
 from .batched import BatchedBlocks, BatchedStack
 from .comm import Comm
@@ -22,7 +27,7 @@ from .simulate import StackCosts, WorkCosts, best_backprop, predict
 from .stage_stack import ChainScan, StageStack
 from .stages import Stage, build_stage
 from .tied import check_world
-from .train import init_distributed, train_layer_parallel
+from .trainer_mode import LayerParallelModel, LayerParallelTraining
 
 __all__ = [
     "BatchedBlocks",
@@ -32,6 +37,8 @@ __all__ = [
     "GPipeBaseline",
     "HighwayShape",
     "LayerParallelHighway",
+    "LayerParallelModel",
+    "LayerParallelTraining",
     "StackCosts",
     "Stage",
     "StageLayout",
@@ -45,8 +52,7 @@ __all__ = [
     "build_stage",
     "check_world",
     "highway_graph",
-    "init_distributed",
     "make_layout",
     "predict",
-    "train_layer_parallel",
+    "supported_models",
 ]

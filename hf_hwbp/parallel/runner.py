@@ -33,7 +33,8 @@ BACKPROP_ORDERS = ("gpipe", "1f1b")
 def flop_costs(config, seq_len: int, layers_per_block: int = 1) -> StackCosts:
     """Relative per-layer costs from FLOP counts, for planning when nothing was measured (one unit = the
     forward of one layer on one sample). Measured costs (``hf_hwbp.parallel.simulate``) plan better."""
-    h, v = config.hidden_size, config.vocab_size
+    h = config.hidden_size
+    v = getattr(config, "vocab_size", None) or getattr(config, "num_labels", 2)  # LM head, or a classifier
     layer = 24 * h * h + 4 * seq_len * h  # FLOPs per token of a transformer layer's forward (x2 for mul-add)
     head = 2 * h * v / layer
     unit = WorkCosts(
@@ -43,12 +44,12 @@ def flop_costs(config, seq_len: int, layers_per_block: int = 1) -> StackCosts:
 
 
 class LayerParallelHighway:
-    """Trains one pipeline stage of a causal LM per process, with layer-parallel Highway-BP(k) or backprop.
+    """Trains one pipeline stage of a model per process, with layer-parallel Highway-BP(k) or backprop.
 
     Launch one process per stage (``torchrun --nproc_per_node S``) and initialize ``torch.distributed``
     first (gloo on CPU, NCCL on GPU). Every process builds the same full model (same seed or checkpoint) and
     wraps it; each keeps only its stage: the embeddings and the first layers on rank 0, the next layers on
-    rank 1, ..., the final norm, LM head and loss on rank S - 1. Call :meth:`step` on every rank with the same
+    rank 1, ..., the final norm, head and loss on rank S - 1. Call :meth:`step` on every rank with the same
     batch; it adds this stage's gradients to ``.grad`` of :meth:`parameters` (tied parameters, such as
     GPT-2's ``lm_head.weight`` = ``wte.weight``, are summed between the first and last stage) and returns
     the loss on the last rank. Step your optimizer over :meth:`parameters` on every rank.
@@ -60,7 +61,8 @@ class LayerParallelHighway:
     the whole batch's for every M.
 
     Args:
-        model: a GPT2LMHeadModel or LlamaForCausalLM (dropout as you like; in train mode).
+        model: a supported model (``hf_hwbp.parallel.arch.supported_models()``: GPT-2 and Llama-family causal
+            LMs, ViTForImageClassification; dropout as you like; in train mode).
         k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop.
         group_size: layers per Highway block, as in ``patch_model`` (blocks never straddle stages), or
             ``"stage"``: each stage is one block (exact backprop inside a stage).
@@ -168,6 +170,16 @@ class LayerParallelHighway:
         self._config = self._config.updated(k=value)
 
     @property
+    def tol(self) -> float | None:
+        return self._config.tol
+
+    @tol.setter
+    def tol(self, value: float | None) -> None:
+        """Change the adaptive stop between steps (same value on every rank; ``microbatches=1`` only)."""
+        self._check_tol(value, self.microbatches)
+        self._config = self._config.updated(tol=value)
+
+    @property
     def rank(self) -> int:
         return self.stage.index
 
@@ -228,13 +240,14 @@ class LayerParallelHighway:
         sizes = split_batch(batch_size, self.microbatches)
         graph = StepGraph(graph.num_ranks, graph.placement, graph.deps, order, graph.info)
         if self.method == "backprop":
-            return replay(graph, backprop_task_cost(graph, costs, sizes), message_latency(graph, costs, sizes))
+            cost = backprop_task_cost(graph, costs, sizes, costs.task_overhead)  # this runtime's overhead
+            return replay(graph, cost, message_latency(graph, costs, sizes))
         return replay(graph, *self._cost_model(self._highway_shape(len(sizes)), costs, sizes, graph))
 
     # ----- one step ------------------------------------------------------------------------------------
     def step(
         self,
-        input_ids: Tensor,
+        inputs: Tensor,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
         *,
@@ -242,19 +255,22 @@ class LayerParallelHighway:
     ) -> Tensor | None:
         """Forward and backward of one batch on this stage; returns the (detached) loss on the last stage.
 
-        Every rank passes the same batch (the first stage reads ``input_ids``, the last ``labels``, every
-        stage the shapes and ``attention_mask``). ``labels`` defaults to ``input_ids`` (shifted inside the
-        loss, as in transformers). Gradients are added to ``.grad`` (call it once per micro-batch of a
-        gradient accumulation, passing the accumulated batch's ``num_items_in_batch``, as the Trainer does).
-        Run it under ``torch.autocast`` for mixed precision: the forwards run in the caller's autocast state,
-        messages travel in the parameters' dtype.
+        Every rank passes the same batch: ``inputs`` is the model's input (``input_ids`` of a causal LM,
+        ``pixel_values`` of ViT; the first stage embeds it, every stage reads its shape), ``labels`` (read by the
+        last stage) defaults to ``inputs`` for causal LMs (shifted inside the loss, as in transformers), and
+        ``attention_mask`` (causal LMs) reaches every stage. Gradients are added to ``.grad`` (call it once per
+        micro-batch of a gradient accumulation, passing the accumulated batch's ``num_items_in_batch``, as the
+        Trainer does). Run it under ``torch.autocast`` for mixed precision: the forwards run in the caller's
+        autocast state, messages travel in the parameters' dtype.
         """
         self._check_tol(self._config.tol, self.microbatches)
-        if labels is None:
-            labels = input_ids
         stage = self.stage
+        if labels is None:
+            if not stage.recipe.labels_from_input:
+                raise ValueError(f"Layer-parallel {stage.recipe.name} needs labels.")
+            labels = inputs
         device = stage.device
-        input_ids = input_ids.to(device)
+        inputs = inputs.to(device)
         labels = labels.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
         if stage.is_first and self.method == "highway":
@@ -264,17 +280,18 @@ class LayerParallelHighway:
                     "The embeddings' requires_grad changed after LayerParallelHighway was built; build the runner "
                     "after freezing or unfreezing them."
                 )
-        sizes = split_batch(input_ids.shape[0], self.microbatches)
+        sizes = split_batch(inputs.shape[0], self.microbatches)
         if num_items_in_batch is None and len(sizes) > 1:
-            num_items_in_batch = int((labels[..., 1:] != -100).sum())  # the whole batch's mean, per token
-        graph, order = self.plan(input_ids.shape[0], input_ids.shape[1])
+            num_items_in_batch = stage.count_items(labels)  # the whole batch's mean over its loss terms
+        seq_len = stage.activation_shape(inputs)[1]
+        graph, order = self.plan(inputs.shape[0], seq_len)
         micro, start = [], 0
         for size in sizes:
             part = slice(start, start + size)
             start += size
             micro.append(
                 MicroBatch(
-                    input_ids[part],
+                    inputs[part],
                     labels[part],
                     attention_mask[part] if attention_mask is not None else None,
                 )

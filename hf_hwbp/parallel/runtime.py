@@ -86,7 +86,7 @@ class RecursionStepper:
 class MicroBatch:
     """What one micro-batch leaves on this stage between its tasks."""
 
-    input_ids: Tensor
+    model_input: Tensor  # token ids or pixels: what the first stage embeds
     labels: Tensor | None
     attention_mask: Tensor | None
     inputs: list[Tensor] = field(default_factory=list)  # leaf input of each local block (or of the stage)
@@ -137,13 +137,12 @@ class StageRuntime:
         stage = self.stage
         self.micro = micro
         self.num_items = num_items_in_batch
-        hidden = stage.config.hidden_size
         self.mailbox = Mailbox(
             self.comm,
             self.graph,
             self.order,
             stage.index,
-            lambda task: (*micro[task.mb].input_ids.shape, hidden),
+            lambda task: stage.activation_shape(micro[task.mb].model_input),
             stage.dtype,
             stage.device,
         )
@@ -182,7 +181,7 @@ class StageRuntime:
     def _forward(self, task: Task, mb: MicroBatch) -> None:
         stage = self.stage
         if stage.is_first:
-            h = stage.embed(mb.input_ids)
+            h = stage.embed(mb.model_input)
             mb.h0 = h
         else:
             h = self.mailbox.get(Task("F", task.stage - 1, task.mb))

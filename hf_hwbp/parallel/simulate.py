@@ -8,7 +8,10 @@
 The model: every rank runs its tasks one at a time (``graph.py``); a task starts when its rank is free and its
 inputs are there; an input from another rank arrives ``latency + bytes * seconds_per_byte`` after its producer
 ended. A task costs what one layer costs (measured on the user's hardware for the micro-batch size, per kind
-of work) times the layers it covers, plus the embeddings / head where it runs them. Backprop schedules keep
+of work) times the layers it covers, plus the embeddings / head where it runs them, plus a fixed per-task
+overhead of the runtime that runs it (``task_overhead`` for ``hf_hwbp``'s runtime, ``torch_task_overhead`` for
+``torch.distributed.pipelining``: Python dispatch, building the side inputs, posting messages; measured
+separately on a model whose layers cost almost nothing, see ``fit_task_overhead``). Backprop schedules keep
 torch's per-rank order; Highway-BP's order is chosen by list scheduling on the graph (``list_schedule``),
 the same order the runtime executes.
 
@@ -61,6 +64,9 @@ class StackCosts:
             scaled linearly from the largest measured.
         latency: seconds a message takes before its first byte (per message).
         seconds_per_byte: inverse bandwidth of the link.
+        task_overhead: seconds every task of ``hf_hwbp``'s runtime costs beyond its work (Highway-BP and pipeline
+            backprop through ``LayerParallelHighway``).
+        torch_task_overhead: the same for an action of ``torch.distributed.pipelining``'s schedules.
     """
 
     name: str
@@ -71,6 +77,8 @@ class StackCosts:
     latency: float = 0.0
     seconds_per_byte: float = 0.0
     notes: dict = field(default_factory=dict)
+    task_overhead: float = 0.0
+    torch_task_overhead: float = 0.0
 
     def at(self, samples: float) -> WorkCosts:
         """Costs for a micro-batch of ``samples`` samples (linear in samples between / beyond measured sizes)."""
@@ -164,6 +172,9 @@ def highway_task_cost(shape: HighwayShape, costs: StackCosts, sizes: list[int], 
     k = shape.iterations
 
     def cost(task: Task) -> float:
+        return work(task) + costs.task_overhead
+
+    def work(task: Task) -> float:
         c = costs.at(sizes[task.mb])
         blocks = shape.blocks_per_stage[task.stage]
         if task.kind == "F":
@@ -189,12 +200,17 @@ def highway_task_cost(shape: HighwayShape, costs: StackCosts, sizes: list[int], 
     return cost
 
 
-def backprop_task_cost(graph: StepGraph, costs: StackCosts, sizes: list[int]):
-    """cost(task) for a backprop schedule: its (virtual) stages split the layers evenly."""
+def backprop_task_cost(graph: StepGraph, costs: StackCosts, sizes: list[int], overhead: float | None = None):
+    """cost(task) for a backprop schedule: its (virtual) stages split the layers evenly. ``overhead``: seconds per
+    task beyond its work (default: ``costs.torch_task_overhead``, torch's schedules)."""
     num_virtual = len(graph.placement)
     layers = even_split(costs.num_layers, num_virtual)
+    extra = costs.torch_task_overhead if overhead is None else overhead
 
     def cost(task: Task) -> float:
+        return work(task) + extra
+
+    def work(task: Task) -> float:
         c = costs.at(sizes[task.mb])
         n = layers[task.stage]
         first, last = task.stage == 0, task.stage == num_virtual - 1
@@ -358,11 +374,20 @@ def highway_timeline(
     return fixed, replay(fixed, cost, latency)
 
 
-def backprop_timeline(schedule: str, costs: StackCosts, num_ranks: int, microbatches: int, batch: int | None = None):
+def backprop_timeline(
+    schedule: str,
+    costs: StackCosts,
+    num_ranks: int,
+    microbatches: int,
+    batch: int | None = None,
+    overhead: float | None = None,
+):
+    """The backprop step of ``schedule`` (``overhead``: per task, default torch's, see ``backprop_task_cost``)."""
     batch = microbatches if batch is None else batch
     sizes = split_batch(batch, microbatches)
     graph = backprop_graph(schedule, num_ranks, microbatches)
-    return graph, replay(graph, backprop_task_cost(graph, costs, sizes), message_latency(graph, costs, sizes))
+    cost = backprop_task_cost(graph, costs, sizes, overhead)
+    return graph, replay(graph, cost, message_latency(graph, costs, sizes))
 
 
 def predict(
@@ -373,12 +398,28 @@ def predict(
     k: int = 0,
     batch: int | None = None,
     plan_costs: StackCosts | None = None,
+    overhead: float | None = None,
 ) -> float:
     """Predicted seconds per step of ``method`` ("highway" or a backprop schedule name); ``plan_costs``: see
-    ``highway_timeline``."""
+    ``highway_timeline``; ``overhead``: per task of a backprop schedule (default torch's; ``costs.task_overhead``
+    for pipeline backprop through ``LayerParallelHighway``)."""
     if method == "highway":
         return highway_timeline(costs, num_ranks, microbatches, k, batch, plan_costs)[1].makespan
-    return backprop_timeline(method, costs, num_ranks, microbatches, batch)[1].makespan
+    return backprop_timeline(method, costs, num_ranks, microbatches, batch, overhead)[1].makespan
+
+
+def fit_task_overhead(predict_with: Callable[[float], float], measured: float, high: float = 1.0) -> float:
+    """The per-task overhead (seconds, >= 0) at which ``predict_with(overhead)`` (a step time, non-decreasing in
+    the overhead) equals ``measured``; 0 when the prediction without overhead is already slower. Bisection."""
+    low = 0.0
+    if predict_with(low) >= measured:
+        return 0.0
+    while predict_with(high) < measured:
+        high *= 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if predict_with(mid) < measured else (low, mid)
+    return (low + high) / 2
 
 
 def runnable(schedule: str, num_ranks: int, microbatches: int, num_layers: int) -> bool:

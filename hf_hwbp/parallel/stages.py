@@ -1,4 +1,4 @@
-"""Stage: the part of a causal LM that one rank holds, and the three things it can run on a batch.
+"""Stage: the part of a model that one rank holds, and the three things it can run on a batch.
 
 Every rank may build the full model (same seed or same checkpoint); ``build_stage`` keeps references to its
 own modules only, so once the caller drops the full model the other stages' weights are freed.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask, create_sliding_window_causal_mask
 
-from .arch import StageRecipe, get_module, recipe_for
+from .arch import BIDIRECTIONAL, CAUSAL, SLIDING, StageRecipe, get_module, recipe_for
 from .layout import StageLayout, make_layout
+
+_MASK_BUILDERS = {CAUSAL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
 
 
 class Stage(nn.Module):
@@ -38,6 +40,8 @@ class Stage(nn.Module):
         if len(stack) != layout.num_layers:
             raise ValueError(f"The layout covers {layout.num_layers} layers, the model has {len(stack)}.")
         self.layers = nn.ModuleList([stack[i] for i in layout.layers_of(index)])
+        kinds = recipe.mask_kinds(model.config)
+        self.mask_kinds = [kinds[i] for i in layout.layers_of(index)]  # the attention mask of each local layer
         self.blocks = layout.local_blocks(index)
         self.embeddings = nn.ModuleDict(
             {r: get_module(model, p) for r, p in recipe.embeddings.items()} if self.is_first else {}
@@ -77,8 +81,13 @@ class Stage(nn.Module):
     def device(self) -> torch.device:
         return next(p for p in self.layers.parameters()).device
 
-    def activation_shape(self, input_ids: Tensor) -> tuple[int, int, int]:
-        return (*input_ids.shape, self.config.hidden_size)
+    def activation_shape(self, model_input: Tensor) -> tuple[int, ...]:
+        """The shape of the residual stream for a batch of this model input (token ids, pixels)."""
+        return self.recipe.activation_shape(self.config, model_input)
+
+    def count_items(self, labels: Tensor) -> int:
+        """The loss terms of ``labels`` (tokens after the shift for causal LMs, samples for classification)."""
+        return self.recipe.count_items(labels)
 
     def block_parameters(self) -> list[list[nn.Parameter]]:
         """The trainable parameters of each of this stage's Highway blocks."""
@@ -93,37 +102,47 @@ class Stage(nn.Module):
         return out
 
     # ----- compute -------------------------------------------------------------------------------------
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """h_0 from token ids (first stage only)."""
-        return self.recipe.embed(self.embeddings, input_ids, self.position_ids(input_ids.shape[1]))
+    def embed(self, model_input: Tensor) -> Tensor:
+        """h_0 from the model input (token ids, pixels; first stage only)."""
+        return self.recipe.embed(self.embeddings, model_input, self.position_ids(model_input.shape[1]))
 
     def position_ids(self, seq_len: int) -> Tensor:
         return torch.arange(seq_len, device=self.device).unsqueeze(0)
 
     def layer_kwargs(self, h: Tensor, attention_mask: Tensor | None = None) -> dict:
-        """The side inputs every layer of this stage receives, built as the model's own forward builds them."""
+        """The side inputs the layers of this stage receive, built as the model's own forward builds them.
+
+        When the stage's layers use different attention masks (Qwen's sliding-window layers), ``attention_mask``
+        maps each mask kind to its mask and ``run_layers`` gives every layer its own."""
         position_ids = self.position_ids(h.shape[1])
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=position_ids
-        )
+        masks = {kind: self._mask(kind, h, attention_mask, position_ids) for kind in dict.fromkeys(self.mask_kinds)}
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
         return self.recipe.layer_kwargs(self.shared, h, mask, position_ids)
 
+    def _mask(self, kind: str, h: Tensor, attention_mask: Tensor | None, position_ids: Tensor):
+        if kind == BIDIRECTIONAL:
+            return create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
+        return _MASK_BUILDERS[kind](
+            config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=position_ids
+        )
+
     def run_layers(self, h: Tensor, layer_indices: range, kwargs: dict) -> Tensor:
+        masks = kwargs.get("attention_mask")
         for i in layer_indices:
+            if isinstance(masks, dict):
+                kwargs = {**kwargs, "attention_mask": masks[self.mask_kinds[i]]}
             out = self.layers[i](h, **kwargs)
             h = out[0] if isinstance(out, (tuple, list)) else out
         return h
 
     def logits(self, h_last: Tensor) -> Tensor:
-        """Final norm and LM head on the stack output (last stage only)."""
-        return self.head["lm_head"](self.head["norm"](h_last))
+        """Final norm and head on the stack output (last stage only)."""
+        return self.recipe.logits(self.head, h_last)
 
     def loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
-        """The model's own causal-LM loss (labels are shifted inside, -100 ignored): the mean over this batch's
-        tokens, or their sum divided by ``num_items_in_batch`` (micro-batches, gradient accumulation)."""
-        return self.loss_function(
-            logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
-        )
+        """The model's own loss (causal LMs shift the labels inside; -100 is ignored): the mean over this batch,
+        or its sum divided by ``num_items_in_batch`` (micro-batches, gradient accumulation)."""
+        return self.recipe.loss(self.loss_function, self.config, logits, labels, num_items_in_batch)
 
 
 def build_stage(
@@ -134,10 +153,10 @@ def build_stage(
     group_size: int | str = 1,
     blocks_per_stage=None,
 ) -> Stage:
-    """The stage ``rank`` of ``world_size`` of a GPT-2 or Llama causal LM.
+    """The stage ``rank`` of ``world_size`` of a supported model (``hf_hwbp.parallel.arch.supported_models()``).
 
     Args:
-        model: the full model (GPT2LMHeadModel or LlamaForCausalLM), identical on every rank.
+        model: the full model, identical on every rank.
         rank: this process's stage index in ``[0, world_size)``.
         world_size: the number of stages S (= processes in the pipeline group).
         group_size: layers per Highway block (as in ``patch_model``), or ``"stage"`` (one block per stage).
@@ -145,7 +164,7 @@ def build_stage(
 
     Raises:
         ValueError: S exceeds the number of Highway blocks, ``rank`` is out of range, or the model is not
-            a supported causal LM.
+            supported.
     """
     recipe = recipe_for(model)
     num_layers = len(get_module(model, recipe.layers))
