@@ -7,7 +7,7 @@ runs each method once, so machine load hits all alike); the median over rounds i
 step) in a fresh subprocess whose large allocations glibc maps and unmaps one by one (so the resident set follows
 the live tensors); on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the step.
 
-CPU (the committed tables; run each T under /work/tools/quiet_run, threads = the machine's 2 cores):
+CPU (the committed tables; run each T with no other timing job running, threads = the machine's 2 cores):
     python scripts/bench_rnn.py --seq_lens 1024 --output_dir results/rnn/step_cpu --tag T1024
 GPU (against cuDNN; one command, a couple of minutes on an H100, results in the given folder):
     python scripts/bench_rnn.py --device cuda --output_dir results/rnn/step_cuda --tag h100

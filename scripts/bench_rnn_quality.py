@@ -12,7 +12,7 @@ methods start from the same weights and see the same batches in the same order. 
 ``eval_every`` steps, so the step at which a method reaches backprop's final metric can be read off.
 
 Step times come from a separate timing mode (``--timing_rounds N``): the methods' training steps on the same
-model and batch shape, round-robin, medians; run it under ``/work/tools/quiet_run`` style quiet conditions. The
+model and batch shape, round-robin, medians; run it with no other timing job on the machine. The
 summary converts "steps to reach backprop's final metric" into time with those step times.
 
 Examples:

@@ -9,7 +9,7 @@ set before the step.
     python scripts/bench_step.py                      # GPT-2 and Llama, k = 0 1 2 4, 7 rounds
     python scripts/bench_step.py --models gpt2 --rounds 3 --ks 0 2
 
-Cost model (ALGORITHM.md): backprop costs F + B, Highway-BP(k) costs F + k * B_in + B_par. F and B are
+Cost model (docs/algorithm.md): backprop costs F + B, Highway-BP(k) costs F + k * B_in + B_par. F and B are
 measured here (forward alone; step minus forward); B_par ~ B and B_in ~ B / 2 (an input-only sweep skips
 the weight-gradient matmuls, about half of a backward's FLOPs) give the predicted ratio.
 """

@@ -11,7 +11,15 @@ from torch import nn
 import hf_hwbp
 from hf_hwbp.engine import RecordedStack, ResidualScan, highway_backward, run_recursion
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_by_default():
+    """float64 for every test of this file, restored afterwards (a global default would leak into other files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 WIDTH = 5
 DEPTH = 5
@@ -159,7 +167,7 @@ def test_iterations_are_clamped_to_number_of_blocks(stack_and_input):
 
 
 def test_intermediate_losses_follow_the_intermediate_form():
-    """A loss on h_j adds e_j to delta^(0)_i for i <= j (ALGORITHM.md, intermediate losses)."""
+    """A loss on h_j adds e_j to delta^(0)_i for i <= j (docs/algorithm.md, intermediate losses)."""
     torch.manual_seed(1)
     stack, x = Stack(), torch.randn(3)
     states = _states(stack, x)

@@ -103,7 +103,7 @@ def test_lora_exact_and_only_adapters_get_gradients():
 
 
 def test_hidden_state_losses_follow_the_intermediate_form():
-    """A loss on output_hidden_states: exact at k = L, and ALGORITHM.md's intermediate form below."""
+    """A loss on output_hidden_states: exact at k = L, and the intermediate-loss form of docs/algorithm.md below."""
     model = build("gpt2-lm")
     batch = make_batch("gpt2-lm")
 

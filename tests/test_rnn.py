@@ -25,7 +25,15 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from hf_hwbp.rnn import HighwayGRU
 from hf_hwbp.rnn.scan import ReverseLinearScan
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def _float64_by_default():
+    """float64 for every test of this file, restored afterwards (a global default would leak into other files)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
 
 BATCH, INPUT, HIDDEN = 2, 3, 4
 RTOL = 1e-10

@@ -6,6 +6,9 @@ own modules only, so once the caller drops the full model the other stages' weig
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask, create_sliding_window_causal_mask
@@ -14,6 +17,26 @@ from .arch import BIDIRECTIONAL, CAUSAL, SLIDING, StageRecipe, get_module, recip
 from .layout import StageLayout, make_layout
 
 _MASK_BUILDERS = {CAUSAL: create_causal_mask, SLIDING: create_sliding_window_causal_mask}
+
+
+def call_mask_builder(
+    builder: Callable, config, h: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None = None
+):
+    """Call one of transformers' mask builders without a cache, as the installed transformers 5.x spells it.
+
+    Their signatures moved within 5.x: ``input_embeds`` became ``inputs_embeds``, the required
+    ``cache_position`` went away, ``past_key_values`` became ``cache``."""
+    params = inspect.signature(builder).parameters
+    kwargs = {"config": config, "attention_mask": attention_mask}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = h
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kwargs[name] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(h.shape[1], device=h.device)
+    if position_ids is not None and "position_ids" in params:
+        kwargs["position_ids"] = position_ids
+    return builder(**kwargs)
 
 
 class Stage(nn.Module):
@@ -121,10 +144,8 @@ class Stage(nn.Module):
 
     def _mask(self, kind: str, h: Tensor, attention_mask: Tensor | None, position_ids: Tensor):
         if kind == BIDIRECTIONAL:
-            return create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=attention_mask)
-        return _MASK_BUILDERS[kind](
-            config=self.config, inputs_embeds=h, attention_mask=attention_mask, cache=None, position_ids=position_ids
-        )
+            return call_mask_builder(create_bidirectional_mask, self.config, h, attention_mask)
+        return call_mask_builder(_MASK_BUILDERS[kind], self.config, h, attention_mask, position_ids)
 
     def run_layers(self, h: Tensor, layer_indices: range, kwargs: dict) -> Tensor:
         masks = kwargs.get("attention_mask")
