@@ -115,7 +115,7 @@ class ModelArguments:
     model_type: str | None = field(
         default=None,
         metadata={
-            "help": "If training from scratch, pass a model type. With Highway-BP one of: "
+            "help": "If training from scratch, pass a model type. Tested with Highway-BP: "
             + ", ".join(highway_model_types(MODEL_TYPES))
         },
     )
@@ -152,7 +152,7 @@ class ModelArguments:
             )
         if self.model_type is not None and self.model_type not in MODEL_TYPES:
             raise ValueError(
-                f"Unknown --model_type {self.model_type!r} for image classification. With Highway-BP: "
+                f"Unknown --model_type {self.model_type!r} for image classification. Tested with Highway-BP: "
                 f"{', '.join(highway_model_types(MODEL_TYPES))}. Every image-classification type: "
                 f"{', '.join(MODEL_TYPES)}."
             )

@@ -4,25 +4,34 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 
 def highway_model_types(task_types: Iterable[str]) -> list[str]:
-    """The model types of ``task_types`` (e.g. the causal-LM ones) that have a Highway-BP adapter."""
+    """The model types of ``task_types`` (e.g. the causal-LM ones) in Highway-BP's tested zoo."""
     from model_patches import supported_model_types
 
     task_types = set(task_types)
     return [t for t in supported_model_types() if t in task_types]
 
 
-def check_highway_supported(model_type: str | None, use_highway_bp: bool, task: str) -> None:
-    """A clear error before anything is built when Highway-BP has no adapter for ``model_type``."""
+def check_highway_supported(model_type: str | None, use_highway_bp: bool, task: str) -> bool:
+    """Whether ``model_type`` is in the tested zoo; a warning when it is not (and Highway-BP is on).
+
+    Not a refusal: ``patch_model`` discovers the residual stack of any transformers model and raises a clear
+    error, before training starts, when it finds none."""
     from model_patches import supported_model_types
 
-    if use_highway_bp and model_type not in supported_model_types():
-        raise ValueError(
-            f"Highway-BP has no adapter for model_type={model_type!r}; {task} types with one: "
-            f"{', '.join(supported_model_types())}. Pass --use_highway_bp false to train this model with plain "
-            "backprop."
+    tested = model_type in supported_model_types()
+    if use_highway_bp and not tested:
+        logger.warning(
+            f"model_type={model_type!r} is not in Highway-BP's tested zoo ({task} types in it: "
+            f"{', '.join(supported_model_types())}): patch_model will look for its residual stack and raise if it "
+            "finds none. Pass --use_highway_bp false to train it with plain backprop."
         )
+    return tested
 
 
 def _overridden(config_overrides: str | None, key: str) -> bool:
