@@ -41,9 +41,9 @@ from _bench_common import (  # noqa: E402
     set_threads,
     warmup_cosine,
 )
-from bench_training import SMOKE, TASK_DEFAULTS, Task, summarize, train_one  # noqa: E402
+from bench_training import SMOKE, TASK_DEFAULTS, Task, interleaved_timing, summarize, train_one  # noqa: E402
 
-FINETUNE_DEFAULTS = dict(batch_size=8, steps=250, warmup=25, wd=0.0, eval_every=25)
+FINETUNE_DEFAULTS = dict(batch_size=8, steps=150, warmup=15, wd=0.0, eval_every=25)
 LEARNING_RATES = {"full": 3e-4, "lora": 2e-3}
 LORA_TARGETS = {
     "gpt2": ["c_attn", "c_proj", "c_fc"],
@@ -143,9 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     parser.add_argument("--methods", nargs="+", default=["backprop", "k0", "k1", "k2"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--pretrain_steps", type=int, default=1500)
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 250)")
+    parser.add_argument("--pretrain_steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default 150)")
     parser.add_argument("--monitor_every", type=int, default=25)
+    parser.add_argument("--timing_rounds", type=int, default=0, help="interleaved timing rounds (0: none)")
+    parser.add_argument("--timing_steps", type=int, default=5, help="steps per method per timing round")
+    parser.add_argument("--timing_only", action="store_true", help="only the interleaved timing (no training runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint_dir", type=Path, default=Path("outputs/checkpoints"))
     parser.add_argument("--output_dir", type=Path, default=Path("results/finetune"))
@@ -194,13 +197,16 @@ def main(argv: list[str] | None = None) -> dict:
             if args.steps is not None:
                 hp["steps"] = args.steps
             task = FinetuneTask(f"{model_name}_{mode}", model_name, mode, hp, state_dict, train, val, len(tokenizer))
-            for seed in args.seeds:
+            for seed in [] if args.timing_only else args.seeds:
                 for method in args.methods:
                     if args.resume and (task.name, method, seed) in done:
                         continue
                     record = train_one(task, method, seed, log=lambda s: None, monitor_every=args.monitor_every)
                     append_jsonl(args.output_dir / "runs.jsonl", record)
                     print(f"DONE {task.name} {method} seed {seed}: val loss {record['final_val_loss']:.4f}", flush=True)
+            if args.timing_rounds > 0:
+                for row in interleaved_timing(task, args.methods, args.timing_rounds, args.timing_steps):
+                    append_jsonl(args.output_dir / "timing.jsonl", row)
     summary = summarize(args.output_dir)
     print((args.output_dir / "summary.md").read_text(), flush=True)
     return summary

@@ -213,3 +213,47 @@ def test_paired_stats_known_inputs():
     assert absolute["by_seed"] == {0: -1.0, 1: 1.5} and absolute["min"] == -1.0
     assert bench.target_pct("k1") == 3.0 and bench.target_pct("k2_exact_input") == 1.0
     assert bench.target_pct("backprop_noise2") is None
+
+
+def test_diagnose_k_stall_smoke(tmp_path):
+    diag = _load("diagnose_k_stall")
+    curve = [{"step": 0, "val_loss": 7.0}, {"step": 10, "val_loss": 6.2}, {"step": 20, "val_loss": 5.4}]
+    assert diag.steps_to(curve, 6.0) == 20 and diag.steps_to(curve, 5.0) is None and diag.loss_at(curve, 10) == 6.2
+    assert diag._stalled({"delay_to_5.5": 30}) and not diag._stalled({"delay_to_5.5": 20})
+    assert diag._stalled({"delay_to_5.5": None, "steps_to_5.5": None, "backprop_reached": True})
+    assert not diag._stalled({"delay_to_5.5": None, "steps_to_5.5": None, "backprop_reached": False})
+    summary = diag.main(
+        ["--smoke", "--setups", "gpt2", "--methods", "backprop", "k1_exact_pos", "--seeds", "0"]
+        + ["--max_steps", "4", "--eval_every", "2", "--monitor_every", "2", "--output_dir", str(tmp_path)]
+    )
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["steps_run"]) for r in runs] == [("backprop", 4), ("k1_exact_pos", 4)]
+    assert runs[0]["fidelity"] == []  # no Highway pass to compare
+    assert [e["step"] for e in runs[1]["fidelity"]] == [1, 3]
+    assert {"all", "tok_emb", "pos_emb", "block_0", "block_1", "head"} <= runs[1]["fidelity"][0].keys()
+    assert runs[1]["fidelity"][0]["block_1"]["cosine"] > 1 - 1e-6  # the top block's gradient is exact at any k
+    row = summary["gpt2"]["methods"]["k1_exact_pos"]
+    assert row["per_seed"][0]["loss_at_end"] == pytest.approx(runs[1]["final_val_loss"])
+    assert summary["gpt2"]["methods"]["backprop"]["gap_at_end_pct"]["mean"] == 0.0
+    for name in ("summary.md", "summary.json", "curves_gpt2.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_bench_finetune_smoke(tmp_path):
+    finetune = _load("bench_finetune")
+    docs = finetune.stdlib_docstring_documents(max_files=5)
+    assert docs and all(isinstance(text, str) and text for text in docs.values())
+    argv = ["--smoke", "--models", "gpt2", "--modes", "lora", "--methods", "backprop", "k1", "--seeds", "0"]
+    argv += ["--pretrain_steps", "2", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path)]
+    summary = finetune.main(argv)
+    (checkpoint,) = (tmp_path / "ckpt").iterdir()
+    written = checkpoint.stat().st_mtime_ns
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in runs] == ["backprop", "k1"]
+    assert runs[0]["initial_val_loss"] == runs[1]["initial_val_loss"]  # same checkpoint, same adapters' init
+    assert all(0 < r["trainable_params"] < r["num_params"] / 5 for r in runs)  # LoRA adapters only
+    assert {g for e in runs[1]["fidelity"] for g in e} == {"step", "all", "block_0", "block_1"}  # no embeddings
+    assert summary["tasks"]["gpt2_lora"]["methods"]["k1"]["gap_pct"]["n"] == 1
+    finetune.main(argv + ["--resume"])  # the checkpoint is reused, nothing is re-run
+    assert checkpoint.stat().st_mtime_ns == written
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
