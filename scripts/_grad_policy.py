@@ -15,6 +15,8 @@ A *method* name says how the gradient applied by the optimizer is formed:
                               same size as Highway-BP(N)'s, with no systematic direction
     backprop_noise@<r>        exact gradient plus a random error of relative norm r on every tensor (cheap noise floor)
     k<N>_warm<S>              exact backprop for the first S optimizer steps, then Highway-BP(N)
+    auto_tol<T>               Highway-BP with the adaptive stop of the library (patch_model(model, k=L, tol=T)):
+                              iterations end once the block gradients change by less than T (relative)
 
 The prototypes compute the Highway gradient and the exact gradient on the same batch (two backwards) and mix
 them; their step cost is therefore not what a library implementation would cost (see ``library_cost_proxy``).
@@ -33,10 +35,12 @@ from torch import Tensor, nn
 import hf_hwbp
 
 INPUT_GROUPS = ("tok_emb", "pos_emb")
+AUTO_K = 10_000  # "as many iterations as there are blocks" (patch_model clamps k to the number of blocks)
 _BLOCK_RE = re.compile(r"\.(?:h|layers|layer)\.(\d+)\.")
 _METHOD_RE = re.compile(
     r"^(?:(?P<bp>backprop)(?:_(?P<f64>f64)|_hw(?P<hwk>\d+)_pos|_noise(?P<nk>\d+)|_noise@(?P<rel>[0-9.eE-]+))?"
-    r"|k(?P<k>\d+)(?:_(?P<exact>exact_pos|exact_input)|_warm(?P<warm>\d+))?)$"
+    r"|k(?P<k>\d+)(?:_(?P<exact>exact_pos|exact_input)|_warm(?P<warm>\d+))?"
+    r"|auto_tol(?P<tol>[0-9.eE-]+))$"
 )
 
 
@@ -64,6 +68,7 @@ class Method:
     noise_rel: float = 0.0
     float64: bool = False
     warm_steps: int = 0  # exact backprop for the first warm_steps steps
+    tol: float | None = None  # adaptive stop (with k = a large number: up to the number of blocks)
 
     @property
     def needs_exact(self) -> bool:
@@ -85,6 +90,8 @@ class Method:
             return f"k{self.k + 1}"
         if self.base == "exact":
             return "backprop"
+        if self.tol is not None:
+            return "the mean number of iterations run (see the record's mean_iterations)"
         return f"k{self.k}"
 
 
@@ -93,9 +100,14 @@ def parse_method(name: str) -> Method:
     if not match:
         raise ValueError(
             f"unknown method {name!r}: use backprop, backprop_f64, k<N>, k<N>_exact_pos, k<N>_exact_input, "
-            "k<N>_warm<S>, backprop_hw<N>_pos, backprop_noise<N> or backprop_noise@<r>"
+            "k<N>_warm<S>, auto_tol<T>, backprop_hw<N>_pos, backprop_noise<N> or backprop_noise@<r>"
         )
     g = match.groupdict()
+    if g["tol"]:
+        tol = float(g["tol"])
+        if not tol > 0:
+            raise ValueError(f"tolerance must be > 0 in {name!r}")
+        return Method(name, k=AUTO_K, base="highway", tol=tol)
     if g["bp"]:
         if g["f64"]:
             return Method(name, float64=True)
@@ -124,7 +136,7 @@ def prepare_model(model: nn.Module, method: Method) -> nn.Module:
     if method.float64:
         model = model.double()
     if method.needs_highway:
-        hf_hwbp.patch_model(model, method.k)
+        hf_hwbp.patch_model(model, method.k, tol=method.tol)
     return model
 
 
@@ -174,6 +186,7 @@ class GradientStep:
         self.params = [p for _, p in named]
         self.groups = [group_of(n) for n in self.names]
         self.generator = torch.Generator().manual_seed(10_000 + seed)
+        self.iterations: list[int] = []  # Highway iterations run by each training step's Highway pass
 
     def step(self, loss_fn, step_index: int = 0, monitor: bool = False) -> tuple[float, dict | None]:
         method = self.method
@@ -184,12 +197,14 @@ class GradientStep:
         fidelity = None
         if method.needs_highway and (method.hybrid or monitor):
             loss, hw = _grads(self.model, self.params, loss_fn, exact=False)
+            self.iterations.append(hf_hwbp.last_highway_iterations(self.model))
             _, ex = _grads(self.model, self.params, loss_fn, exact=True)
             if monitor:
                 fidelity = group_fidelity(self.names, hw, ex)
             grads = self._mix(hw, ex)
         elif method.needs_highway:
             loss, grads = _grads(self.model, self.params, loss_fn, exact=False)
+            self.iterations.append(hf_hwbp.last_highway_iterations(self.model))
         else:
             loss, grads = _grads(self.model, self.params, loss_fn, exact=True)
             if method.noise == "relative":

@@ -198,6 +198,7 @@ def train_one(
         "median_step_s": statistics.median(step_times) if step_times else None,
         "mean_step_s": statistics.fmean(step_times) if step_times else None,
         "time_kind": "process CPU time",
+        "mean_iterations": statistics.fmean(stepper.iterations) if stepper.iterations else None,
         "curve": curve,
         "fidelity": fidelity,
         "uptime_start": start_uptime,

@@ -129,7 +129,11 @@ def test_parse_method_and_groups():
     assert policy.parse_method("backprop_noise@0.05").noise_rel == 0.05
     assert policy.parse_method("k1_warm50").warm_steps == 50 and not policy.parse_method("k1_warm50").hybrid
     assert policy.parse_method("k2_exact_input").library_cost_proxy() == "k3"
-    for bad in ("k", "kx", "backprop_hw_pos", "k2_exact", "sgd"):
+    auto = policy.parse_method("auto_tol1e-3")
+    assert (auto.tol, auto.base, auto.k >= 1000) == (1e-3, "highway", True)
+    with pytest.raises(ValueError, match="must be > 0"):
+        policy.parse_method("auto_tol0")
+    for bad in ("k", "kx", "backprop_hw_pos", "k2_exact", "sgd", "auto_tol"):
         with pytest.raises(ValueError, match="unknown method"):
             policy.parse_method(bad)
     model, _ = _tiny_lm(common)
@@ -171,6 +175,7 @@ def test_gradient_step_mixes_the_two_gradients_per_group():
         clone = policy.prepare_model(copy.deepcopy(model), spec)
         stepper = policy.GradientStep(clone, spec, seed=0)
         _, report = stepper.step(lambda m: common.loss_of(m, batch), monitor=monitor)
+        applied.iterations = stepper.iterations
         return {n: p.grad for n, p in clone.named_parameters()}, report
 
     grads, report = applied("k1_exact_input", monitor=True)
@@ -188,6 +193,11 @@ def test_gradient_step_mixes_the_two_gradients_per_group():
     assert not torch_close(grads["transformer.wpe.weight"], highway["transformer.wpe.weight"])
     grads, _ = applied("k1_warm5")  # step 0 < 5 warm-up steps: exact backprop
     assert all(torch_close(g, exact[n]) for n, g in grads.items())
+    assert applied.iterations == []  # no Highway pass ran
+    grads, _ = applied("auto_tol1e-30")  # the adaptive stop never triggers: all 3 iterations, exact backprop
+    assert applied.iterations == [3] and all(torch_close(g, exact[n]) for n, g in grads.items())
+    applied("auto_tol0.5")  # a loose tolerance stops early
+    assert 1 <= applied.iterations[0] < 3
 
 
 def torch_close(a, b) -> bool:
