@@ -1,4 +1,9 @@
-"""hf_hwbp: Highway backpropagation (Fagnou et al., ICLR 2025) for Hugging Face Transformers."""
+"""hf_hwbp: Highway backpropagation (Fagnou et al., ICLR 2025) for Hugging Face Transformers.
+
+The definition it implements is docs/algorithm.md. Entry points: ``patch_model`` (any training loop),
+``HighwayCallback`` (any transformers Trainer), ``HighwayTrainer`` (a Trainer with the callback built in and
+gradient-fidelity logging), ``HighwayConfig`` (every setting, JSON and command line).
+"""
 
 from .api import (
     exact_backprop,
@@ -17,15 +22,22 @@ from .engine import HighwayResult, highway_backward, highway_iterations
 
 __version__ = "0.1.0"
 
-# The trainer pulls in transformers.Trainer (seconds to import): load it on first use.
+# These pull in transformers' Trainer machinery (seconds to import): load them on first use.
 _LAZY = {
+    "HighwayCallback": ".callback",
+    "add_highway_callback": ".callback",
+    "HighwayArguments": ".arguments",
+    "HighwayTrainingArguments": ".arguments",
     "HighwayTrainer": ".trainer",
-    "HighwayTrainingArguments": ".trainer",
-    "check_lora_targets": ".trainer",
+    "check_lora_targets": ".peft_checks",
+    "add_highway_section": ".model_card",
+    "UnsupportedDistributedSetupError": ".distributed_support",
+    "check_distributed_support": ".distributed_support",
     "build_schedule": ".schedules",
-    "SCHEDULE_NAMES": ".schedules",
+    "SCHEDULE_NAMES": ".config",
     "measure_fidelity": ".fidelity",
     "FidelityReport": ".fidelity",
+    "HighwayGRU": ".rnn",
 }
 
 
@@ -38,15 +50,21 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "SCHEDULE_NAMES",
     "FidelityReport",
+    "HighwayArguments",
+    "HighwayCallback",
+    "HighwayConfig",
+    "HighwayGRU",
+    "HighwayResult",
     "HighwayTrainer",
     "HighwayTrainingArguments",
-    "SCHEDULE_NAMES",
+    "UnsupportedDistributedSetupError",
+    "add_highway_callback",
+    "add_highway_section",
     "build_schedule",
+    "check_distributed_support",
     "check_lora_targets",
-    "measure_fidelity",
-    "HighwayConfig",
-    "HighwayResult",
     "exact_backprop",
     "get_highway_config",
     "highway_backward",
@@ -54,6 +72,7 @@ __all__ = [
     "highway_state",
     "is_patched",
     "last_highway_iterations",
+    "measure_fidelity",
     "patch_model",
     "set_highway_config",
     "set_highway_k",

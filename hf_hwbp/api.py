@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import nn
+from transformers.utils import logging
 
 from .config import HighwayConfig
+from .discovery import describe, find_stacks, stacks_from_layers
 from .patching import _ATTR, HighwayPatch
+
+logger = logging.get_logger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -25,37 +29,39 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def patch_model(model: nn.Module, k: int = 2, *, layers: nn.ModuleList | None = None, **options) -> nn.Module:
-    """Replace the backward pass of ``model``'s residual stack with Highway-BP(k), in place.
+def patch_model(
+    model: nn.Module, k: int = 2, *, layers: nn.Module | Sequence[nn.Module] | None = None, **options
+) -> nn.Module:
+    """Replace the backward pass of ``model``'s residual stack(s) with Highway-BP(k), in place.
 
     Args:
-        model: a supported transformers model (see ``model_patches.supported_model_types()``), a PEFT model
-            wrapping one, or any module when ``layers`` is given.
+        model: a transformers model (its stacks are found from its structure: decoder, encoder, vision and MoE
+            layer lists, both stacks of an encoder-decoder, the stages of a ResNet), a PEFT model wrapping one,
+            or any module when ``layers`` is given.
         k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop.
-        layers: the ``nn.ModuleList`` of residual blocks, for architectures without an adapter. Each block
-            must take the hidden state as its first argument (or ``hidden_states=``) and return it (alone or
-            first in a tuple).
+        layers: the stack yourself, when discovery cannot see it: an ``nn.ModuleList`` (or ``nn.Sequential``) of
+            residual blocks, or a list of them for several stacks in forward order. Each block must take the
+            hidden state as its first argument (or ``hidden_states=``) and return it (alone or first in a tuple).
         **options: ``tol`` (adaptive stop) and ``group_size`` (layers per Highway block); see HighwayConfig.
 
-    Patching again updates the settings (it never stacks two patches). Returns ``model``.
+    Patching again updates the settings (it never stacks two patches). What was found is in
+    ``highway_state(model).stacks`` and logged once. Returns ``model``.
     """
     config = HighwayConfig.from_options(k=k, **options)
     target = unwrap_model(model)
     existing: HighwayPatch | None = getattr(target, _ATTR, None)
     if layers is None:
-        from model_patches import find_stack
-
-        layers, model_type = (existing.layers, existing.model_type) if existing else find_stack(target)
+        stacks = existing.stacks if existing is not None else find_stacks(target)
     else:
-        if not isinstance(layers, nn.ModuleList):
-            raise TypeError(f"layers must be an nn.ModuleList of residual blocks, got {type(layers).__name__}.")
-        model_type = getattr(getattr(target, "config", None), "model_type", None)
+        stacks = stacks_from_layers(target, layers)
     if existing is not None:
-        if existing.layers is layers:
+        if [s.layers for s in existing.stacks] == [s.layers for s in stacks]:
             existing.config = config
             return model
         existing.remove()
-    object.__setattr__(target, _ATTR, HighwayPatch(layers, config, model_type))
+    model_type = getattr(getattr(target, "config", None), "model_type", None)
+    object.__setattr__(target, _ATTR, HighwayPatch(stacks, config, model_type))
+    logger.info(f"Highway-BP(k={config.k}) on {type(target).__name__}: {describe(stacks)}.")
     return model
 
 
@@ -74,7 +80,8 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def highway_state(model: nn.Module) -> HighwayPatch:
-    """The live Highway-BP state of a patched model: ``.config``, ``.last_iterations``, ``.num_blocks``."""
+    """The live Highway-BP state of a patched model: ``.config``, ``.stacks`` (where each stack is and its
+    layers), ``.num_blocks``, ``.last_iterations``."""
     patch = getattr(unwrap_model(model), _ATTR, None)
     if patch is None:
         raise ValueError("This model is not patched with Highway-BP: call hf_hwbp.patch_model(model, k) first.")

@@ -2,13 +2,15 @@
 
 The text is the Python reference manual that every CPython ships (``pydoc_data.topics``: real English
 prose and code, about 465k characters). The tokenizer is a byte-level BPE trained on that text on the
-spot with ``tokenizers`` (a second or two), wrapped as a ``PreTrainedTokenizerFast``.
+spot with ``tokenizers`` (a second or two), wrapped as a ``PreTrainedTokenizerFast``; it ends every text it
+encodes with the end-of-text token, so documents stay separated when run_clm's ``group_texts`` concatenates them.
 """
 
 from __future__ import annotations
 
 import hashlib
 
+import datasets
 import torch
 from transformers import PreTrainedTokenizerFast
 
@@ -35,15 +37,38 @@ def split_documents(documents: list[str], validation_fraction: float = 0.1, seed
     return train, validation
 
 
+def reference_manual_datasets(validation_fraction: float = 0.1) -> datasets.DatasetDict:
+    """The embedded corpus as ``train`` / ``validation`` datasets of documents (a ``"text"`` column).
+
+    The same shape as ``load_dataset("text", ...)`` gives for files, so it goes through run_clm's tokenize and
+    ``group_texts`` steps like any other data.
+    """
+    train, validation = split_documents(reference_manual_documents(), validation_fraction)
+    return datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": train}),
+            "validation": datasets.Dataset.from_dict({"text": validation}),
+        }
+    )
+
+
 def train_bpe_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts and size)."""
+    """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts and size).
+
+    Encoding with special tokens (the default) ends every text with the end-of-text token.
+    """
     from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import TemplateProcessing
 
     if vocab_size < 260:
         raise ValueError(f"vocab_size must be >= 260 (256 bytes + special tokens), got {vocab_size}.")
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(
         texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS_TOKEN], show_progress=False
+    )
+    eos_id = bpe.token_to_id(EOS_TOKEN)
+    bpe._tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {EOS_TOKEN}", pair=f"$A {EOS_TOKEN} $B {EOS_TOKEN}", special_tokens=[(EOS_TOKEN, eos_id)]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, pad_token=EOS_TOKEN

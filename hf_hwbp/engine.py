@@ -1,23 +1,35 @@
-"""The Highway-BP(k) backward for a stack of recorded blocks. Knows nothing of transformers.
+"""The Highway-BP(k) recursion: one loop, a pluggable scan along the residual path. Knows nothing of transformers.
 
-A block j (1..L) was run in the forward on an input tensor ``x_{j-1}`` and produced ``y_j`` with its own
-autograd graph ("local graph"); nothing links the local graphs to each other. From the gradient ``d`` at
-the stack output (and optional gradients ``e_j`` that reach intermediate states from outside), the engine
-runs Theorem 2 of ALGORITHM.md:
+A stack of L blocks maps h_{j-1} to h_j. From the gradient ``d`` at the stack output (and optional gradients
+``e_i`` that reach intermediate states from outside), Highway-BP (docs/algorithm.md) iterates
 
-    delta^(0)_i   = d + sum_{j=i..L-1} e_j                         (i = 0..L)
-    delta^(n+1)_i = delta^(0)_i + sum_{j=i+1..L} J_j^T delta^(n)_j  (i = 0..L-1),  delta^(n+1)_L = d
+    delta^(0):   delta_L = d,  delta_i = e_i + R_{i+1}^T delta_{i+1}
+    delta^(n+1): delta_L = d,  delta_i = e_i + R_{i+1}^T delta_{i+1} + J_{i+1}^T delta^(n)_{i+1}
 
-where ``J_j^T v`` is the input-VJP of block j minus ``v`` (block j is ``x + g_j(x)``; the subtraction
-makes the recursion exact for any block, residual or not). The L VJPs of one iteration are independent of
-each other (that is the parallelism); here they run one after the other, sweeping j = L..1 so that the
-reverse cumulative sum and the update need only L + 1 gradient tensors in memory.
+where R_j is the residual path of block j (the identity for ``x + g(x)``; a fixed diagonal gate for gated
+recurrent cells) and J_j the rest of the block's Jacobian. One iteration is therefore two steps:
+
+1. *inflow*: the input-only VJPs u_j = J_j^T delta^(n)_j of every block, independent of each other (that is
+   the parallelism), plus the e_i;
+2. *scan*: accumulate the inflow along the residual path, from the top down. For identity residuals this is a
+   reverse cumulative sum; across the ranks of a layer-parallel run it is a cumulative sum with one
+   exchange between ranks; for gated cells it is a reverse linear scan.
+
+``recursion_steps`` is that loop, written once (``run_recursion`` runs it to the end; a scheduler can advance it
+step by step): it clamps k, decides which block VJPs can be reused (delta^(n)_j no longer changes once
+n >= L - j, so its VJP is the previous one), and applies the adaptive stop. What varies between one process,
+several ranks and recurrent cells lives in the ``HighwayStack`` it drives: how the deltas are stored, how the
+VJPs are computed, and the ``ResidualScan``.
+
+``RecordedStack`` is the stack of recorded local graphs (one per block, each ending at its own input leaf)
+that ``hf_hwbp.patching`` and the layer-parallel stages use; ``highway_backward`` is its one-call form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -41,10 +53,213 @@ class HighwayResult:
     block_grads: list[Tensor] | None = None
 
 
-def _input_vjp(output: Tensor, inp: Tensor, grad: Tensor) -> Tensor:
-    """J^T grad for the block output = inp + g(inp): the full input-VJP minus the identity path."""
-    (full,) = torch.autograd.grad(output, inp, grad, retain_graph=True)
-    return full - grad
+class HighwayStack(Protocol):
+    """What ``run_recursion`` needs from a stack. ``Deltas``/``Inflow`` are the stack's own containers.
+
+    Block indices are global and 1-based (block j reads h_{j-1} and writes h_j), so that a stack that holds
+    only some blocks (a pipeline stage) applies the same reuse rule as the whole stack.
+    """
+
+    num_blocks: int  # L, the number of blocks of the whole stack (k is clamped to it)
+
+    def inflow(self, delta: Any, fresh_until: int, release: bool) -> Any:
+        """e_i + J_{i+1}^T delta_{i+1} for every state i this stack owns.
+
+        Blocks j <= ``fresh_until`` need a fresh VJP; blocks above it may reuse the VJP of the previous call
+        (their delta has not changed). With ``release=True`` the stack may drop ``delta``'s entries as it
+        consumes them (the caller no longer needs them).
+        """
+
+    def scan(self, inflow: Any | None) -> Any:
+        """The deltas from the inflow, accumulated from the top down; ``None`` gives delta^(0)."""
+
+    def squared_change(self, new: Any, old: Any) -> tuple[Tensor, Tensor]:
+        """(||new - old||^2, ||new||^2) over the whole stack (summed across ranks where it is split)."""
+
+
+def recursion_steps(stack: HighwayStack, k: int, tol: float | None = None) -> Generator[tuple[str, int], None, Any]:
+    """The recursion as a generator: it yields ``("inflow", n)`` before the n-th inflow and ``("scan", n)``
+    before the n-th scan (n = 1..k), and returns ``(delta^(k), iterations)``.
+
+    A scheduler that interleaves several recursions with other work (the layer-parallel runtime) advances it
+    step by step; ``run_recursion`` simply drains it. k is clamped to the number of blocks (exact from there
+    on). With ``tol``, iterations stop once ||delta^(n+1) - delta^(n)|| <= tol * ||delta^(n+1)|| over all states.
+    """
+    num_blocks = stack.num_blocks
+    k = min(k, num_blocks)
+    delta = stack.scan(None)
+    iterations = 0
+    for n in range(k):
+        yield ("inflow", n + 1)
+        # delta^(n)_j is exact for j >= L - n; it equals delta^(n-1)_j for j >= L - n + 1, whose VJPs are reused.
+        inflow = stack.inflow(delta, fresh_until=num_blocks - n, release=tol is None)
+        yield ("scan", n + 1)
+        new = stack.scan(inflow)
+        iterations += 1
+        if tol is not None:
+            change_sq, norm_sq = stack.squared_change(new, delta)
+            if change_sq.sqrt() <= tol * norm_sq.sqrt():
+                delta = new
+                break
+        delta = new
+    return delta, iterations
+
+
+def run_recursion(stack: HighwayStack, k: int, tol: float | None = None) -> tuple[Any, int]:
+    """Run k Highway iterations on ``stack``; return delta^(k) (the stack's container) and the iterations run."""
+    steps = recursion_steps(stack, k, tol)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+class ResidualScan:
+    """Accumulation along identity residual paths on one process: a reverse cumulative sum.
+
+    ``__call__(top, inflow)`` returns [delta_0, ..., delta_m] with delta_m = top and
+    delta_i = inflow[i] + delta_{i+1} (an entry of ``inflow`` may be None: nothing flows in there).
+    Subclasses change where the sum comes from (other ranks) or what the residual path is.
+    """
+
+    def __call__(self, top: Tensor, inflow: list[Tensor | None]) -> list[Tensor]:
+        out: list[Tensor] = [top] * (len(inflow) + 1)
+        running = top
+        for i in range(len(inflow) - 1, -1, -1):
+            if inflow[i] is not None:
+                running = running + inflow[i]
+                inflow[i] = None  # consumed: keep at most one gradient per state alive
+            out[i] = running
+        return out
+
+    def all_reduce(self, stats: Tensor) -> Tensor:
+        """Sum ``stats`` over every part of the stack (one process: nothing to do)."""
+        return stats
+
+
+class GatedResidualScan(ResidualScan):
+    """Accumulation along gated residual paths R_j = diag(a_j) on one process: a reverse linear scan.
+
+    ``gates[i]`` is a_j of local block i (the block that reads state i); delta_i = inflow[i] + a_j * delta_{i+1}.
+    Used for blocks ``act(h + g(h))`` whose activation's derivative, held fixed, is the residual path (the HF
+    ResNet's ReLU: a_j = 1 where the block's output is positive).
+    """
+
+    def __init__(self, gates: Sequence[Tensor]):
+        self.gates = list(gates)
+
+    def __call__(self, top: Tensor, inflow: list[Tensor | None]) -> list[Tensor]:
+        if len(self.gates) != len(inflow):
+            raise ValueError(f"Got {len(self.gates)} residual gates for {len(inflow)} blocks.")
+        out: list[Tensor] = [top] * (len(inflow) + 1)
+        running = top
+        for i in range(len(inflow) - 1, -1, -1):
+            running = self.gates[i] * running
+            if inflow[i] is not None:
+                running = running + inflow[i]
+                inflow[i] = None
+            out[i] = running
+        return out
+
+
+class RecordedStack:
+    """Blocks recorded as local autograd graphs: block j wrote ``outputs[j-1]`` from the leaf ``inputs[j-1]``.
+
+    J_j^T v is the input-VJP of block j minus v (block j is x + g_j(x); the subtraction makes the recursion
+    exact for any block, residual or not). The local graphs are retained through the iterations: the
+    parameter step still needs them.
+
+    Args:
+        inputs, outputs: the blocks this stack owns, bottom to top.
+        d: the gradient at the top of these blocks (for a pipeline stage: at the stack output; the scan adds
+            what flows in from the stages above).
+        extra_grads: ``extra_grads[i]`` is e at the input state of local block i (i = 0 is h_0 for the whole
+            stack); None entries for none.
+        scan: the accumulation along the residual path.
+        residual_gates: a_j for each local block when its residual path is diag(a_j) rather than the identity
+            (gated blocks: J_j^T v is then the input-VJP minus a_j * v, and the scan is a linear scan).
+        need_input_grad: whether delta_0 at the bottom is wanted (if not, block 1's VJP is skipped: it feeds
+            delta_0 only).
+        first_block: the global index of the state below local block 0 (0 for a whole stack).
+        num_blocks: L of the whole stack (defaults to the number of local blocks).
+    """
+
+    def __init__(
+        self,
+        inputs: Sequence[Tensor],
+        outputs: Sequence[Tensor],
+        d: Tensor,
+        extra_grads: Sequence[Tensor | None] | None = None,
+        *,
+        scan: ResidualScan | None = None,
+        residual_gates: Sequence[Tensor] | None = None,
+        need_input_grad: bool = True,
+        first_block: int = 0,
+        num_blocks: int | None = None,
+    ):
+        if len(inputs) != len(outputs):
+            raise ValueError(f"Got {len(inputs)} block inputs for {len(outputs)} block outputs.")
+        if residual_gates is not None:
+            if scan is not None:
+                raise ValueError("residual_gates come with their own scan (a linear scan); do not pass scan= too.")
+            scan = GatedResidualScan(residual_gates)
+        self.gates = list(residual_gates) if residual_gates is not None else None
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.d = d
+        local = len(self.outputs)
+        extra = list(extra_grads or [])
+        self.extra: list[Tensor | None] = [extra[i] if i < len(extra) else None for i in range(local)]
+        self.scan_along = scan if scan is not None else ResidualScan()
+        self.need_input_grad = need_input_grad
+        self.first_block = first_block
+        self.num_blocks = local if num_blocks is None else num_blocks
+        self._reused: dict[int, Tensor] = {}  # local block index -> its last VJP, for blocks whose delta is final
+
+    def input_vjp(self, local_index: int, grad: Tensor) -> Tensor:
+        """J^T grad of one local block: its full input-VJP minus the residual path (identity, or its gate)."""
+        (full,) = torch.autograd.grad(self.outputs[local_index], self.inputs[local_index], grad, retain_graph=True)
+        return full - (grad if self.gates is None else self.gates[local_index] * grad)
+
+    def inflow(self, delta: list[Tensor], fresh_until: int, release: bool) -> list[Tensor | None]:
+        local = len(self.outputs)
+        flow: list[Tensor | None] = [None] * local
+        for i in range(local - 1, -1, -1):  # local block i is global block first_block + i + 1
+            block = self.first_block + i + 1
+            if block == 1 and not self.need_input_grad:
+                u = None  # J_1^T delta_1 feeds delta_0 only
+            elif block > fresh_until and i in self._reused:
+                u = self._reused[i]
+            else:
+                u = self.input_vjp(i, delta[i + 1])
+                if block >= fresh_until:  # its delta is final: the next iteration reuses this VJP
+                    self._reused[i] = u
+            if release:
+                delta[i + 1] = None
+            e = self.extra[i]
+            flow[i] = u if e is None else (e if u is None else u + e)
+        return flow
+
+    def scan(self, inflow: list[Tensor | None] | None) -> list[Tensor]:
+        if inflow is None:
+            inflow = list(self.extra)
+        return self.scan_along(self.d, inflow)
+
+    def squared_change(self, new: list[Tensor], old: list[Tensor]) -> tuple[Tensor, Tensor]:
+        stats = torch.zeros(2, dtype=torch.float64, device=self.d.device)
+        skip_input = self.first_block == 0 and not self.need_input_grad  # delta_0 is not computed: leave it out
+        for fresh, previous in zip(new[1:] if skip_input else new, old[1:] if skip_input else old):
+            stats[0] += (fresh - previous).double().pow(2).sum()
+            stats[1] += fresh.double().pow(2).sum()
+        stats = self.scan_along.all_reduce(stats)
+        return stats[0], stats[1]
+
+    def param_vjps(self, delta: list[Tensor], params: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
+        """(dg_j/dtheta)^T delta_j summed over the blocks, for ``params``, in one autograd call (frees the graphs)."""
+        if not params:
+            return ()
+        return torch.autograd.grad(self.outputs, list(params), delta[1:], allow_unused=True)
 
 
 def highway_iterations(
@@ -56,49 +271,18 @@ def highway_iterations(
     k: int,
     tol: float | None = None,
     need_input_grad: bool = True,
+    residual_gates: Sequence[Tensor] | None = None,
 ) -> tuple[list[Tensor], int]:
-    """Run k Highway iterations; return [delta^(k)_0, ..., delta^(k)_L] and the iterations run.
+    """Run k Highway iterations over recorded blocks; return [delta^(k)_0, ..., delta^(k)_L] and the iterations run.
 
-    ``extra_grads[j]`` (j = 0..L-1) is e_j, a gradient reaching the state h_j from outside the stack (None
-    for none). The local graphs are retained: the parameter step still needs them.
+    ``extra_grads[i]`` (i = 0..L-1) is e_i, a gradient reaching the state h_i from outside the stack (None for
+    none); ``residual_gates[j-1]`` is a_j for gated residual paths (None: identity). The local graphs are
+    retained: the parameter step still needs them.
     """
-    num_blocks = len(outputs)
-    if len(inputs) != num_blocks:
-        raise ValueError(f"Got {len(inputs)} block inputs for {num_blocks} block outputs.")
-    k = min(k, num_blocks)
-    # base[i] = delta^(0)_i = d + sum_{j >= i} e_j. Without extra gradients every entry is `d` itself.
-    base: list[Tensor] = [d] * (num_blocks + 1)
-    if extra_grads is not None:
-        running = d
-        for i in range(num_blocks - 1, -1, -1):
-            e = extra_grads[i] if i < len(extra_grads) else None
-            if e is not None:
-                running = running + e
-            base[i] = running
-    delta = list(base)
-    iterations = 0
-    for _ in range(k):
-        suffix: Tensor | None = None  # sum_{m >= j} J_m^T delta^(n)_m, built from the top down
-        pending = delta[num_blocks]  # delta^(n+1)_L = d
-        change_sq = torch.zeros((), dtype=torch.float64, device=d.device)
-        norm_sq = torch.zeros((), dtype=torch.float64, device=d.device)
-        for j in range(num_blocks, 0, -1):  # block j reads inputs[j-1] and wrote outputs[j-1]
-            if j > 1 or need_input_grad:  # delta_0 feeds no block: skip its VJP when nobody wants it
-                v = _input_vjp(outputs[j - 1], inputs[j - 1], delta[j])  # uses delta^(n)_j
-                suffix = v if suffix is None else suffix + v
-            if tol is not None:
-                change_sq += (pending - delta[j]).double().pow(2).sum()
-                norm_sq += pending.double().pow(2).sum()
-            delta[j] = pending  # delta^(n)_j has been used: replace it by delta^(n+1)_j
-            pending = base[j - 1] if suffix is None else base[j - 1] + suffix
-        if tol is not None:
-            change_sq += (pending - delta[0]).double().pow(2).sum()
-            norm_sq += pending.double().pow(2).sum()
-        delta[0] = pending
-        iterations += 1
-        if tol is not None and change_sq.sqrt() <= tol * norm_sq.sqrt():
-            break
-    return delta, iterations
+    stack = RecordedStack(
+        inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
+    )
+    return run_recursion(stack, k, tol)
 
 
 def highway_backward(
@@ -112,21 +296,21 @@ def highway_backward(
     tol: float | None = None,
     need_input_grad: bool = True,
     keep_block_grads: bool = False,
+    residual_gates: Sequence[Tensor] | None = None,
 ) -> HighwayResult:
     """Highway-BP(k): k iterations, then one parameter VJP of every block with its delta^(k)_j.
 
     ``params`` are the blocks' trainable parameters (each once). The parameter step is a single autograd
-    call over all blocks, which frees each local graph as it goes, as ordinary backprop does.
+    call over all blocks, which frees each local graph as it goes, as ordinary backprop does. ``residual_gates``
+    as in ``highway_iterations``.
     """
-    delta, iterations = highway_iterations(
-        inputs, outputs, d, extra_grads, k=k, tol=tol, need_input_grad=need_input_grad
+    stack = RecordedStack(
+        inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
     )
-    param_grads: tuple[Tensor | None, ...] = ()
-    if params:
-        param_grads = torch.autograd.grad(list(outputs), list(params), delta[1:], allow_unused=True)
+    delta, iterations = run_recursion(stack, k, tol)
     return HighwayResult(
         input_grad=delta[0] if need_input_grad else None,
-        param_grads=param_grads,
+        param_grads=stack.param_vjps(delta, params),
         iterations=iterations,
         block_grads=delta[1:] if keep_block_grads else None,
     )

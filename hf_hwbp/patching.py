@@ -1,357 +1,470 @@
-r"""Puts the Highway-BP engine under a stack of modules with forward hooks; patch and unpatch.
+r"""Puts the Highway-BP engine under a model's residual stacks with forward hooks; patch and unpatch.
 
-During a training forward (module in training mode, gradients enabled) the hooks cut the stack's autograd
-graph at every block boundary and route it through three small autograd Functions:
+During a training forward (gradients enabled, some layer of the stack in training mode) the hooks cut the
+stack's autograd graph at every block boundary and route it through small autograd Functions:
 
     h_0 -> block 1 -> y_1 --_BlockExit--> h_1 ~> leaf x_1 -> block 2 -> ... --_BlockExit--> h_L -> head
-     \--_StackEntry(h_0, *params)--> token_0 --> token_1 --> ... --> token_L
+     \--_StackEntry(h_0, *params, *side inputs)--> token_0 --> token_1 --> ... --> token_L
 
-Block j >= 2 runs on a fresh leaf x_{j-1} holding h_{j-1}'s value, so each block's local graph ends at its
-own input and at its parameters. ``_BlockExit`` hands on the value of y_j with no edge into block j's graph
-and stores the gradient that reaches h_j (d for the last block, e_j for the others). ``_StackEntry`` takes
-the stack input and every trainable parameter of the stack, and returns only a scalar token; the token chain
-through the exits makes autograd call the exits top-down and the entry last. The entry's backward runs the
-engine over the recorded local graphs and returns delta^(k)_0 and the parameter gradients as ordinary
-autograd outputs (AccumulateGrad, DDP reducer hooks, GradScaler and gradient accumulation see them as
-usual). A gradient e_0 on h_0 itself reaches the embeddings directly, as the intermediate-loss form says.
-In eval mode or without gradients the hooks return at once: the forward is the model's own.
+Block 1 reads h_0 through ``_StackInput`` (an alias that the Highway backward never crosses) and block j >= 2
+a fresh leaf x_{j-1} holding h_{j-1}'s value, so each block's local graph ends at its own input, its parameters
+and its side inputs (tensors that require grad read besides the hidden state; each is replaced by a leaf).
+``_BlockExit`` hands on the value of y_j with no edge into block j's graph and stores the gradient that
+reaches h_j (d for the last block, e_j for the others); ``_SideExit`` does the same for side outputs (tensors
+computed inside a block that the loss may read: attention maps, router logits). ``_StackEntry`` returns only a
+scalar token; the token chain makes autograd call every exit before the entry. The entry's backward
+(``record.py``) runs the engine on the recorded local graphs (after one VJP of the side outputs, which adds to
+the e_j and to the parameter gradients as docs/algorithm.md defines) and returns delta^(k)_0, the parameter
+gradients and the side input gradients as ordinary autograd outputs: AccumulateGrad, DDP reducer hooks,
+GradScaler and gradient accumulation see them as usual, and ordinary backprop carries them below the stack.
+
+Ownership: what one training forward records (``_StackRecord``) is held by that forward's autograd graph (the
+entry and exit nodes), never by the patch. Several training forwards can wait for one backward; a forward run
+without gradients or in eval mode touches nothing; the memory of a forward is released exactly when autograd
+releases its graph (after its backward, or when the loss is dropped). The patch itself holds settings, hooks
+and, only while a stack's forward runs, that forward's bookkeeping; it deep-copies and pickles with the model.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from . import routing
 from .config import HighwayConfig
-from .engine import highway_backward
+from .discovery import Stack
+from .record import (
+    _BlockExit,
+    _EngineFlag,
+    _GroupInnerGuard,
+    _SideExit,
+    _StackEntry,
+    _StackInput,
+    _StackRecord,
+)
 
 _ATTR = "_hwbp_patch"
 
 
-@dataclass
-class _StackRecord:
-    """What one training forward of the stack leaves for its backward (held by the patch only)."""
+@dataclass(eq=False)
+class _StackForward:
+    """Bookkeeping of the forward a stack is running now; held by the patch until the stack's last layer ran."""
 
-    entry_params: list[Tensor]
-    h0_requires_grad: bool
-    inputs: list[Tensor] = field(default_factory=list)  # x_{j-1} for each block, as seen by its graph
-    outputs: list[Tensor] = field(default_factory=list)  # y_j, attached to block j's local graph
-    output_grads: dict[int, Tensor] = field(default_factory=dict)  # block index (0-based) -> grad at h_j
+    next_layer: int = 0
+    record: _StackRecord | None = None
     token: Tensor | None = None
     last_exit: Tensor | None = None
-    in_engine: bool = False
-    consumed: bool = False
+    leaf_of: dict[int, Tensor] = field(default_factory=dict)  # id(side input) -> the leaf blocks read instead
+    originals: list[Tensor] = field(default_factory=list)  # keeps those ids valid while the forward runs
+    cut_of: dict[int, int] = field(default_factory=dict)  # id(cut side output) -> its index in the record
+    leaf_ids: set[int] = field(default_factory=set)  # ids of the side-input and carried leaves
+    marks: dict[str, int] | None = None  # collector sizes before the running layer
+    block_starts: list[int] = field(default_factory=list)  # autograd sequence number where each block began
+    rng_state: tuple[torch.device, Tensor] | None = None  # checkpointed without preserving the RNG
 
 
-class _StackEntry(torch.autograd.Function):
-    """Emits the token that starts the exit chain; its backward is the whole Highway-BP backward."""
+# ----- hooks ---------------------------------------------------------------------------------------------------
+class _PreHook:
+    """Forward pre-hook of one layer. A small class, not a closure: a deep copy of the model gets hooks that point
+    to the copy's patch, and the hooks pickle."""
 
-    @staticmethod
-    def forward(ctx, patch_ref, record_ref, h0: Tensor, *params: Tensor):
-        ctx.patch_ref = patch_ref
-        ctx.record_ref = record_ref
-        return h0.new_zeros(())
+    def __init__(self, patch: HighwayPatch, stack_index: int, layer_index: int):
+        self.patch, self.stack_index, self.layer_index = patch, stack_index, layer_index
 
-    @staticmethod
-    def backward(ctx, _grad_token):
-        patch, record = ctx.patch_ref(), ctx.record_ref()
-        if record is None or patch is None:
-            raise RuntimeError(
-                "Highway-BP: this forward's recorded blocks were released, because a later training forward of "
-                "the same model (or unpatch_model) replaced them. Highway-BP keeps one pending training forward "
-                "per model: call backward() before the next forward."
-            )
-        if record.consumed:
-            raise RuntimeError(
-                "Trying to backward through the graph a second time (or directly access saved tensors after "
-                "they have already been freed). Highway-BP frees the stack's graph in the first backward."
-            )
-        return patch._backward(record)
+    # Hooks always run eagerly: under torch.compile the graph breaks at block boundaries, where they cut it anyway.
+    @torch._dynamo.disable
+    def __call__(self, module, args, kwargs):
+        return self.patch._before_layer(self.stack_index, self.layer_index, module, args, kwargs)
 
 
-class _BlockExit(torch.autograd.Function):
-    """Hands on a block's output value, cut from its graph; stores the gradient that reaches it."""
+class _PostHook(_PreHook):
+    """Forward hook of one layer (see ``_PreHook``)."""
 
-    @staticmethod
-    def forward(ctx, record_ref, index: int, output: Tensor, token: Tensor):
-        ctx.record_ref = record_ref
-        ctx.index = index
-        ctx.set_materialize_grads(False)
-        return output, token.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_token):
-        record = ctx.record_ref()
-        if record is not None and grad_output is not None:
-            record.output_grads[ctx.index] = grad_output
-        return (
-            None,
-            None,
-            None,
-            torch.zeros((), device=grad_output.device if grad_output is not None else None),
-        )
+    @torch._dynamo.disable
+    def __call__(self, module, args, output):
+        return self.patch._after_layer(self.stack_index, self.layer_index, output)
 
 
-class _GroupInnerGuard(torch.autograd.Function):
-    """Identity on a hidden state inside a group of layers; refuses gradients from outside the stack."""
-
-    @staticmethod
-    def forward(ctx, record_ref, layer_index: int, hidden: Tensor):
-        ctx.record_ref = record_ref
-        ctx.layer_index = layer_index
-        return hidden.view_as(hidden)
-
-    @staticmethod
-    def backward(ctx, grad):
-        record = ctx.record_ref()
-        if record is None or not record.in_engine:
-            raise RuntimeError(
-                f"Highway-BP: the loss reads the hidden state after layer {ctx.layer_index}, which lies inside a "
-                "group of layers (group_size > 1). Only hidden states at group boundaries can carry a loss: use "
-                "group_size=1, or leave that hidden state out of the loss."
-            )
-        return None, None, grad
-
-
-def _is_non_reentrant_checkpoint(layer: nn.Module) -> bool:
-    """Whether a transformers layer checkpoints with ``use_reentrant=False`` (the form autograd.grad supports)."""
+def _checkpoint_kwargs(layer: nn.Module) -> dict | None:
+    """The keyword arguments of a transformers layer's checkpointing (None when it does not checkpoint)."""
+    if not getattr(layer, "gradient_checkpointing", False):
+        return None
     func = getattr(layer, "_gradient_checkpointing_func", None)
-    return isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False
+    return dict(func.keywords) if isinstance(func, functools.partial) else {}
 
 
-def _split_hidden(args: tuple, kwargs: dict) -> Tensor:
-    if args:
-        return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
-    raise RuntimeError("Highway-BP: could not find the hidden state (first argument or `hidden_states=`) of a layer.")
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-def _output_hidden(output) -> Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_output_hidden(output, hidden: Tensor):
-    if isinstance(output, tuple):
-        return (hidden,) + output[1:]
-    if isinstance(output, list):
-        return [hidden] + output[1:]
-    return hidden
-
-
-def _check_side_inputs(layer_index: int, args: tuple, kwargs: dict) -> None:
-    """Refuse other layer inputs that need gradients: the Highway backward would not deliver them."""
-    named = [(f"argument {i}", a) for i, a in enumerate(args[1:], start=1)] + list(kwargs.items())
-    if not args:
-        named = [(n, v) for n, v in named if n != "hidden_states"]
-    for name, value in named:
-        values = value if isinstance(value, (tuple, list)) else (value,)
-        if any(isinstance(v, Tensor) and v.requires_grad for v in values):
-            raise RuntimeError(
-                f"Highway-BP: layer {layer_index} receives `{name}`, a tensor that requires grad besides the hidden "
-                "state (e.g. cross-attention encoder states). Highway-BP only propagates gradients along the "
-                "residual stream; call unpatch_model(model) to train this model with ordinary backprop."
-            )
-
-
+# ----- the patch -----------------------------------------------------------------------------------------------
 class HighwayPatch:
-    """The Highway-BP state of one patched model: its settings, its hooks and the last forward's record.
+    """The Highway-BP state of one patched model: its stacks, settings and hooks.
 
-    Read or change the settings between steps through ``config`` (or ``hf_hwbp.set_highway_k``); read
-    ``last_iterations`` after a backward for the number of Highway iterations that really ran.
+    Read or change the settings between steps through ``config`` (or ``hf_hwbp.set_highway_k``); ``stacks`` says
+    what discovery found; ``last_iterations`` is the number of Highway iterations the last backward ran (the
+    largest over its stacks and forwards); ``recorded_forwards`` counts the stack forwards recorded so far.
     """
 
-    def __init__(self, layers: nn.ModuleList, config: HighwayConfig, model_type: str | None = None):
-        if len(layers) == 0:
-            raise ValueError("Highway-BP needs at least one layer in the stack; got an empty ModuleList.")
-        self.layers = layers
+    def __init__(self, stacks: list[Stack], config: HighwayConfig, model_type: str | None = None):
+        if not stacks:
+            raise ValueError("Highway-BP needs at least one stack of layers.")
+        self.stacks = list(stacks)
         self.config = config
         self.model_type = model_type
         self.enabled = True
         self.last_iterations: int | None = None
         self.last_block_grads: list[Tensor] | None = None
         self.keep_block_grads = False
-        self._record: _StackRecord | None = None
+        self.recorded_forwards = 0  # stack forwards recorded for Highway-BP (one per stack per training forward)
+        self._forwards: list[_StackForward | None] = [None] * len(self.stacks)
+        self._graph_checked = [False] * len(self.stacks)
+        self._last_task: int | None = None
         self._handles: list = []
-        self._install_hooks()
+        for s, stack in enumerate(self.stacks):
+            for i, layer in enumerate(stack.layers):
+                self._handles.append(
+                    layer.register_forward_pre_hook(_PreHook(self, s, i), with_kwargs=True, prepend=True)
+                )
+                self._handles.append(layer.register_forward_hook(_PostHook(self, s, i), prepend=True))
 
-    # ----- layout -----------------------------------------------------------------------------------------
+    # A copy (deepcopy, pickle) keeps settings and hooks, and starts with no forward running.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_forwards"] = [None] * len(self.stacks)
+        state["_last_task"] = None
+        return state
+
+    # ----- layout -----------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[nn.Module, ...]:
+        """The layers of the first stack (the only one for most models)."""
+        return self.stacks[0].layers
+
     @property
     def num_layers(self) -> int:
-        return len(self.layers)
+        return sum(len(s) for s in self.stacks)
+
+    def _blocks_of(self, stack: Stack) -> int:
+        g = self.config.group_size
+        return (len(stack) + g - 1) // g
 
     @property
     def num_blocks(self) -> int:
-        """Highway blocks: groups of ``group_size`` consecutive layers."""
-        g = self.config.group_size
-        return (self.num_layers + g - 1) // g
+        """Highway blocks (groups of ``group_size`` layers) of the deepest stack: k >= this is exact everywhere."""
+        return max(self._blocks_of(s) for s in self.stacks)
 
     @property
     def effective_k(self) -> int:
         """k clamped to the number of blocks (iterations past it change nothing)."""
         return min(self.config.k, self.num_blocks)
 
-    def _group_bounds(self, layer_index: int) -> tuple[bool, bool]:
+    def block_parameters(self) -> list[list[Tensor]]:
+        """The trainable parameters of each Highway block (group of layers), stack by stack, bottom to top."""
         g = self.config.group_size
-        first = layer_index % g == 0
-        last = layer_index % g == g - 1 or layer_index == self.num_layers - 1
-        return first, last
-
-    # ----- hooks ------------------------------------------------------------------------------------------
-    def _install_hooks(self) -> None:
-        # The hooks always run eagerly: under torch.compile each layer's forward is compiled on its own and the
-        # graph breaks at the block boundaries, where the hooks cut the autograd graph anyway.
-        for i, layer in enumerate(self.layers):
-            pre_hook = torch._dynamo.disable(self._make_pre_hook(i))
-            post_hook = torch._dynamo.disable(self._make_post_hook(i))
-            self._handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
-            self._handles.append(layer.register_forward_hook(post_hook, prepend=True))
+        blocks: list[list[Tensor]] = []
+        for stack in self.stacks:
+            for start in range(0, len(stack), g):
+                blocks.append(_trainable(stack.layers[start : start + g]))
+        return blocks
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._record = None
+        self._forwards = [None] * len(self.stacks)
 
-    def _active(self, layer: nn.Module) -> bool:
-        return self.enabled and layer.training and torch.is_grad_enabled()
+    def _note_backward(self, iterations: int, block_grads: list[Tensor] | None) -> None:
+        task = torch._C._current_graph_task_id()
+        if task != self._last_task or self.last_iterations is None:
+            self.last_iterations = iterations
+        else:
+            self.last_iterations = max(self.last_iterations, iterations)
+        self._last_task = task
+        self.last_block_grads = block_grads
 
-    def _make_pre_hook(self, layer_index: int):
-        def pre_hook(layer, args, kwargs):
-            if not self._active(layer):
-                if layer_index == 0:
-                    self._record = None  # an eval forward also releases a pending training forward
-                return None
-            hidden = _split_hidden(args, kwargs)
-            _check_side_inputs(layer_index, args, kwargs)
-            first, _ = self._group_bounds(layer_index)
-            if layer_index == 0:
-                self._check_supported_forward()
-                self._start_record(hidden)
-                return None
-            record = self._record
-            if record is None:  # nothing trainable in or below the stack in this forward
-                return None
-            if first:
-                if hidden is not record.last_exit:
-                    raise RuntimeError(
-                        f"Highway-BP: layer {layer_index} did not receive the output of layer {layer_index - 1} "
-                        "unchanged. Highway-BP supports stacks whose layers feed each other directly; pass "
-                        "layers=<ModuleList> of such a stack, or call unpatch_model(model)."
-                    )
-                leaf = hidden.detach().requires_grad_(True)
-                record.inputs.append(leaf)
-                return _with_hidden(args, kwargs, leaf)
-            return None
+    # ----- forward ----------------------------------------------------------------------------------------------
+    def _trains(self, stack: Stack) -> bool:
+        """Whether a forward of this stack starting now is a Highway training forward."""
+        return (
+            self.enabled
+            and torch.is_grad_enabled()
+            and torch._C._current_graph_task_id() == -1  # not a recomputation inside a backward
+            and any(layer.training for layer in stack.layers)
+        )
 
-        return pre_hook
-
-    def _make_post_hook(self, layer_index: int):
-        def post_hook(layer, args, output):
-            record = self._record
-            if not self._active(layer) or record is None:
-                return None
-            hidden = _output_hidden(output)
-            _, last = self._group_bounds(layer_index)
-            record_ref = weakref.ref(record)
-            if not last:
-                return _with_output_hidden(output, _GroupInnerGuard.apply(record_ref, layer_index, hidden))
-            block_index = len(record.outputs)
-            record.outputs.append(hidden)
-            exit_hidden, record.token = _BlockExit.apply(record_ref, block_index, hidden.detach(), record.token)
-            record.last_exit = exit_hidden
-            return _with_output_hidden(output, exit_hidden)
-
-        return post_hook
-
-    def _check_supported_forward(self) -> None:
-        for layer in self.layers:
-            if getattr(layer, "gradient_checkpointing", False) and not _is_non_reentrant_checkpoint(layer):
+    def _before_layer(self, s: int, i: int, module: nn.Module, args: tuple, kwargs: dict):
+        stack = self.stacks[s]
+        if i == 0:
+            if not self._trains(stack):
+                return None  # a forward that does not train touches nothing
+            self._check_forward(stack)
+            fwd = self._forwards[s] = _StackForward()
+        else:
+            fwd = self._forwards[s]
+            if fwd is None or fwd.next_layer != i:
+                if not self._trains(stack):
+                    return None
                 raise RuntimeError(
-                    "Highway-BP supports gradient checkpointing only in its non-reentrant form (each Highway "
+                    f"Highway-BP: layer {i} of {stack.path} ran in a training forward right after layer "
+                    f"{i - 2 if fwd is None else fwd.next_layer - 1}, not layer {i - 1}. Highway-BP needs every "
+                    "training forward to run the whole stack in order (no LayerDrop: set the model's layerdrop "
+                    "to 0); or call unpatch_model(model)."
+                )
+        if module is not stack.layers[i]:
+            raise RuntimeError(
+                f"Highway-BP: a copy of layer {i} of {stack.path} ran with the original's hooks (nn.DataParallel "
+                "replicates modules this way). Use DistributedDataParallel (one process per device) instead."
+            )
+        fwd.next_layer = i + 1
+        hidden = routing.split_hidden(args, kwargs)
+        checkpointing = _checkpoint_kwargs(module)
+        if checkpointing is not None and checkpointing.get("preserve_rng_state") is False:
+            fwd.rng_state = (hidden.device, _rng_state(hidden.device))
+        fwd.marks = routing.collector_marks(routing.collector())
+        record = fwd.record
+        if record is None:
+            return self._maybe_start(s, i, fwd, hidden, args, kwargs)
+        if routing.has_grad_inputs(args, kwargs):
+            args, kwargs = routing.swap_tensors(
+                args, kwargs, functools.partial(self._known_leaf, fwd, i, module), deep=False
+            )
+        if self._block_start(record, i):
+            if hidden is not fwd.last_exit:
+                raise RuntimeError(
+                    f"Highway-BP: layer {i} of {stack.path} did not receive the output of layer {i - 1} unchanged. "
+                    "Highway-BP supports stacks whose layers feed each other directly; pass layers=<ModuleList> of "
+                    "such a stack, or call unpatch_model(model)."
+                )
+            leaf = hidden.detach().requires_grad_(True)
+            record.inputs.append(leaf)
+            fwd.block_starts.append(torch._C._autograd._get_sequence_nr())
+            return routing.with_hidden(args, kwargs, leaf)
+        return args, kwargs
+
+    def _maybe_start(self, s: int, i: int, fwd: _StackForward, hidden: Tensor, args: tuple, kwargs: dict):
+        """Start recording at the first layer whose block has something to train (or feeds something that does)."""
+        stack = self.stacks[s]
+        found: list[tuple[str, Tensor]] = []
+
+        def collect(name: str, tensor: Tensor) -> Tensor:
+            found.append((name, tensor))
+            return tensor
+
+        routing.swap_tensors(args, kwargs, collect, deep=True)
+        g = self.config.group_size
+        block_end = min((i // g + 1) * g, len(stack))
+        params = _trainable(stack.layers[i:])
+        if not (hidden.requires_grad or found or _trainable(stack.layers[i:block_end])):
+            return None  # frozen, and nothing below needs a gradient: the layer runs as it would unpatched
+        flag = _EngineFlag()
+        originals = list({id(tensor): tensor for _, tensor in found}.values())
+        for tensor in originals:
+            if id(tensor) not in fwd.leaf_of:
+                fwd.leaf_of[id(tensor)] = _leaf(fwd, tensor)
+        fwd.originals.extend(originals)
+        num_blocks = sum(1 for j in range(i, len(stack)) if j % g == g - 1 or j == len(stack) - 1)
+        record = _StackRecord(
+            patch=self,
+            stack=stack,
+            config=copy.copy(self.config),
+            first_layer=i,
+            num_blocks=num_blocks,
+            flag=flag,
+            params=params,
+            side_leaves=[fwd.leaf_of[id(t)] for t in originals],
+            input_requires_grad=hidden.requires_grad,
+            token_dtype=hidden.dtype,
+            token_device=hidden.device,
+        )
+        fwd.token = _StackEntry.apply(record, hidden, *params, *originals)
+        fwd.record = record
+        self.recorded_forwards += 1
+        if originals:
+            args, kwargs = routing.swap_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
+        x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
+        record.inputs.append(x0)
+        fwd.block_starts.append(torch._C._autograd._get_sequence_nr())
+        return routing.with_hidden(args, kwargs, x0)
+
+    def _known_leaf(self, fwd: _StackForward, i: int, module: nn.Module, name: str, tensor: Tensor) -> Tensor:
+        leaf = fwd.leaf_of.get(id(tensor))
+        if leaf is not None:
+            return leaf
+        if id(tensor) in fwd.leaf_ids:
+            return tensor
+        side = fwd.cut_of.get(id(tensor))
+        if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
+            block, original = fwd.record.side_outputs[side]
+            if block > 0 and _reaches(original, fwd.record.inputs[block]):
+                raise RuntimeError(
+                    f"Highway-BP: layer {i} of {fwd.record.stack.path} reads a tensor that an earlier layer returned "
+                    f"and that depends on that layer's hidden state "
+                    f"(`{routing.argument_name(module, name)}`): its gradient would feed the Highway iteration it "
+                    "depends on. Train this model with ordinary backprop (unpatch_model(model))."
+                )
+            leaf = fwd.leaf_of[id(tensor)] = _leaf(fwd, tensor)
+            fwd.record.carried.append((side, leaf))
+            return leaf
+        argument = routing.argument_name(module, name)
+        raise RuntimeError(
+            f"Highway-BP: layer {i} of {fwd.record.stack.path} receives `{argument}`, a tensor that requires grad that "
+            f"layer {fwd.record.first_layer} did not receive and that no earlier layer returned. Highway-BP routes "
+            "the side inputs that the stack's first layer receives too (encoder states, prefix keys and values, "
+            "parameters passed in) and the tensors a layer returns for the next ones (T5's position bias). Train "
+            "this model with ordinary backprop (unpatch_model(model)), or pass that tensor to every layer."
+        )
+
+    def _after_layer(self, s: int, i: int, output):
+        fwd = self._forwards[s]
+        if fwd is None or fwd.next_layer != i + 1:
+            return None
+        stack = self.stacks[s]
+        last_layer = i == len(stack) - 1
+        if last_layer:
+            self._forwards[s] = None  # the patch keeps nothing of a forward past its stack
+        if fwd.rng_state is not None:
+            self._check_rng(stack, i, fwd)
+        record = fwd.record
+        if record is None:
+            return None
+        hidden = routing.output_hidden(output)
+        if not hidden.requires_grad and not record.outputs and self._block_end(record, i):
+            fwd.record = fwd.token = None  # its trainable parameters did not take part: still the frozen prefix
+            self.recorded_forwards -= 1
+            return None
+        output = self._cut_side_outputs(record, fwd, output)
+        if not self._block_end(record, i):
+            return routing.with_output_hidden(output, _GroupInnerGuard.apply(record.flag, i, hidden))
+        index = len(record.outputs)
+        record.outputs.append(hidden)
+        exit_hidden, fwd.token = _BlockExit.apply(record, index, hidden.detach(), fwd.token)
+        fwd.last_exit = exit_hidden
+        if last_layer and not self._graph_checked[s]:
+            self._check_local_graphs(s, record, fwd)
+        return routing.with_output_hidden(output, exit_hidden)
+
+    def _cut_side_outputs(self, record: _StackRecord, fwd: _StackForward, output):
+        block = len(record.outputs)
+        replaced = {}
+        for position, tensor in routing.output_extras(output):
+            if id(tensor) not in fwd.leaf_ids:  # a side input handed on unchanged is not a side output
+                replaced[position] = self._side_exit(record, fwd, block, tensor)
+        for values, position, tensor in routing.new_collected(routing.collector(), fwd.marks):
+            values[position] = self._side_exit(record, fwd, block, tensor)
+        return routing.with_output_extras(output, replaced) if replaced else output
+
+    @staticmethod
+    def _side_exit(record: _StackRecord, fwd: _StackForward, block: int, tensor: Tensor) -> Tensor:
+        record.side_outputs.append((block, tensor))
+        cut, fwd.token = _SideExit.apply(record, len(record.side_outputs) - 1, tensor.detach(), fwd.token)
+        fwd.cut_of[id(cut)] = len(record.side_outputs) - 1
+        fwd.originals.append(cut)
+        return cut
+
+    def _block_start(self, record: _StackRecord, i: int) -> bool:
+        return i % self.config.group_size == 0 or i == record.first_layer
+
+    def _block_end(self, record: _StackRecord, i: int) -> bool:
+        g = self.config.group_size
+        return i % g == g - 1 or i == len(record.stack) - 1
+
+    # ----- checks -----------------------------------------------------------------------------------------------
+    def _check_forward(self, stack: Stack) -> None:
+        if stack.residual_gate is not None and self.config.group_size > 1:
+            raise ValueError(
+                f"Highway-BP: the layers of {stack.path} have a gated residual path (act(h + g(h))), which is defined "
+                "per layer: group_size must be 1 for this model (set_highway_config(model, group_size=1))."
+            )
+        for layer in stack.layers:
+            kwargs = _checkpoint_kwargs(layer)
+            if kwargs is not None and kwargs.get("use_reentrant") is not False:
+                raise RuntimeError(
+                    "Highway-BP supports activation checkpointing only in its non-reentrant form (each Highway "
                     "iteration then recomputes the layer, as backprop's single sweep does): reentrant checkpointing "
                     "accumulates parameter gradients behind autograd's back. Call "
-                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), "
-                    "or model.gradient_checkpointing_disable()."
+                    "model.activation_checkpointing_enable() (non-reentrant by default), or "
+                    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}); "
+                    "or model.activation_checkpointing_disable()."
                 )
 
-    def _start_record(self, h0: Tensor) -> None:
-        params = self._trainable_params()
-        self._record = None  # the previous record (if any) is released here
-        if not params and not h0.requires_grad:
-            return  # nothing in or below the stack is trained: the forward stays the model's own
-        record = _StackRecord(entry_params=params, h0_requires_grad=h0.requires_grad)
-        record.token = _StackEntry.apply(weakref.ref(self), weakref.ref(record), h0, *params)
-        record.inputs.append(h0)
-        self._record = record
-
-    def _trainable_params(self) -> list[Tensor]:
-        seen: dict[int, Tensor] = {}
-        for layer in self.layers:
-            for p in layer.parameters():
-                if p.requires_grad:
-                    seen.setdefault(id(p), p)
-        return list(seen.values())
-
-    def block_parameters(self) -> list[list[Tensor]]:
-        """The trainable parameters of each Highway block (group of layers), bottom to top."""
-        g = self.config.group_size
-        blocks: list[list[Tensor]] = []
-        for start in range(0, self.num_layers, g):
-            seen: dict[int, Tensor] = {}
-            for layer in self.layers[start : start + g]:
-                for p in layer.parameters():
-                    if p.requires_grad:
-                        seen.setdefault(id(p), p)
-            blocks.append(list(seen.values()))
-        return blocks
-
-    # ----- backward ---------------------------------------------------------------------------------------
-    def _backward(self, record: _StackRecord) -> tuple:
-        num_blocks = len(record.outputs)
-        if num_blocks != self.num_blocks or len(record.inputs) != num_blocks:
+    def _check_rng(self, stack: Stack, i: int, fwd: _StackForward) -> None:
+        (device, before), fwd.rng_state = fwd.rng_state, None
+        if not torch.equal(before, _rng_state(device)):
             raise RuntimeError(
-                f"Highway-BP: the training forward ran {num_blocks} of the stack's {self.num_blocks} blocks. "
-                "Highway-BP needs the whole stack in every training forward."
+                f"Highway-BP: layer {i} of {stack.path} draws random numbers (dropout) and is checkpointed with "
+                "preserve_rng_state=False: each of the k + 1 Highway sweeps would recompute it with new dropout "
+                "masks, none of them the forward's. Keep preserve_rng_state=True (the default) in the "
+                "checkpointing kwargs, or turn dropout off."
             )
-        last = record.outputs[-1]
-        d = record.output_grads.get(num_blocks - 1)
-        if d is None:
-            d = torch.zeros_like(last)
-        # e_0 (a loss on h_0 itself) reaches h_0 directly through autograd: the engine leaves it out.
-        extra = [None] + [record.output_grads.get(j) for j in range(num_blocks - 1)]
-        record.in_engine = True
-        try:
-            result = highway_backward(
-                record.inputs,
-                record.outputs,
-                record.entry_params,
-                d,
-                extra,
-                k=self.config.k,
-                tol=self.config.tol,
-                need_input_grad=record.h0_requires_grad,
-                keep_block_grads=self.keep_block_grads,
-            )
-        finally:
-            record.in_engine = False
-            record.consumed = True
-            record.inputs.clear()
-            record.outputs.clear()
-            record.output_grads.clear()
-        self.last_iterations = result.iterations
-        self.last_block_grads = result.block_grads
-        return (None, None, result.input_grad) + tuple(result.param_grads)
+
+    def _check_local_graphs(self, s: int, record: _StackRecord, fwd: _StackForward) -> None:
+        """Once per stack: no block reads, without receiving it as an argument, a tensor that requires grad from
+        outside its layers (its gradient would be lost). Walks the recorded local graphs."""
+        stack = self.stacks[s]
+        allowed = {id(p) for layer in stack.layers for p in layer.parameters()}
+        allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
+        allowed |= {id(z) for _, z in record.carried}
+        stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
+        for block, (output, start) in enumerate(zip(record.outputs, fwd.block_starts)):
+            pending, seen = [output.grad_fn], {}
+            while pending:
+                node = pending.pop()
+                if node is None or id(node) in seen or id(node) in stops:
+                    continue
+                seen[id(node)] = node  # holding the node keeps its id unique during the walk
+                variable = getattr(node, "variable", None)
+                if variable is not None:
+                    if id(variable) not in allowed and isinstance(variable, nn.Parameter):
+                        raise RuntimeError(
+                            f"Highway-BP: block {block} of {stack.path} reads a parameter "
+                            f"({tuple(variable.shape)}) that is neither one of its layers' parameters nor passed to "
+                            "it as an argument, so its gradient cannot be routed. Pass it to the layer as an "
+                            "argument, or register it in the layer; or call unpatch_model(model)."
+                        )
+                    continue
+                if node._sequence_nr() < start:
+                    raise RuntimeError(
+                        f"Highway-BP: block {block} of {stack.path} reads a tensor that requires grad, computed "
+                        f"outside its layers ({node.name()}), without receiving it as an argument, so its gradient "
+                        "cannot be routed. Pass it to the layer as an argument; or call unpatch_model(model)."
+                    )
+                pending.extend(fn for fn, _ in node.next_functions)
+        self._graph_checked[s] = True
+
+
+def _reaches(tensor: Tensor, leaf: Tensor) -> bool:
+    """Whether ``tensor``'s autograd graph reaches the leaf ``leaf``."""
+    pending, seen = [tensor.grad_fn], {}
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node
+        if getattr(node, "variable", None) is leaf:
+            return True
+        pending.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def _leaf(fwd: _StackForward, tensor: Tensor) -> Tensor:
+    """The leaf that blocks read in place of a side input (or of a carried side output)."""
+    leaf = tensor.detach().requires_grad_(True)
+    fwd.leaf_ids.add(id(leaf))
+    return leaf
+
+
+def _trainable(layers) -> list[Tensor]:
+    seen: dict[int, Tensor] = {}
+    for layer in layers:
+        for p in layer.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def get_patch(model: nn.Module) -> HighwayPatch | None:

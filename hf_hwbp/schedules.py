@@ -4,7 +4,7 @@ A schedule maps ``step`` (the 0-based index of the optimizer step about to run, 
 before that step) to k, an int >= 0. Schedules are pure: the same step always gives the same k, which is what makes
 a run resumed from a checkpoint continue exactly where it stopped.
 
-Named schedules (``HighwayTrainingArguments.hwbp_k_schedule``):
+Named schedules (``HighwayConfig.k_schedule``, the ``--hwbp_k_schedule`` flag):
 
 - ``"constant"``: ``k`` at every step.
 - ``"step"``: ``min(k + step // every, k_max)``: k starts at ``k`` and grows by one every ``every`` optimizer steps, up
@@ -21,7 +21,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "exact_last")
+from .config import SCHEDULE_NAMES
 
 
 def _check_k(k, what: str = "k") -> int:

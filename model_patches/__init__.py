@@ -1,41 +1,38 @@
-"""Architecture adapters: where each supported model keeps its residual stack.
+"""Models whose structure misleads stack discovery (``hf_hwbp.discovery``), keyed by ``config.model_type``.
 
-An adapter is data: the attribute paths at which a model of that family (any head) holds the
-``nn.ModuleList`` of its residual blocks. The registry is keyed by ``config.model_type``.
+Most transformers models need nothing here: their residual stack is found from their structure. An entry is a
+function ``model -> [(path, layers), ...]`` returning the stacks in the order the forward runs them.
+``RESIDUAL_GATES`` names the models whose layers are ``act(h + g(h))`` rather than ``h + g(h)``: a function
+``model -> gate`` gives the diagonal of the residual path from a layer's output (docs/algorithm.md, residual
+paths that are not the identity), or raises for an activation it cannot express that way.
 """
 
 from __future__ import annotations
 
-from torch import nn
+from collections.abc import Callable
 
-from .base import StackAdapter
-from .gpt2 import GPT2_ADAPTER
-from .llama import LLAMA_ADAPTER, LLAMA_FAMILY
-from .vit import VIT_ADAPTER
+from torch import Tensor, nn
 
-ADAPTERS: dict[str, StackAdapter] = {"gpt2": GPT2_ADAPTER, "vit": VIT_ADAPTER}
-ADAPTERS.update({model_type: LLAMA_ADAPTER for model_type in LLAMA_FAMILY})
+from .resnet import resnet_residual_gate, resnet_stacks
+
+StackFinder = Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
+
+STACK_FINDERS: dict[str, StackFinder] = {"resnet": resnet_stacks}
+RESIDUAL_GATES: dict[str, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {"resnet": resnet_residual_gate}
+
+
+# The model types of the zoo in tests/test_zoo.py (exact at k >= L and equal to the independent reference below),
+# kept equal to it by a test. Discovery is not limited to them.
+TESTED_MODEL_TYPES = (
+    "bart", "bert", "deit", "dinov2", "distilbert", "electra", "falcon", "gemma", "gemma2", "gpt2", "gpt_neox",
+    "granite", "llama", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+    "qwen3_moe", "resnet", "roberta", "stablelm", "starcoder2", "t5", "vit",
+)  # fmt: skip
 
 
 def supported_model_types() -> list[str]:
-    return sorted(ADAPTERS)
+    """The model types tested end to end (the zoo). Others work too when discovery finds their stack."""
+    return sorted(TESTED_MODEL_TYPES)
 
 
-def find_stack(model: nn.Module) -> tuple[nn.ModuleList, str]:
-    """The residual stack of a supported transformers model, and its model_type.
-
-    Raises ValueError naming the supported types and the generic form for custom stacks.
-    """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    adapter = ADAPTERS.get(model_type)
-    if adapter is None:
-        raise ValueError(
-            f"Highway-BP has no adapter for model_type={model_type!r} ({type(model).__name__}). Supported model "
-            f"types: {', '.join(supported_model_types())}. For another residual stack, pass its layers: "
-            "patch_model(model, k, layers=<nn.ModuleList of blocks h -> h + g(h)>)."
-        )
-    return adapter.find(model), model_type
-
-
-__all__ = ["ADAPTERS", "StackAdapter", "find_stack", "supported_model_types"]
+__all__ = ["RESIDUAL_GATES", "STACK_FINDERS", "TESTED_MODEL_TYPES", "StackFinder", "supported_model_types"]

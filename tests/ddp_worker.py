@@ -1,13 +1,14 @@
-"""One rank of the 2-process DDP parity check (launched by tests/test_ddp.py with torch.distributed.run).
+"""One rank of the 2-process DDP parity check (launched by tests/test_ddp.py with ``accelerate launch``).
 
-Both parts run Highway-BP(k) for one step on a tiny float64 GPT-2 (dropout 0) under DDP with the gloo backend on CPU,
-through Accelerate:
+Every part runs Highway-BP(k) for one step on a tiny float64 GPT-2 (dropout 0) under DDP with the gloo backend on
+CPU, through Accelerate:
 
 - "accelerate": ``Accelerator(cpu=True)``, the model patched with ``patch_model`` and then ``accelerator.prepare``-d
   (DDP), one forward on this rank's half of the batch, ``accelerator.backward``;
-- "trainer": ``HighwayTrainer`` (which patches the unwrapped model in ``__init__``; its Accelerator wraps it in DDP
-  inside ``train``), one optimizer step with SGD over 2 accumulated micro-batches per rank (the first under DDP's
-  ``no_sync``) and a fidelity measurement, the gradients read by a callback just before the optimizer step.
+- "trainer": ``HighwayTrainer``, one optimizer step with SGD over 2 accumulated micro-batches per rank (the first
+  under DDP's ``no_sync``) and a fidelity measurement, the gradients read by a callback just before the optimizer
+  step. Its HighwayCallback patches the unwrapped model when training begins, after Accelerate wrapped it in DDP;
+- "callback": the same step with a plain ``transformers.Trainer`` given ``callbacks=[HighwayCallback(config)]``.
 
 For each part the rank compares its gradients with (a) the other rank's and (b) single-process Highway-BP(k) on the
 concatenated batch, computed here without any process group, and writes ``rank{r}.json`` into ``--out``.
@@ -23,9 +24,17 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from hf_hwbp import highway_state, is_patched, patch_model, unwrap_model
+from hf_hwbp import (
+    HighwayCallback,
+    HighwayConfig,
+    UnsupportedDistributedSetupError,
+    highway_state,
+    is_patched,
+    patch_model,
+    unwrap_model,
+)
 from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 12, 4
@@ -104,18 +113,22 @@ def accelerate_part(k: int) -> dict:
 
 
 class _Grads(TrainerCallback):
+    """Gradients just before the optimizer step; whether the model was patched while training."""
+
     def __init__(self):
         self.grads = None
+        self.patched_during_training = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.patched_during_training = is_patched(model)  # the HighwayCallback runs before this one
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def trainer_part(k: int, out: str) -> dict:
-    model = tiny_gpt2()
-    recorder = _Grads()
-    args = HighwayTrainingArguments(
-        output_dir=os.path.join(out, "trainer"),
+def _step_arguments(arguments_class, out: str, **extra):
+    return arguments_class(
+        output_dir=out,
         report_to="none",
         use_cpu=True,
         ddp_backend="gloo",
@@ -128,34 +141,72 @@ def trainer_part(k: int, out: str) -> dict:
         optim="sgd",
         learning_rate=0.1,
         max_grad_norm=0.0,
-        hwbp_k=k,
-        hwbp_fidelity_steps=1,  # measured on the unwrapped model: must not disturb DDP or the gradients
+        **extra,
     )
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=dataset(), callbacks=[recorder])
-    patched_before_wrap = is_patched(model) and trainer.model_wrapped is model  # patched, not wrapped yet
+
+
+def _trained(trainer, model, recorder, k: int) -> dict:
     trainer.train()
     wrapped = trainer.model_wrapped
     result = compare(recorder.grads, k)
+    entries = [e for e in trainer.state.log_history if "loss" in e]
     result.update(
-        patched_before_wrap=patched_before_wrap,
+        patched_during_training=recorder.patched_during_training,
+        unpatched_after=not is_patched(model),
         wrapped_is_ddp=isinstance(wrapped, DistributedDataParallel),
-        patched_inner=is_patched(wrapped) and unwrap_model(wrapped) is model and trainer.model is model,
-        iterations=highway_state(model).last_iterations,
-        logged_k=[e.get("hwbp_k") for e in trainer.state.log_history if "loss" in e],
-        logged_iterations=[e.get("hwbp_iterations") for e in trainer.state.log_history if "loss" in e],
-        fidelity_cosine=[e.get("hwbp_fidelity/cosine") for e in trainer.state.log_history if "loss" in e],
-        world_size=args.world_size,
+        wrapped_inner_is_model=unwrap_model(wrapped) is model and trainer.model is model,
+        logged_k=[e.get("hwbp_k") for e in entries],
+        logged_iterations=[e.get("hwbp_iterations") for e in entries],
+        fidelity_cosine=[e.get("hwbp_fidelity/cosine") for e in entries],
+        world_size=trainer.args.world_size,
     )
     return result
+
+
+def trainer_part(k: int, out: str) -> dict:
+    model = tiny_gpt2()
+    recorder = _Grads()
+    # fidelity: measured on the unwrapped model, it must not disturb DDP or the gradients
+    args = _step_arguments(HighwayTrainingArguments, os.path.join(out, "trainer"), hwbp_k=k, hwbp_fidelity_steps=1)
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=dataset(), callbacks=[recorder])
+    return _trained(trainer, model, recorder, k)
+
+
+def callback_part(k: int, out: str) -> dict:
+    model = tiny_gpt2()
+    recorder = _Grads()
+    args = _step_arguments(TrainingArguments, os.path.join(out, "callback"))
+    callbacks = [HighwayCallback(HighwayConfig(k=k)), recorder]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
+    return _trained(trainer, model, recorder, k)
+
+
+def refusal_part(k: int, out: str) -> dict:
+    """Under FSDP from `accelerate launch` (refused): the error raised when the Trainer is built."""
+    args = _step_arguments(TrainingArguments, os.path.join(out, "refused"))
+    try:
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=dataset(), callbacks=[HighwayCallback(HighwayConfig(k=k))])
+    except UnsupportedDistributedSetupError as err:
+        return {"error": type(err).__name__, "message": str(err)}
+    return {"error": None, "message": ""}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--mode", choices=["parity", "refusal"], default="parity")
     options = parser.parse_args()
     torch.set_num_threads(1)
-    results = {"accelerate": accelerate_part(options.k), "trainer": trainer_part(options.k, options.out)}
+    if options.mode == "refusal":
+        with open(os.path.join(options.out, f"rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(refusal_part(options.k, options.out), f)
+        return 0
+    results = {
+        "accelerate": accelerate_part(options.k),
+        "trainer": trainer_part(options.k, options.out),
+        "callback": callback_part(options.k, options.out),
+    }
     rank = dist.get_rank()
     with open(os.path.join(options.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)

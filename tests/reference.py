@@ -1,44 +1,138 @@
-"""An independent Highway-BP(k) for the tests: Theorem 2 written out on an unpatched model.
+"""An independent Highway-BP(k) for the tests: the definition written out literally on an unpatched model.
 
-It shares no code with hf_hwbp. Hooks cut the unpatched model at every layer (each layer runs on a fresh
-leaf), the ordinary backward gives d at the stack output, the e_j at intermediate states and the head's
-gradients, and the recursion is then evaluated literally, with a sum over j > i for every i (O(L^2) VJPs).
+It shares no code with hf_hwbp. Hooks cut the unpatched model at every block: each block runs on a fresh leaf
+for its hidden state and a fresh leaf for every other tensor it reads that requires grad (side inputs: encoder
+states, prefix keys/values inside a cache, parameters passed in), and the rest of the model reads a leaf in
+place of each block output. One ordinary backward (graphs retained) then gives d at each stack output, e_j at
+intermediate states (from losses on hidden states, and from side outputs such as attention maps or router
+logits, whose gradient ordinary autograd carries through the block's graph into its input leaf, its parameters
+and its side-input leaves: exactly the definition's e_{j-1} += (ds_j/dh_{j-1})^T g and its direct parameter
+term), and the gradients of everything outside the stacks. The recursion is then evaluated literally, with a
+sum over m >= i of what enters at every state h_m, carried down the residual path (the identity, or the fixed
+gates of act(h + g(h)) layers), for every i (O(L^2) VJPs), one stack run at a time from the last one the
+forward(s) ran to the first: each run's stack input and side inputs are backpropagated ordinarily into what
+lies below them, which may be an earlier stack's output (ResNet stages, an encoder under a decoder's
+cross-attention).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 
-def reference_highway_grads(model: nn.Module, layers: nn.ModuleList, loss_fn, k: int) -> dict[str, torch.Tensor]:
-    """Gradients of every trainable parameter of ``model`` under Highway-BP(k), by name."""
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
-    exposed: list[torch.Tensor] = []  # what the rest of the model sees as h_1..h_L (leaves, to read e_j and d)
-    stack_input: list[torch.Tensor] = []
+class _Run:
+    """One forward of one stack."""
 
-    def pre_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if not stack_input:
-            stack_input.append(hidden)
-        leaf = hidden.detach().requires_grad_(True)
-        inputs.append(leaf)
-        if args:
-            return (leaf,) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": leaf}
+    def __init__(self, stack: Sequence[nn.Module], stack_input: torch.Tensor):
+        self.stack = stack
+        self.stack_input = stack_input
+        self.inputs: list[torch.Tensor] = []  # block input leaves
+        self.outputs: list[torch.Tensor] = []  # block outputs, in their local graphs
+        self.exposed: list[torch.Tensor] = []  # leaves the rest of the model reads as the block outputs
+        self.side: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, original, leaf)
+        self.gates: list[torch.Tensor | None] = []  # a_j of each block's residual path (None: the identity)
 
-    def post_hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        outputs.append(hidden)
-        leaf = hidden.detach().requires_grad_(True)
-        exposed.append(leaf)
-        return (leaf,) + tuple(output[1:]) if isinstance(output, tuple) else leaf
+
+def _replace_grad_tensors(value, make_leaf, depth=0, seen=None):
+    """Every tensor that requires grad in ``value`` (tuples, lists, dicts, object attributes) -> make_leaf(t)."""
+    seen = set() if seen is None else seen
+    if isinstance(value, torch.Tensor):
+        return make_leaf(value) if value.requires_grad else value
+    if depth > 4 or id(value) in seen or isinstance(value, (str, bytes, int, float, bool, type, nn.Module)):
+        return value
+    seen.add(id(value))
+    if isinstance(value, tuple):
+        return type(value)(_replace_grad_tensors(v, make_leaf, depth + 1, seen) for v in value)
+    if isinstance(value, list):
+        value[:] = [_replace_grad_tensors(v, make_leaf, depth + 1, seen) for v in value]
+        return value
+    if isinstance(value, dict):
+        for key in list(value):
+            value[key] = _replace_grad_tensors(value[key], make_leaf, depth + 1, seen)
+        return value
+    if hasattr(value, "__dict__") and not callable(value):
+        for key, v in list(vars(value).items()):
+            setattr(value, key, _replace_grad_tensors(v, make_leaf, depth + 1, seen))
+    return value
+
+
+def reference_highway_grads(
+    model: nn.Module,
+    layers: Sequence[nn.Module] | Sequence[Sequence[nn.Module]],
+    loss_fn: Callable[[nn.Module], torch.Tensor],
+    k: int,
+    *,
+    group_size: int = 1,
+    stop: Callable[[list[torch.Tensor], list[torch.Tensor]], bool] | None = None,
+    iterations: list[int] | None = None,
+    residual_gate: Callable[[nn.Module], torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Gradients of every trainable parameter of ``model`` under Highway-BP(k), by name.
+
+    Args:
+        layers: one stack (a sequence of layers) or several (a sequence of sequences, in forward order).
+        loss_fn: runs the forward(s) of ``model`` and returns the loss.
+        group_size: G consecutive layers form one block.
+        stop: optional adaptive stop, called after each iteration with (delta^(n), delta^(n+1)) of one stack
+            run (lists over i = 0..L); True ends that run's iterations.
+        iterations: if given, receives the number of iterations each stack run did (in the order they ran).
+        residual_gate: for layers act(h + g(h)): called with a layer just after its forward, returns a_j, the
+            diagonal of its residual path (the definition's R_j = diag(a_j)); group_size must then be 1.
+    """
+    if residual_gate is not None and group_size != 1:
+        raise ValueError("The reference defines gated residual paths per layer: group_size must be 1.")
+    stacks = [layers] if isinstance(layers[0], nn.Module) else list(layers)
+    runs: list[_Run] = []
+    current: dict[int, _Run] = {}
+    original_of: dict[int, torch.Tensor] = {}  # id(leaf made here) -> the tensor it stands for
+
+    def make_hooks(s: int, i: int):
+        def pre_hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if i == 0:
+                current[s] = _Run(stacks[s], hidden)
+                runs.append(current[s])
+            run = current[s]
+            block = i // group_size
+
+            def side_leaf(t: torch.Tensor) -> torch.Tensor:
+                original = original_of.get(id(t), t)
+                leaf = t.detach().requires_grad_(True)
+                original_of[id(leaf)] = original
+                run.side.append((block, original, leaf))
+                return leaf
+
+            rest_args = tuple(_replace_grad_tensors(a, side_leaf) for a in args[1:])
+            rest = {n: _replace_grad_tensors(v, side_leaf) for n, v in kwargs.items() if args or n != "hidden_states"}
+            if i % group_size == 0:
+                hidden = hidden.detach().requires_grad_(True)
+                run.inputs.append(hidden)
+            if args:
+                return (hidden,) + rest_args, rest
+            return (), {**rest, "hidden_states": hidden}
+
+        def post_hook(module, args, output):
+            if i % group_size != group_size - 1 and i != len(stacks[s]) - 1:
+                return None
+            run = current[s]
+            hidden = output[0] if isinstance(output, tuple) else output
+            run.outputs.append(hidden)
+            run.gates.append(residual_gate(module) if residual_gate is not None else None)
+            leaf = hidden.detach().requires_grad_(True)
+            run.exposed.append(leaf)
+            return (leaf,) + tuple(output[1:]) if isinstance(output, tuple) else leaf
+
+        return pre_hook, post_hook
 
     handles = []
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
-        handles.append(layer.register_forward_hook(post_hook, prepend=True))
+    for s, stack in enumerate(stacks):
+        for i, layer in enumerate(stack):
+            pre_hook, post_hook = make_hooks(s, i)
+            handles.append(layer.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=True))
+            handles.append(layer.register_forward_hook(post_hook, prepend=True))
     try:
         loss = loss_fn(model)
     finally:
@@ -47,34 +141,75 @@ def reference_highway_grads(model: nn.Module, layers: nn.ModuleList, loss_fn, k:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for p in params.values():
         p.grad = None
-    loss.backward()  # head and everything above the stack; leaves collect d, e_1..e_{L-1}; inputs[0] gets e_0
-    num_layers = len(outputs)
-    zeros = torch.zeros_like(exposed[-1])
-    d = exposed[-1].grad if exposed[-1].grad is not None else zeros
-    e = [inputs[0].grad] + [x.grad for x in exposed[:-1]]
-    e = [g if g is not None else zeros for g in e]
-    base = [d + sum(e[i:], zeros) for i in range(num_layers)] + [d]
-
-    def j_transpose(j: int, v: torch.Tensor) -> torch.Tensor:  # J_j^T v = (df_j/dh)^T v - v
-        (full,) = torch.autograd.grad(outputs[j - 1], inputs[j - 1], v, retain_graph=True)
-        return full - v
-
-    delta = list(base)
-    for _ in range(min(k, num_layers)):
-        delta = [
-            base[i] + sum((j_transpose(j, delta[j]) for j in range(i + 1, num_layers + 1)), zeros)
-            for i in range(num_layers)
-        ] + [base[num_layers]]
-    for j, layer in enumerate(layers, start=1):
-        trainable = [p for p in layer.parameters() if p.requires_grad]
-        if trainable:
-            grads = torch.autograd.grad(outputs[j - 1], trainable, delta[j], retain_graph=True, allow_unused=True)
-            for p, g in zip(trainable, grads):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad + g
-    if stack_input[0].requires_grad:
-        stack_input[0].backward(delta[0])
+    # Everything outside the stacks, and the side outputs' direct terms; leaves collect d, e_j and more.
+    loss.backward(retain_graph=True)
+    for run in reversed(runs):
+        done = _backward_run(run, k, group_size, stop)
+        if iterations is not None:
+            iterations.insert(0, done)
     result = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
     for p in params.values():
         p.grad = None
     return result
+
+
+def _backward_run(run: _Run, k: int, group_size: int, stop) -> int:
+    """Theorem 2 on one stack run, then the parameter, side-input and stack-input gradients. Returns iterations."""
+    num_blocks = len(run.outputs)
+    zeros = torch.zeros_like(run.exposed[-1])
+
+    def grad_or_zero(t):
+        return t.grad if t.grad is not None else zeros
+
+    d = grad_or_zero(run.exposed[-1])
+    e = [grad_or_zero(run.inputs[0])] + [
+        grad_or_zero(run.exposed[j - 1]) + grad_or_zero(run.inputs[j]) for j in range(1, num_blocks)
+    ]
+    gates = [None] + run.gates  # gates[j]: a_j of block j (None: the identity residual path)
+
+    def along_residual(i: int, m: int, v: torch.Tensor) -> torch.Tensor:  # R_{i+1}^T ... R_m^T v: h_m down to h_i
+        for j in range(i + 1, m + 1):
+            if gates[j] is not None:
+                v = gates[j] * v
+        return v
+
+    def j_transpose(j: int, v: torch.Tensor) -> torch.Tensor:  # J_j^T v = (df_j/dh)^T v - R_j^T v
+        (full,) = torch.autograd.grad(run.outputs[j - 1], run.inputs[j - 1], v, retain_graph=True)
+        return full - (v if gates[j] is None else gates[j] * v)
+
+    def deltas(crossed: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """delta_i = sum over m >= i of (what enters at h_m) carried down the residual path from h_m to h_i."""
+        entering = [e[m] + (crossed[m + 1] if crossed is not None else zeros) for m in range(num_blocks)] + [d]
+        return [
+            sum((along_residual(i, m, entering[m]) for m in range(i, num_blocks + 1)), zeros)
+            for i in range(num_blocks + 1)
+        ]
+
+    delta = deltas(None)
+    done = 0
+    for _ in range(min(k, num_blocks)):
+        crossed = [None] + [j_transpose(j, delta[j]) for j in range(1, num_blocks + 1)]
+        new = deltas(crossed)
+        delta, previous = new, delta
+        done += 1
+        if stop is not None and stop(previous, delta):
+            break
+    blocks = [list(run.stack[a : a + group_size]) for a in range(0, len(run.stack), group_size)]
+    for j, block in enumerate(blocks, start=1):
+        trainable = [p for layer in block for p in layer.parameters() if p.requires_grad]
+        if trainable:
+            grads = torch.autograd.grad(run.outputs[j - 1], trainable, delta[j], retain_graph=True, allow_unused=True)
+            for p, g in zip(trainable, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+    e0 = grad_or_zero(run.inputs[0]).clone()
+    for block, original, leaf in run.side:
+        (g,) = torch.autograd.grad(run.outputs[block], leaf, delta[block + 1], retain_graph=True, allow_unused=True)
+        total = g if leaf.grad is None else (leaf.grad if g is None else g + leaf.grad)
+        if total is not None and original.requires_grad:
+            original.backward(total, retain_graph=True)  # ordinary backprop below the side input
+    # A side input made by block 1 from h_0 (handed on to the blocks above) backpropagates into h_0 as well.
+    late = grad_or_zero(run.inputs[0]) - e0
+    if run.stack_input.requires_grad:
+        run.stack_input.backward(delta[0] + late, retain_graph=True)
+    return done

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import hf_hwbp
-from hf_hwbp.engine import highway_backward
+from hf_hwbp.engine import RecordedStack, ResidualScan, highway_backward, run_recursion
 
 torch.set_default_dtype(torch.float64)
 
@@ -255,3 +255,77 @@ def test_highway_backward_direct_call_matches_recursion(stack_and_input):
     for j in range(1, DEPTH + 1):
         torch.testing.assert_close(result.block_grads[j - 1], delta[j], rtol=1e-12, atol=1e-14)
     assert result.iterations == 2
+
+
+class _CountingStack(RecordedStack):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vjp_calls: list[int] = []
+
+    def input_vjp(self, local_index, grad):
+        self.vjp_calls.append(local_index + 1)
+        return super().input_vjp(local_index, grad)
+
+
+@pytest.mark.parametrize("need_input_grad", [True, False])
+def test_final_deltas_reuse_their_vjp(stack_and_input, need_input_grad):
+    """delta^(n)_j is final once n >= L - j: its VJP is computed once, and k = L stays exact."""
+    stack, x = stack_and_input
+    states = _states(stack, x)
+    jac = _jacobians_of_g(stack, states)
+    d = _output_grad(stack, states[-1])
+    inputs = [s.clone().requires_grad_(True) for s in states[:-1]]
+    outputs = [layer(h) for layer, h in zip(stack.layers, inputs)]
+    recorded = _CountingStack(inputs, outputs, d, need_input_grad=need_input_grad)
+    delta, ran = run_recursion(recorded, DEPTH)
+    assert ran == DEPTH
+    # Iteration n (0-based) needs fresh VJPs for blocks 1..L-n only; block 1 only when delta_0 is wanted.
+    lowest = 1 if need_input_grad else 2
+    expected_calls = sorted(j for n in range(DEPTH) for j in range(lowest, DEPTH - n + 1))
+    assert sorted(recorded.vjp_calls) == expected_calls
+    exact = _recursion(jac, d, DEPTH, DEPTH)
+    for j in range(0 if need_input_grad else 1, DEPTH + 1):
+        torch.testing.assert_close(delta[j], exact[j], rtol=1e-12, atol=1e-14)
+
+
+def test_residual_scan_is_a_reverse_cumulative_sum():
+    top = torch.tensor([1.0])
+    inflow = [torch.tensor([2.0]), None, torch.tensor([4.0])]
+    out = ResidualScan()(top, inflow)
+    assert [float(t) for t in out] == [7.0, 5.0, 5.0, 1.0]
+
+
+def test_gated_residual_paths_follow_the_definition():
+    """Blocks relu(h + g(h)): R_j = diag(a_j) with a_j = relu'(...) held fixed, J_j = df_j/dh - R_j, and
+    delta^(n+1)_{i-1} = R_i^T delta^(n+1)_i + J_i^T delta^(n)_i (docs/algorithm.md), written with matrices."""
+    torch.manual_seed(3)
+    blocks = [ResidualMLP(WIDTH) for _ in range(DEPTH)]
+    h = torch.randn(WIDTH)
+    states, gates = [h], []
+    for block in blocks:
+        pre = block(states[-1]).detach()
+        gates.append((pre > 0).to(pre.dtype))
+        states.append(torch.relu(pre))
+    full = [torch.autograd.functional.jacobian(lambda x, b=b: torch.relu(b(x)), s) for b, s in zip(blocks, states)]
+    residual = [torch.diag(a) for a in gates]
+    crossing = [f - r for f, r in zip(full, residual)]  # J_j
+    d = torch.randn(WIDTH)
+    inputs = [s.clone().requires_grad_(True) for s in states[:-1]]
+    outputs = [torch.relu(b(x)) for b, x in zip(blocks, inputs)]
+    for k in range(DEPTH + 1):
+        delta = [None] * DEPTH + [d]
+        for i in range(DEPTH - 1, -1, -1):  # delta^(0): d carried down the gated residual path
+            delta[i] = residual[i].T @ delta[i + 1]
+        for _ in range(k):
+            new = [None] * DEPTH + [d]
+            for i in range(DEPTH - 1, -1, -1):
+                new[i] = residual[i].T @ new[i + 1] + crossing[i].T @ delta[i + 1]
+            delta = new
+        result = highway_backward(inputs, outputs, [], d, k=k, keep_block_grads=True, residual_gates=gates)
+        torch.testing.assert_close(result.input_grad, delta[0], rtol=1e-12, atol=1e-14)
+        for j in range(1, DEPTH + 1):
+            torch.testing.assert_close(result.block_grads[j - 1], delta[j], rtol=1e-12, atol=1e-14)
+    exact = d
+    for f in reversed(full):
+        exact = f.T @ exact
+    torch.testing.assert_close(result.input_grad, exact, rtol=1e-12, atol=1e-14)  # k = L is exact backprop

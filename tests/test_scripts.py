@@ -1,10 +1,11 @@
-"""The example scripts end to end in --smoke_test mode (in-process, a few seconds each), and their argument errors."""
+"""The example scripts end to end on tiny settings (in-process, seconds each), their arguments and their outputs."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -16,7 +17,22 @@ sys.path.insert(0, SCRIPTS)
 import run_clm_hwbp  # noqa: E402
 import run_image_classification_hwbp  # noqa: E402
 
+from hf_hwbp import HighwayTrainer  # noqa: E402
+
 QUIET = ["--disable_tqdm", "true", "--report_to", "none"]
+TINY_CLM = [
+    *("--config_overrides", "n_layer=2,n_embd=32,n_head=2", "--block_size", "32", "--warmup_steps", "0"),
+    *("--max_steps", "4", "--max_train_samples", "32", "--max_eval_samples", "8", "--logging_steps", "1"),
+    *("--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--eval_steps", "2"),
+]
+TINY_VIT = [
+    "--config_overrides",
+    "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
+    "intermediate_size=32",
+    *("--max_steps", "4", "--max_train_samples", "64", "--max_eval_samples", "32", "--logging_steps", "1"),
+    *("--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "16"),
+    *("--eval_strategy", "steps", "--eval_steps", "2", "--warmup_steps", "0"),
+]
 
 
 def _results(output_dir) -> dict:
@@ -25,43 +41,137 @@ def _results(output_dir) -> dict:
 
 
 def _clm(tmp_path, *args: str) -> dict:
-    return run_clm_hwbp.main(["--smoke_test", "--output_dir", str(tmp_path), *QUIET, *args])
+    return run_clm_hwbp.main(["--output_dir", str(tmp_path), *QUIET, *TINY_CLM, *args])
 
 
 def _vit(tmp_path, *args: str) -> dict:
-    return run_image_classification_hwbp.main(["--smoke_test", "--output_dir", str(tmp_path), *QUIET, *args])
+    return run_image_classification_hwbp.main(["--output_dir", str(tmp_path), *QUIET, *TINY_VIT, *args])
+
+
+def _help_defaults(script, argv: list[str], capsys, monkeypatch) -> dict[str, str]:
+    """``--help``'s "(default: ...)" of every option, for the command line ``argv``."""
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per option: no wrapping inside long defaults
+    with pytest.raises(SystemExit):
+        script.parse_args([*argv, "--help"])
+    text = capsys.readouterr().out
+    defaults = {}
+    for block in re.split(r"\n  (?=--)", text):
+        name = re.match(r"--(\w+)", block)
+        value = re.search(r"\(default:\s+(.*?)\)\s*$", " ".join(block.split()))
+        if name and value:
+            defaults[name.group(1)] = value.group(1)
+    return defaults
+
+
+def _applied(parsed: tuple, name: str):
+    for args in parsed:
+        if hasattr(args, name):
+            return getattr(args, name)
+    raise AttributeError(name)
+
+
+# ----- arguments: defaults, --help, a user's flags -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        (run_clm_hwbp, []),
+        (run_clm_hwbp, ["--train_file", "{text_file}"]),
+        (run_clm_hwbp, ["--model_name_or_path", "some/model"]),
+        (run_image_classification_hwbp, []),
+        (run_image_classification_hwbp, ["--model_type", "vit"]),
+    ],
+)
+def test_help_shows_the_defaults_that_are_applied(script, argv, capsys, monkeypatch, tmp_path):
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("some text\n")
+    argv = [arg.format(text_file=text_file) for arg in argv]
+    shown = _help_defaults(script, argv, capsys, monkeypatch)
+    parsed = script.parse_args(argv)
+    expected = script.script_defaults({flag.lstrip("-"): value for flag, value in zip(argv[::2], argv[1::2])})
+    for name, value in expected.items():
+        assert shown[name] == str(value), (name, shown[name], value)
+        applied = _applied(parsed, name)
+        applied = getattr(applied, "value", applied)  # enums (lr_scheduler_type, eval_strategy) by their value
+        assert str(applied) == str(value), (name, applied, value)
+    if argv and argv[0] in ("--model_name_or_path", "--model_type"):
+        assert shown["learning_rate"] == "5e-05" and _applied(parsed, "learning_rate") == 5e-05  # run_clm's
+        assert "model_type" not in expected
+    else:
+        assert float(shown["learning_rate"]) == _applied(parsed, "learning_rate") == 1e-3  # the embedded recipe
+
+
+def test_a_user_flag_beats_the_embedded_recipe(tmp_path):
+    text = tmp_path / "my.txt"
+    text.write_text("a line of text\n" * 50)
+    # The issue's command: a file, 3 epochs, no model. The recipe's model and learning rate apply (they are
+    # defaults); its duration does not override the user's: epochs, no max_steps.
+    model_args, data_args, training_args, *_ = run_clm_hwbp.parse_args(
+        ["--train_file", str(text), "--num_train_epochs", "3"]
+    )
+    assert training_args.num_train_epochs == 3 and training_args.max_steps == -1
+    assert model_args.model_type == "gpt2" and data_args.validation_split_percentage == 5  # run_clm's, for files
+    model_args, _, training_args, *_ = run_clm_hwbp.parse_args(
+        ["--learning_rate", "5e-4", "--config_overrides", "n_layer=2", "--lr_scheduler_type", "linear"]
+    )
+    assert training_args.learning_rate == 5e-4 and model_args.config_overrides == "n_layer=2"
+    assert training_args.lr_scheduler_type == "linear"
+    # An arguments file too: what it gives wins, the defaults fill in the rest.
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"output_dir": str(tmp_path), "learning_rate": 2e-4, "hwbp_k": 0}))
+    _, _, training_args, *_ = run_clm_hwbp.parse_args([str(args_file)])
+    assert training_args.learning_rate == 2e-4 and training_args.highway_config.k == 0
+    assert training_args.lr_scheduler_type == "cosine"  # from the recipe
 
 
 # ----- causal LM ------------------------------------------------------------------------------------------------------
-def test_clm_default_compare_backprop(tmp_path):
-    runs = _clm(tmp_path, "--compare_backprop")
-    assert set(runs) == {"highway_bp_k2", "backprop"}
-    for run_dir in (tmp_path, tmp_path / "backprop"):
-        results = _results(run_dir)
-        assert math.isfinite(results["eval_loss"])
-        assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]))
+def test_clm_embedded_default_with_compare_backprop(tmp_path):
+    out = tmp_path / "model"
+    metrics = _clm(out, "--compare_backprop", "--hwbp_k", "1")
+    assert math.isfinite(metrics["eval_loss"]) and metrics["perplexity"] == pytest.approx(
+        math.exp(metrics["eval_loss"])
+    )
+    comparison = tmp_path / "model-comparison"
+    baseline = comparison / "backprop"
+    for run_dir in (out, baseline):
         assert (run_dir / "model.safetensors").exists() and (run_dir / "tokenizer.json").exists()
-    png = tmp_path / "loss_curves.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (tmp_path / "comparison.md").read_text()
-    assert "| highway_bp_k2 |" in table and "| backprop |" in table and "perplexity" in table
-    rows = json.loads((tmp_path / "comparison.json").read_text())
-    assert [r["run"] for r in rows] == ["highway_bp_k2", "backprop"]
-    assert rows[1]["time_vs_backprop"] == pytest.approx(1.0)
-    state = json.loads((tmp_path / "trainer_state.json").read_text())
-    assert any("hwbp_k" in entry and "hwbp_iterations" in entry for entry in state["log_history"])
+        assert math.isfinite(_results(run_dir)["eval_loss"])
+    # The output folder (what push_to_hub uploads) holds the Highway-BP model only.
+    assert not any((out / name).exists() for name in ("backprop", "comparison.md", "loss_curves.png"))
+    assert (comparison / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (comparison / "comparison.md").read_text()
+    assert "| highway_bp_k1 |" in table and "| backprop |" in table and "docs/algorithm.md" in table
+    assert "ALGORITHM.md" not in table and "../shared" not in table
+    rows = json.loads((comparison / "comparison.json").read_text())
+    assert [r["run"] for r in rows] == ["highway_bp_k1", "backprop"]
+    # k = 1 < 2 layers: Highway-BP is not backprop, the two runs differ (slightly).
+    assert rows[0]["metrics"]["train_loss"] != rows[1]["metrics"]["train_loss"]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert all(e["hwbp_k"] == 1 and e["hwbp_iterations"] == 1 for e in state["log_history"] if "loss" in e)
+    card = (out / "README.md").read_text()
+    assert "hf_hwbp" in card and "Highway-BP" in card and "| k (Highway iterations) | 1 |" in card
+
+
+def test_clm_embedded_corpus_goes_through_datasets():
+    from hf_hwbp.data import reference_manual_datasets, train_bpe_tokenizer
+
+    raw = reference_manual_datasets(0.1)
+    assert set(raw) == {"train", "validation"} and raw["train"].column_names == ["text"]
+    assert len(raw["train"]) > 5 * len(raw["validation"]) > 0
+    tokenizer = train_bpe_tokenizer(raw["validation"]["text"], 300)
+    ids = tokenizer(raw["validation"]["text"][:2])["input_ids"]
+    assert all(row[-1] == tokenizer.eos_token_id for row in ids)  # documents stay separated after group_texts
 
 
 def test_clm_json_args_file_and_highway_flags(tmp_path):
     args_file = tmp_path / "args.json"
     out = tmp_path / "out"
-    args = {"smoke_test": True, "output_dir": str(out), "disable_tqdm": True, "hwbp_k": 0, "max_steps": 2}
+    args = {flag.lstrip("-"): value for flag, value in zip(TINY_CLM[::2], TINY_CLM[1::2])}
+    args = {name: int(value) if value.isdigit() else value for name, value in args.items()}  # JSON types
+    args.update(output_dir=str(out), disable_tqdm=True, report_to="none", hwbp_k=0, max_steps=2)
     args_file.write_text(json.dumps(args))
-    runs = run_clm_hwbp.main([str(args_file)])
-    assert list(runs) == ["highway_bp_k0"]
-    assert math.isfinite(_results(out)["eval_loss"])
+    run_clm_hwbp.main([str(args_file)])
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2  # the file's max_steps overrides the smoke recipe
+    assert state["global_step"] == 2
     assert {entry["hwbp_k"] for entry in state["log_history"] if "hwbp_k" in entry} == {0}
 
 
@@ -70,9 +180,7 @@ def test_clm_train_file_and_lora(tmp_path):
     train = tmp_path / "train.txt"
     train.write_text(text)
     out = tmp_path / "out"
-    args = ["--train_file", str(train), "--cache_dir", str(tmp_path / "cache"), "--use_lora", "--max_steps", "2"]
-    runs = run_clm_hwbp.main(["--smoke_test", "--output_dir", str(out), *QUIET, *args])
-    metrics = runs["highway_bp_k2"]
+    metrics = _clm(out, "--train_file", str(train), "--cache_dir", str(tmp_path / "cache"), "--use_lora")
     assert math.isfinite(metrics["eval_loss"]) and metrics["eval_samples"] >= 1
     assert (out / "adapter_config.json").exists()  # a PEFT model was trained and saved
 
@@ -83,56 +191,71 @@ def test_clm_train_file_and_lora(tmp_path):
         (["--train_file", "no/such/file.txt"], "does not exist"),
         (["--train_file", "data.parquet"], "csv, a json or a txt"),
         (["--model_type", "gpt-42"], "Unknown --model_type 'gpt-42'"),
-        (["--model_type", "opt"], "no adapter for model_type='opt'"),
+        (["--model_type", "bloom"], "no adapter for model_type='bloom'"),
         (["--hwbp_k", "-1"], "hwbp_k must be >= 0"),
         (["--model_name_or_path", "some/model", "--config_overrides", "n_layer=2"], "--config_overrides can't"),
         (["--validation_split_percentage", "0"], "validation_split_percentage"),
         (["--use_highway_bp", "false", "--compare_backprop"], "--compare_backprop compares"),
+        (["--use_lora", "--lora_target_modules", "c_attn,nope"], r"\['nope'\] match no module"),
     ],
 )
 def test_clm_argument_errors(tmp_path, args, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        _clm(tmp_path, *args)
-    assert not (tmp_path / "all_results.json").exists()
-
-
-def test_clm_lora_targets_matching_nothing(tmp_path):
-    with pytest.raises(ValueError, match=r"\['nope'\] match no module"):
-        _clm(tmp_path, "--use_lora", "--lora_target_modules", "c_attn,nope")
+    argv = list(TINY_CLM)
+    if "--config_overrides" in args:  # this case is about --config_overrides itself
+        i = argv.index("--config_overrides")
+        del argv[i : i + 2]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        run_clm_hwbp.main(["--output_dir", str(tmp_path), *QUIET, *argv, *args])
     assert not (tmp_path / "all_results.json").exists()
 
 
 # ----- image classification -------------------------------------------------------------------------------------------
 def test_image_classification_default_compare_backprop(tmp_path):
-    runs = _vit(tmp_path, "--compare_backprop")
-    assert set(runs) == {"highway_bp_k2", "backprop"}
-    for run_dir in (tmp_path, tmp_path / "backprop"):
-        results = _results(run_dir)
-        assert math.isfinite(results["eval_loss"]) and 0.0 <= results["eval_accuracy"] <= 1.0
-        assert (run_dir / "preprocessor_config.json").exists()
-    assert (tmp_path / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
-    table = (tmp_path / "comparison.md").read_text()
+    out = tmp_path / "vit"
+    metrics = _vit(out, "--compare_backprop")
+    assert math.isfinite(metrics["eval_loss"]) and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    comparison = tmp_path / "vit-comparison"
+    for run_dir in (out, comparison / "backprop"):
+        assert (run_dir / "preprocessor_config.json").exists() and math.isfinite(_results(run_dir)["eval_loss"])
+    assert not (out / "backprop").exists() and (comparison / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    table = (comparison / "comparison.md").read_text()
     assert "| highway_bp_k2 |" in table and "| backprop |" in table and "accuracy" in table
-    # k=2 < 3 layers: Highway-BP is not exact backprop, the two runs differ slightly.
-    losses = [r["metrics"]["train_loss"] for r in json.loads((tmp_path / "comparison.json").read_text())]
+    # k = 2 < 3 layers: Highway-BP is not exact backprop, the two runs differ slightly.
+    losses = [r["metrics"]["train_loss"] for r in json.loads((comparison / "comparison.json").read_text())]
     assert losses[0] != losses[1] and losses[0] == pytest.approx(losses[1], rel=0.05)
+    processor = json.loads((out / "preprocessor_config.json").read_text())  # the image processor built from config
+    assert processor["size"] == {"height": 8, "width": 8} and processor["image_mean"] == [0.5]
 
 
-def test_image_classification_train_dir(tmp_path):
+class RecordingTrainer(HighwayTrainer):
+    """Keeps the labels of the training set the script hands over."""
+
+    seen_labels: list[int] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.train_dataset is not None:
+            RecordingTrainer.seen_labels = [int(item["labels"]) for item in self.train_dataset]
+
+
+def test_image_folders_are_shuffled_before_selecting(tmp_path, monkeypatch):
     from PIL import Image
 
-    for split, count in (("train", 6), ("val", 3)):
+    for split, count in (("train", 8), ("val", 3)):
         for label in ("cat", "dog"):
             folder = tmp_path / "images" / split / label
             folder.mkdir(parents=True)
             for i in range(count):
                 pixels = torch.randint(0, 256, (12, 12, 3), dtype=torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{i}.png")
+    monkeypatch.setattr(run_image_classification_hwbp, "HighwayTrainer", RecordingTrainer)
     out = tmp_path / "out"
     data = ["--train_dir", str(tmp_path / "images" / "train"), "--validation_dir", str(tmp_path / "images" / "val")]
-    runs = _vit(out, *data, "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2")
-    assert math.isfinite(runs["highway_bp_k2"]["eval_loss"]) and runs["highway_bp_k2"]["eval_samples"] == 6
+    metrics = _vit(out, *data, "--cache_dir", str(tmp_path / "cache"), "--max_train_samples", "6", "--max_steps", "2")
+    assert math.isfinite(metrics["eval_loss"]) and metrics["eval_samples"] == 6
     assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "cat", "1": "dog"}
+    # imagefolder lists the cats first: the first 6 rows are all cats, a shuffled subset has both classes.
+    assert len(RecordingTrainer.seen_labels) == 6 and set(RecordingTrainer.seen_labels) == {0, 1}
 
 
 @pytest.mark.parametrize(
@@ -140,15 +263,19 @@ def test_image_classification_train_dir(tmp_path):
     [
         (["--train_dir", "no/such/folder"], "is not a folder"),
         (["--model_type", "vitt"], "Unknown --model_type 'vitt'"),
-        (["--model_type", "resnet"], "no adapter for model_type='resnet'"),
+        (["--model_type", "convnext"], "no adapter for model_type='convnext'"),
         (["--hwbp_k", "-3"], "hwbp_k must be >= 0"),
         (["--config_overrides", "image_size=10,patch_size=4"], "not a multiple of patch_size"),
         (["--use_lora", "--lora_target_modules", "q_proj", "nope"], r"\[.nope.\] match no module"),
     ],
 )
 def test_image_classification_argument_errors(tmp_path, args, message):
+    argv = list(TINY_VIT)
+    if "--config_overrides" in args or "--model_type" in args:
+        i = argv.index("--config_overrides")
+        del argv[i : i + 2]
     with pytest.raises(ValueError, match=message):
-        _vit(tmp_path, *args)
+        run_image_classification_hwbp.main(["--output_dir", str(tmp_path), *QUIET, *argv, *args])
     assert not (tmp_path / "all_results.json").exists()
 
 
@@ -160,23 +287,20 @@ def test_image_classification_without_scikit_learn(tmp_path, monkeypatch):
 
 
 def test_image_classification_lora_default_targets(tmp_path):
-    runs = _vit(tmp_path, "--use_lora", "--max_steps", "2")
-    assert math.isfinite(runs["highway_bp_k2"]["eval_loss"])
+    metrics = _vit(tmp_path, "--use_lora", "--max_steps", "2")
+    assert math.isfinite(metrics["eval_loss"])
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert set(config["target_modules"]) == {"q_proj", "v_proj"} and config["modules_to_save"] == ["classifier"]
 
 
-# ----- the embedded digits --------------------------------------------------------------------------------------------
-def test_digits_split_is_deterministic_stratified_and_normalized():
-    from hf_hwbp.vision_data import digits_image_classification_data
+def test_digits_split_is_deterministic_and_stratified():
+    from hf_hwbp.vision_data import digits_datasets
 
-    a = digits_image_classification_data(image_size=16, num_channels=3, validation_fraction=0.2)
-    b = digits_image_classification_data(image_size=16, num_channels=3, validation_fraction=0.2)
-    assert len(a.train) + len(a.validation) == 1797 and len(a.label_names) == 10
-    assert torch.equal(a.validation.labels, b.validation.labels) and torch.equal(a.train.images, b.train.images)
-    counts = torch.bincount(a.validation.labels, minlength=10)
+    a, b = digits_datasets(0.2), digits_datasets(0.2)
+    assert len(a["train"]) + len(a["validation"]) == 1797
+    assert a["validation"]["label"] == b["validation"]["label"] and a["train"]["label"] == b["train"]["label"]
+    counts = torch.bincount(torch.tensor(a["validation"]["label"]), minlength=10)
     assert counts.min() >= 34 and counts.max() <= 38  # ~20% of each class
-    item = a.train[0]
-    assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.float32
-    assert -1.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0  # mean = std = 0.5
-    assert len(a.train.select(range(10))) == 10
+    assert a["train"].features["label"].names == [str(i) for i in range(10)]
+    image = a["train"][0]["image"]
+    assert image.size == (8, 8) and image.mode == "L"

@@ -7,18 +7,26 @@ import math
 
 import pytest
 import torch
+from trainer_helpers import (
+    N_LAYER,
+    GradRecorder,
+    LogCapture,
+    StepRecorder,
+    make_args,
+    reference_grads,
+    rel_err,
+    repetitive_data,
+    tiny_gpt2,
+    tiny_llama,
+    train_entries,
+)
 from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
     HfArgumentParser,
-    LlamaConfig,
-    LlamaForCausalLM,
     TrainerCallback,
     TrainingArguments,
 )
 
 from hf_hwbp import highway_state, is_patched, patch_model
-from hf_hwbp.patching import HighwayPatch
 from hf_hwbp.schedules import (
     SCHEDULE_NAMES,
     CallableSchedule,
@@ -28,106 +36,6 @@ from hf_hwbp.schedules import (
     build_schedule,
 )
 from hf_hwbp.trainer import AUTO_DEFAULT_TOL, HighwayTrainer, HighwayTrainingArguments, check_lora_targets
-
-N_LAYER = 4
-
-
-# ----- helpers ------------------------------------------------------------------------------------------------------
-def tiny_gpt2(seed: int = 0, dropout: float = 0.0, n_layer: int = N_LAYER, dtype=torch.float32) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=16,
-        n_positions=32,
-        n_embd=32,
-        n_layer=n_layer,
-        n_head=2,
-        resid_pdrop=dropout,
-        embd_pdrop=dropout,
-        attn_pdrop=dropout,
-    )
-    return GPT2LMHeadModel(config).to(dtype)
-
-
-def tiny_llama(seed: int = 0, n_layer: int = N_LAYER) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layer,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config)
-
-
-def repetitive_data(n: int = 16, length: int = 16, period: int = 8) -> list[dict]:
-    rows = []
-    for i in range(n):
-        ids = [(i + j) % period for j in range(length)]
-        # Position 0 is never a causal-LM target; masking it makes the Trainer's token count (num_items_in_batch)
-        # agree with the model's own mean whether or not the Trainer knows that the loss shifts labels.
-        rows.append({"input_ids": ids, "labels": [-100] + ids[1:]})
-    return rows
-
-
-def make_args(tmp_path, **overrides) -> HighwayTrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        max_steps=4,
-        seed=0,
-    )
-    settings.update(overrides)
-    return HighwayTrainingArguments(**settings)
-
-
-def train_entries(trainer) -> list[dict]:
-    return [e for e in trainer.state.log_history if "loss" in e]
-
-
-class StepRecorder(TrainerCallback):
-    """Records, after every optimizer step, the Highway settings the model used for it."""
-
-    def __init__(self):
-        self.k: dict[int, int] = {}
-        self.tol: dict[int, float | None] = {}
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        config = highway_state(model).config
-        self.k[state.global_step] = config.k
-        self.tol[state.global_step] = config.tol
-
-
-class GradRecorder(TrainerCallback):
-    """Clones the gradients seen by the optimizer (after clipping) at every optimizer step."""
-
-    def __init__(self):
-        self.grads: list[dict[str, torch.Tensor]] = []
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
-
-
-class LogCapture(TrainerCallback):
-    """What the report_to integrations see: every integration is a callback that receives on_log's logs."""
-
-    def __init__(self):
-        self.logs: list[dict] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        self.logs.append(dict(logs))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # ----- schedules (pure) ---------------------------------------------------------------------------------------------
@@ -195,8 +103,8 @@ def test_callable_schedule_checks_values():
     [
         (dict(hwbp_k=-1), "hwbp_k must be >= 0"),
         (dict(hwbp_k="-1"), "hwbp_k must be >= 0"),
-        (dict(hwbp_k="two"), "hwbp_k must be an int >= 0 or 'auto'"),
-        (dict(hwbp_k=1.5), "hwbp_k must be an int >= 0 or 'auto'"),
+        (dict(hwbp_k="two"), "hwbp_k must be an int >= 0"),
+        (dict(hwbp_k=1.5), "hwbp_k must be an int >= 0"),
         (dict(hwbp_k_schedule="cosine"), "Unknown hwbp_k_schedule 'cosine'"),
         (dict(hwbp_k="auto", hwbp_tol=0.0), "hwbp_tol must be a float > 0"),
         (dict(hwbp_tol=-1e-3), "hwbp_tol must be a float > 0"),
@@ -220,11 +128,11 @@ def test_bad_arguments_raise(tmp_path, overrides, message):
 
 
 def test_arguments_normalize(tmp_path):
-    assert make_args(tmp_path).hwbp_k == 2
-    assert make_args(tmp_path, hwbp_k="3").hwbp_k == 3
-    auto = make_args(tmp_path, hwbp_k="auto")
-    assert auto.hwbp_k == "auto" and auto.hwbp_tol == AUTO_DEFAULT_TOL
-    assert make_args(tmp_path, hwbp_k="Auto", hwbp_tol=1e-5).hwbp_tol == 1e-5
+    assert make_args(tmp_path).highway_config.k == 2
+    assert make_args(tmp_path, hwbp_k="3").highway_config.k == 3
+    auto = make_args(tmp_path, hwbp_k="auto").highway_config
+    assert auto.k == "auto" and auto.tol == AUTO_DEFAULT_TOL
+    assert make_args(tmp_path, hwbp_k="Auto", hwbp_tol=1e-5).highway_config.tol == 1e-5
     # Checkpointing kwargs that do not choose a form get the non-reentrant one (the one Highway-BP supports).
     checkpointed = make_args(
         tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"preserve_rng_state": False}
@@ -246,18 +154,15 @@ def test_hf_argument_parser(tmp_path):
         common
         + ["--hwbp_k", "auto", "--hwbp_tol", "1e-4", "--hwbp_k_schedule", "exact_last", "--hwbp_exact_last_steps", "5"]
     )
-    assert (args.hwbp_k, args.hwbp_tol, args.hwbp_k_schedule, args.hwbp_exact_last_steps) == (
-        "auto",
-        1e-4,
-        "exact_last",
-        5,
-    )
+    config = args.highway_config
+    assert (config.k, config.tol, config.k_schedule, config.exact_last_steps) == ("auto", 1e-4, "exact_last", 5)
     (args,) = parser.parse_args_into_dataclasses(
         common + ["--hwbp_k", "1", "--hwbp_k_schedule", "step", "--hwbp_k_step_every", "10", "--hwbp_k_max", "3"]
     )
-    assert (args.hwbp_k, args.hwbp_k_step_every, args.hwbp_k_max, args.use_highway_bp) == (1, 10, 3, True)
+    config = args.highway_config
+    assert (config.k, config.k_step_every, config.k_max, args.use_highway_bp) == (1, 10, 3, True)
     (args,) = parser.parse_args_into_dataclasses(common + ["--no_use_highway_bp", "--hwbp_fidelity_steps", "7"])
-    assert (args.use_highway_bp, args.hwbp_k, args.hwbp_fidelity_steps) == (False, 2, 7)
+    assert (args.use_highway_bp, args.highway_config.k, args.highway_config.fidelity_steps) == (False, 2, 7)
     help_text = parser.format_help()
     for name in ("--hwbp_k ", "--hwbp_tol", "--hwbp_group_size", "--hwbp_k_schedule", "--hwbp_fidelity_steps"):
         assert name in help_text
@@ -270,9 +175,12 @@ def test_loss_falls_and_k_is_logged(tmp_path):
     model = tiny_gpt2()
     args = make_args(tmp_path, max_steps=40, learning_rate=1e-2, lr_scheduler_type="constant", hwbp_k=2)
     capture = LogCapture()
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[capture])
-    assert is_patched(model) and highway_state(model).config.k == 2  # patched in __init__, before training
+    recorder = StepRecorder()
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[capture, recorder])
+    assert not is_patched(model)  # patched when training begins
     trainer.train()
+    assert not is_patched(model)  # and unpatched when it ends
+    assert recorder.k == {step: 2 for step in range(1, 41)}
     entries = train_entries(trainer)
     seen = [log for log in capture.logs if "loss" in log]
     assert len(seen) == 40 and all(log["hwbp_k"] == 2 and log["hwbp_iterations"] == 2 for log in seen)
@@ -280,41 +188,6 @@ def test_loss_falls_and_k_is_logged(tmp_path):
     assert all(e["hwbp_k"] == 2 and e["hwbp_iterations"] == 2 for e in entries)
     first, last = entries[0]["loss"], sum(e["loss"] for e in entries[-5:]) / 5
     assert last < 0.5 * first, (first, last)
-    assert highway_state(model).last_iterations == 2
-
-
-def test_step_schedule_applied_then_resumed(tmp_path):
-    def run(resume=None):
-        recorder = StepRecorder()
-        args = make_args(
-            tmp_path,
-            max_steps=8,
-            save_strategy="steps",
-            save_steps=4,
-            hwbp_k=0,
-            hwbp_k_schedule="step",
-            hwbp_k_step_every=2,
-            hwbp_k_max=3,
-        )
-        trainer = HighwayTrainer(
-            model=tiny_gpt2(seed=1), args=args, train_dataset=repetitive_data(), callbacks=[recorder]
-        )
-        trainer.train(resume_from_checkpoint=resume)
-        return trainer, recorder
-
-    expected = {step: min((step - 1) // 2, 3) for step in range(1, 9)}  # the k of optimizer step `step`
-    trainer, recorder = run()
-    assert recorder.k == expected
-    logged = {e["step"]: e["hwbp_k"] for e in train_entries(trainer)}
-    assert logged == expected
-    losses = {e["step"]: e["loss"] for e in train_entries(trainer)}
-
-    resumed, recorder = run(resume=str(tmp_path / "out" / "checkpoint-4"))
-    assert recorder.k == {step: expected[step] for step in range(5, 9)}  # only steps 5..8 ran, with their k
-    resumed_entries = [e for e in train_entries(resumed) if e["step"] > 4]
-    assert {e["step"]: e["hwbp_k"] for e in resumed_entries} == {step: expected[step] for step in range(5, 9)}
-    for e in resumed_entries:  # same weights, data order and k: the same losses as the uninterrupted run
-        assert math.isclose(e["loss"], losses[e["step"]], rel_tol=1e-5), (e, losses[e["step"]])
 
 
 def test_exact_last_schedule_applied(tmp_path):
@@ -345,12 +218,11 @@ def test_callable_schedule_and_auto_k(tmp_path):
         HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path, hwbp_k_schedule="step"), k_schedule=lambda step: 1)
 
     # "auto": up to the number of blocks, stopping adaptively (a loose tol stops before exact)
-    model = tiny_gpt2()
-    trainer = HighwayTrainer(
-        model=model, args=make_args(tmp_path, max_steps=3, hwbp_k="auto", hwbp_tol=0.5), train_dataset=repetitive_data()
-    )
+    recorder = StepRecorder()
+    args = make_args(tmp_path, max_steps=3, hwbp_k="auto", hwbp_tol=0.5)
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(), callbacks=[recorder])
     trainer.train()
-    assert highway_state(model).config.k == N_LAYER and highway_state(model).config.tol == 0.5
+    assert set(recorder.k.values()) == {N_LAYER} and set(recorder.tol.values()) == {0.5}
     entries = train_entries(trainer)
     assert all(e["hwbp_k"] == N_LAYER for e in entries)
     assert all(1 <= e["hwbp_iterations"] < N_LAYER for e in entries), entries
@@ -382,20 +254,9 @@ def test_fidelity_logged_without_changing_training(tmp_path):
         assert all(f"hwbp_fidelity/block_{j}_cosine" in e for j in range(N_LAYER))
 
 
-def _reference_grads(k: int, data: list[dict]) -> dict[str, torch.Tensor]:
-    """Single-process Highway-BP(k) gradient of the mean loss over ``data`` (equal lengths, no padding)."""
-    model = tiny_gpt2(dtype=torch.float64)
-    patch_model(model, k=k)
-    model.train()
-    ids = torch.tensor([row["input_ids"] for row in data])
-    labels = torch.tensor([row["labels"] for row in data])
-    model(input_ids=ids, labels=labels).loss.backward()
-    return {n: p.grad for n, p in model.named_parameters()}
-
-
 def test_gradient_accumulation_and_clipping(tmp_path):
     data = repetitive_data(n=4)
-    reference = _reference_grads(1, data)
+    reference = reference_grads(1, data)
     ref_norm = torch.sqrt(sum(g.pow(2).sum() for g in reference.values())).item()
 
     def run(batch, accumulation, max_grad_norm):
@@ -452,21 +313,26 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
             assert rel_err(checkpointed[step][name], g) < 1e-12, (step, name)
 
 
-def test_evaluation_runs_without_highway(tmp_path, monkeypatch):
-    starts = []
-    original = HighwayPatch._start_record
-    monkeypatch.setattr(HighwayPatch, "_start_record", lambda self, h0: (starts.append(1), original(self, h0))[1])
+def test_evaluation_runs_without_highway(tmp_path):
     model = tiny_gpt2()
     args = make_args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
     data = repetitive_data()
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+    recorded_at_eval = []
+
+    class RecordedForwards(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            recorded_at_eval.append(highway_state(model).recorded_forwards if is_patched(model) else None)
+
+    trainer = HighwayTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data[:8], callbacks=[RecordedForwards()]
+    )
     trainer.train()
     assert len([e for e in trainer.state.log_history if "eval_loss" in e]) == 2
-    assert len(starts) == 4  # one Highway record per training micro-batch, none for the evaluations
+    assert recorded_at_eval == [2, 4]  # one Highway record per training micro-batch, none for the evaluations
 
-    starts.clear()
+    assert not is_patched(model)  # unpatched at the end of training
     metrics = trainer.evaluate()
-    assert starts == [] and highway_state(model)._record is None
+    assert recorded_at_eval == [2, 4, None]
     plain = copy.deepcopy(model)
     plain.eval()
     ids = torch.tensor([row["input_ids"] for row in data[:8]])
@@ -503,18 +369,24 @@ def test_plain_backprop_option(tmp_path):
     recorder = GradRecorder()
     args = make_args(tmp_path, max_steps=1, use_highway_bp=False, max_grad_norm=0.0)
     HighwayTrainer(model=patched, args=args, train_dataset=data, callbacks=[recorder]).train()
-    exact = _reference_grads(N_LAYER, data)  # k = number of blocks: exact backprop
+    exact = reference_grads(N_LAYER, data)  # k = number of blocks: exact backprop
     assert all(rel_err(recorder.grads[0][n], g) < 1e-10 for n, g in exact.items())
 
 
-def test_trainer_settings_replace_an_existing_patch(tmp_path):
+def test_trainer_settings_replace_an_existing_patch_for_the_run(tmp_path):
     model = patch_model(tiny_gpt2(), k=0, tol=0.5, group_size=3)
-    HighwayTrainer(model=model, args=make_args(tmp_path, hwbp_k=3, hwbp_group_size=2), train_dataset=repetitive_data())
-    config = highway_state(model).config
-    assert (config.k, config.tol, config.group_size) == (3, None, 2)
-    HighwayTrainer(model=model, args=make_args(tmp_path, hwbp_k="auto"), train_dataset=repetitive_data())
-    config = highway_state(model).config
-    assert (config.k, config.tol, config.group_size) == (N_LAYER, AUTO_DEFAULT_TOL, 1)
+    recorder = StepRecorder()
+    args = make_args(tmp_path, max_steps=2, hwbp_k=3, hwbp_group_size=2)
+    HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[recorder]).train()
+    assert (recorder.k, recorder.tol, recorder.group_size) == ({1: 3, 2: 3}, {1: None, 2: None}, {1: 2, 2: 2})
+    config = highway_state(model).config  # the caller's patch is back after training
+    assert (config.k, config.tol, config.group_size) == (0, 0.5, 3)
+
+    recorder = StepRecorder()
+    args = make_args(tmp_path, max_steps=1, hwbp_k="auto")
+    HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[recorder]).train()
+    assert (recorder.k, recorder.tol, recorder.group_size) == ({1: N_LAYER}, {1: AUTO_DEFAULT_TOL}, {1: 1})
+    assert highway_state(model).config.group_size == 3
 
 
 def test_plain_training_arguments_get_highway_defaults(tmp_path):
@@ -531,7 +403,7 @@ def test_plain_training_arguments_get_highway_defaults(tmp_path):
     trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
     trainer.train()
     assert [e["hwbp_k"] for e in train_entries(trainer)] == [2, 2]
-    assert highway_state(model).config.k == 2
+    assert [e["hwbp_iterations"] for e in train_entries(trainer)] == [2, 2]
 
 
 # ----- LoRA ---------------------------------------------------------------------------------------------------------
@@ -542,9 +414,10 @@ def test_lora_trains_only_the_adapter(tmp_path):
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = make_args(tmp_path, max_steps=10, learning_rate=1e-2, hwbp_k=1, hwbp_fidelity_steps=5)
-    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data())
-    assert is_patched(base) and highway_state(model) is highway_state(base)
+    recorder = StepRecorder()
+    trainer = HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(), callbacks=[recorder])
     trainer.train()
+    assert recorder.k == {step: 1 for step in range(1, 11)}  # the PEFT model's base model was patched
     entries = train_entries(trainer)
     assert all(e["hwbp_iterations"] == 1 for e in entries)
     assert entries[-1]["loss"] < entries[0]["loss"]

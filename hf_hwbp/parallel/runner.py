@@ -2,75 +2,44 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import replace
+
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import HighwayConfig
+from .arch import get_module
 from .comm import Comm
-from .schedule import backprop_backward, highway_backward, stage_forward
-from .stages import Stage, build_stage
+from .graph import HighwayShape, StepGraph, Task, backprop_graph, highway_graph
+from .runtime import MicroBatch, StageRuntime
+from .simulate import (
+    StackCosts,
+    Timeline,
+    WorkCosts,
+    backprop_task_cost,
+    highway_task_cost,
+    list_schedule,
+    message_latency,
+    replay,
+    split_batch,
+)
+from .stages import build_stage
+from .tied import TiedGrads, check_world, tie_group
 
 METHODS = ("highway", "backprop")
+BACKPROP_ORDERS = ("gpipe", "1f1b")
 
 
-def check_world(num_stages: int | None, world_size: int) -> int:
-    """The number of stages: ``num_stages`` if it matches the process group's size (None: that size)."""
-    if num_stages is None:
-        return world_size
-    if num_stages != world_size:
-        raise ValueError(
-            f"Layer-parallel training runs one stage per process: {num_stages} stages were requested but the "
-            f"process group has {world_size} processes. Launch with `torchrun --nproc_per_node {num_stages}` or "
-            f"request num_stages={world_size}."
-        )
-    return num_stages
-
-
-def tie_group(stage: Stage, group: dist.ProcessGroup | None) -> tuple[bool, dist.ProcessGroup | None]:
-    """Whether gradients are tied between stages, and the group of the first and last stages that sums them.
-
-    Every rank must call this (``new_group`` is collective). With two stages that group is ``group`` itself
-    (None: the world).
-    """
-    if not stage.has_tied:
-        return False, None
-    if stage.num_stages == 2:
-        return True, group
-    ranks = [0, stage.num_stages - 1]
-    if group is not None:
-        ranks = [dist.get_global_rank(group, r) for r in ranks]
-    return True, dist.new_group(ranks)
-
-
-class TiedGrads:
-    """Sums the gradient of parameters split between the first and last stage (e.g. GPT-2's tied embedding).
-
-    Use ``with TiedGrads(stage, comm, tie_group(stage, group)):`` around one backward: it sets the tied gradients aside,
-    lets the backward produce this stage's part alone, sums the parts of both stages and adds back what
-    was there before (so gradient accumulation keeps working).
-    """
-
-    def __init__(self, stage: Stage, comm: Comm, tie: tuple[bool, dist.ProcessGroup | None]):
-        tied, group = tie
-        self.params = stage.tied if tied else []
-        self.comm, self.group = comm, group
-        self.saved: list[Tensor | None] = []
-
-    def __enter__(self):
-        self.saved = [p.grad for p in self.params]
-        for p in self.params:
-            p.grad = None
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is not None:
-            return False
-        for p, before in zip(self.params, self.saved):
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            self.comm.all_reduce_sum(grad, self.group)
-            p.grad = grad if before is None else before + grad
-        return False
+def flop_costs(config, seq_len: int, layers_per_block: int = 1) -> StackCosts:
+    """Relative per-layer costs from FLOP counts, for planning when nothing was measured (one unit = the
+    forward of one layer on one sample). Measured costs (``hf_hwbp.parallel.simulate``) plan better."""
+    h, v = config.hidden_size, config.vocab_size
+    layer = 24 * h * h + 4 * seq_len * h  # FLOPs per token of a transformer layer's forward (x2 for mul-add)
+    head = 2 * h * v / layer
+    unit = WorkCosts(
+        f=1.0, b=2.0, v=1.2, w=1.7, bi=1.2, bw=0.9, head_f=head, head_b=2 * head, head_bi=head, add=2.0 / layer * h
+    )
+    return StackCosts("flop-estimate", config.num_hidden_layers, layers_per_block, 1.0, {1: unit}, latency=0.05)
 
 
 class LayerParallelHighway:
@@ -80,25 +49,35 @@ class LayerParallelHighway:
     first (gloo on CPU, NCCL on GPU). Every process builds the same full model (same seed or checkpoint) and
     wraps it; each keeps only its stage: the embeddings and the first layers on rank 0, the next layers on
     rank 1, ..., the final norm, LM head and loss on rank S - 1. Call :meth:`step` on every rank with the same
-    batch; it leaves this stage's gradients in ``.grad`` of :meth:`parameters` (tied parameters, such as
+    batch; it adds this stage's gradients to ``.grad`` of :meth:`parameters` (tied parameters, such as
     GPT-2's ``lm_head.weight`` = ``wte.weight``, are summed between the first and last stage) and returns
     the loss on the last rank. Step your optimizer over :meth:`parameters` on every rank.
+
+    A step runs the batch as M micro-batches through a schedule computed from the step's dependency graph
+    (``hf_hwbp.parallel.graph``): forwards, Highway iterations and per-block parameter steps of different
+    micro-batches interleave, and a micro-batch's iterations wait only for the per-iteration scan from the
+    stages above. Each micro-batch's loss is its token sum over the batch's token count, so the gradient is
+    the whole batch's for every M.
 
     Args:
         model: a GPT2LMHeadModel or LlamaForCausalLM (dropout as you like; in train mode).
         k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop.
         group_size: layers per Highway block, as in ``patch_model`` (blocks never straddle stages), or
             ``"stage"``: each stage is one block (exact backprop inside a stage).
-        method: ``"highway"`` (layer-parallel Highway-BP) or ``"backprop"`` (ordinary pipeline backprop
-            with the same placement, the baseline).
+        method: ``"highway"`` (layer-parallel Highway-BP) or ``"backprop"`` (pipeline backprop with the same
+            placement and micro-batches, in ``backprop_order``: the baseline).
         num_stages: the stages requested; must equal the process group's size (default: that size).
-        scan: how the per-stage sums reach the stages below: ``"chain"`` (S - 1 sends) or ``"allgather"``.
-        tol: optional adaptive stop, as in ``HighwayConfig`` (one extra all_reduce of two scalars per iteration).
+        scan: how the per-stage sums reach the stages below: ``"chain"`` (one message per stage boundary and
+            iteration; the only one).
+        tol: optional adaptive stop, as in ``HighwayConfig``, decided per micro-batch (one all_reduce of two
+            scalars per iteration). Only with ``microbatches=1``.
         blocks_per_stage: optional explicit count of Highway blocks per stage.
-        microbatches: M >= 1 slices of the batch in the forward, so that the stages overlap on different
-            slices (the head, the loss and the Highway backward still see the whole batch; with
-            ``method="backprop"`` the backward also goes slice by slice: the GPipe schedule). Gradients are
-            the same for every M.
+        microbatches: M >= 1 slices of the batch along dim 0.
+        costs: the per-layer costs the schedule is planned with (``hf_hwbp.parallel.simulate.StackCosts``,
+            e.g. measured by ``scripts/simulate_pipeline.py``); default: FLOP estimates. Must be the same on
+            every rank.
+        fuse: run the parameter VJP of a block together with its input VJP once its delta is final.
+        backprop_order: ``"gpipe"`` or ``"1f1b"`` (``method="backprop"`` only).
         process_group: the group whose ranks are the stages (default: the world).
 
     Raises:
@@ -119,6 +98,9 @@ class LayerParallelHighway:
         tol: float | None = None,
         blocks_per_stage=None,
         microbatches: int = 1,
+        costs: StackCosts | None = None,
+        fuse: bool = True,
+        backprop_order: str = "gpipe",
         process_group: dist.ProcessGroup | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
@@ -127,10 +109,17 @@ class LayerParallelHighway:
                 "torch.distributed.init_process_group('gloo' or 'nccl') first."
             )
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
-        if scan not in ("chain", "allgather"):
-            raise ValueError(f"scan must be 'chain' or 'allgather', got {scan!r}.")
-        self._config = HighwayConfig(k=k, tol=tol)  # validates k and tol
+            raise ValueError(
+                f"method must be one of {METHODS}, got {method!r} (torch's schedules: hf_hwbp.parallel.TorchPipeline)."
+            )
+        if scan != "chain":
+            raise ValueError(f"scan must be 'chain' (the scan that overlaps with micro-batches), got {scan!r}.")
+        if backprop_order not in BACKPROP_ORDERS:
+            raise ValueError(f"backprop_order must be one of {BACKPROP_ORDERS}, got {backprop_order!r}.")
+        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
+            raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}.")
+        self._config = HighwayConfig.from_options(k=k, tol=tol)  # validates k (an int) and tol
+        self._check_tol(tol, microbatches)
         world_size = dist.get_world_size(process_group)
         num_stages = check_world(num_stages, world_size)
         self.stage = build_stage(
@@ -140,14 +129,33 @@ class LayerParallelHighway:
             group_size=group_size,
             blocks_per_stage=blocks_per_stage,
         )
-        if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
-            raise ValueError(f"microbatches must be an int >= 1, got {microbatches!r}.")
+        recipe = self.stage.recipe
+        # the same on every rank (each still holds the whole model here): shapes the graph of every step
+        self.need_input_grad = any(
+            p.requires_grad for path in recipe.embeddings.values() for p in get_module(model, path).parameters()
+        )
         self.method = method
         self.scan = scan
         self.microbatches = microbatches
+        self.fuse = fuse
+        self.backprop_order = backprop_order
+        self.costs = costs
         self.comm = Comm(process_group)
-        self._tie = tie_group(self.stage, process_group)
+        tied = self.stage.has_tied
+        self._tie = tie_group(tied, (0, num_stages - 1), process_group)
         self.last_iterations: int | None = None
+        self.trace = False  # set True to record every task's (start, end, seconds waited) in ``last_trace``
+        self.last_trace: list[tuple[Task, float, float, float]] | None = None
+        self._plans: dict[tuple, tuple[StepGraph, list[list[Task]]]] = {}
+
+    @staticmethod
+    def _check_tol(tol: float | None, microbatches: int) -> None:
+        if tol is not None and microbatches > 1:
+            raise ValueError(
+                "tol (adaptive stop) with microbatches > 1 is not supported by the layer-parallel runner: every "
+                "micro-batch's stop statistics would be a collective in one global order. Use microbatches=1 or "
+                "tol=None."
+            )
 
     # ----- settings ------------------------------------------------------------------------------------
     @property
@@ -179,16 +187,69 @@ class LayerParallelHighway:
         for p in self.stage.parameters():
             p.grad = None
 
+    # ----- the schedule --------------------------------------------------------------------------------------
+    def plan(self, batch_size: int, seq_len: int) -> tuple[StepGraph, list[list[Task]]]:
+        """The step's graph and every rank's order of tasks for a batch of this shape (cached)."""
+        sizes = tuple(split_batch(batch_size, self.microbatches))
+        key = (sizes, seq_len, self.method, self._config.k, self._config.tol is not None)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(sizes, seq_len)
+        return self._plans[key]
+
+    def _make_plan(self, sizes: tuple[int, ...], seq_len: int) -> tuple[StepGraph, list[list[Task]]]:
+        layout = self.stage.layout
+        if self.method == "backprop":
+            graph = backprop_graph(self.backprop_order, layout.num_stages, len(sizes))
+            return graph, graph.order
+        shape = self._highway_shape(len(sizes))
+        graph = highway_graph(shape)
+        costs = self.costs if self.costs is not None else flop_costs(self.stage.config, seq_len)
+        timeline = list_schedule(graph, *self._cost_model(shape, costs, sizes, graph))
+        return graph, timeline.order
+
+    def _highway_shape(self, microbatches: int) -> HighwayShape:
+        layout = self.stage.layout
+        return HighwayShape(
+            tuple(b - a for a, b in layout.stage_blocks),
+            microbatches,
+            self._config.k,
+            need_input_grad=self.need_input_grad,
+            tol=self._config.tol is not None,
+        )
+
+    def _cost_model(self, shape: HighwayShape, costs: StackCosts, sizes, graph: StepGraph):
+        layout = self.stage.layout
+        costs = replace(costs, layers_per_block=max(b - a for a, b in layout.blocks))  # this layout's block size
+        return highway_task_cost(shape, costs, list(sizes), self.fuse), message_latency(graph, costs, list(sizes))
+
+    def predict(self, costs: StackCosts, batch_size: int, seq_len: int) -> Timeline:
+        """The simulator's replay of the schedule a step of this shape runs, with ``costs`` (seconds)."""
+        graph, order = self.plan(batch_size, seq_len)
+        sizes = split_batch(batch_size, self.microbatches)
+        graph = StepGraph(graph.num_ranks, graph.placement, graph.deps, order, graph.info)
+        if self.method == "backprop":
+            return replay(graph, backprop_task_cost(graph, costs, sizes), message_latency(graph, costs, sizes))
+        return replay(graph, *self._cost_model(self._highway_shape(len(sizes)), costs, sizes, graph))
+
     # ----- one step ------------------------------------------------------------------------------------
     def step(
-        self, input_ids: Tensor, labels: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        num_items_in_batch: int | Tensor | None = None,
     ) -> Tensor | None:
         """Forward and backward of one batch on this stage; returns the (detached) loss on the last stage.
 
         Every rank passes the same batch (the first stage reads ``input_ids``, the last ``labels``, every
         stage the shapes and ``attention_mask``). ``labels`` defaults to ``input_ids`` (shifted inside the
-        loss, as in transformers).
+        loss, as in transformers). Gradients are added to ``.grad`` (call it once per micro-batch of a
+        gradient accumulation, passing the accumulated batch's ``num_items_in_batch``, as the Trainer does).
+        Run it under ``torch.autocast`` for mixed precision: the forwards run in the caller's autocast state,
+        messages travel in the parameters' dtype.
         """
+        self._check_tol(self._config.tol, self.microbatches)
         if labels is None:
             labels = input_ids
         stage = self.stage
@@ -196,16 +257,43 @@ class LayerParallelHighway:
         input_ids = input_ids.to(device)
         labels = labels.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
-        segments = stage.blocks if self.method == "highway" else [range(len(stage.layers))]
-        try:
-            with TiedGrads(stage, self.comm, self._tie):
-                record = stage_forward(stage, self.comm, input_ids, labels, attention_mask, segments, self.microbatches)
-                if self.method == "highway":
-                    self.last_iterations = highway_backward(
-                        stage, self.comm, record, k=self._config.k, scan=self.scan, tol=self._config.tol
-                    )
-                else:
-                    backprop_backward(stage, self.comm, record)
-        finally:
-            self.comm.wait()
-        return record.loss.detach() if record.loss is not None else None
+        if stage.is_first and self.method == "highway":
+            wanted = any(p.requires_grad for p in stage.embeddings.parameters())
+            if wanted != self.need_input_grad:
+                raise ValueError(
+                    "The embeddings' requires_grad changed after LayerParallelHighway was built; build the runner "
+                    "after freezing or unfreezing them."
+                )
+        sizes = split_batch(input_ids.shape[0], self.microbatches)
+        if num_items_in_batch is None and len(sizes) > 1:
+            num_items_in_batch = int((labels[..., 1:] != -100).sum())  # the whole batch's mean, per token
+        graph, order = self.plan(input_ids.shape[0], input_ids.shape[1])
+        micro, start = [], 0
+        for size in sizes:
+            part = slice(start, start + size)
+            start += size
+            micro.append(
+                MicroBatch(
+                    input_ids[part],
+                    labels[part],
+                    attention_mask[part] if attention_mask is not None else None,
+                )
+            )
+        runtime = StageRuntime(
+            stage,
+            self.comm,
+            graph,
+            order,
+            method=self.method,
+            k=self._config.k,
+            tol=self._config.tol,
+            need_input_grad=self.need_input_grad,
+            fuse=self.fuse,
+        )
+        runtime.trace = [] if self.trace else None
+        with TiedGrads(stage.tied, self.comm, self._tie):
+            loss, iterations = runtime.run(micro, num_items_in_batch)
+        self.last_trace = runtime.trace
+        if self.method == "highway":
+            self.last_iterations = max(iterations) if self._config.k and self.num_blocks else 0
+        return loss

@@ -118,9 +118,12 @@ class Stage(nn.Module):
         """Final norm and LM head on the stack output (last stage only)."""
         return self.head["lm_head"](self.head["norm"](h_last))
 
-    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """The model's own causal-LM loss (labels are shifted inside, -100 ignored)."""
-        return self.loss_function(logits, labels, vocab_size=self.config.vocab_size)
+    def loss(self, logits: Tensor, labels: Tensor, num_items_in_batch: int | Tensor | None = None) -> Tensor:
+        """The model's own causal-LM loss (labels are shifted inside, -100 ignored): the mean over this batch's
+        tokens, or their sum divided by ``num_items_in_batch`` (micro-batches, gradient accumulation)."""
+        return self.loss_function(
+            logits, labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+        )
 
 
 def build_stage(

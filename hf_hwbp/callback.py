@@ -1,0 +1,303 @@
+"""HighwayCallback: Highway-BP for any transformers Trainer (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, ...).
+
+    from hf_hwbp import HighwayCallback, HighwayConfig
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[HighwayCallback(HighwayConfig(k=2))])
+    trainer.train()
+
+What it does, at the Trainer's own events:
+
+- when the Trainer is built and when training begins: refuses FSDP and DeepSpeed (``hf_hwbp.distributed_support``)
+  and LoRA targets that match nothing (``hf_hwbp.peft_checks``);
+- at train begin: patches the model (the transformers model inside PEFT / DDP / Accelerate wrappers), tags it
+  ``hf_hwbp`` for the model card, and sets k for the first step;
+- before every optimizer step: sets k (and the adaptive stop) from the k schedule at ``state.global_step``, so a run
+  resumed from a checkpoint continues the schedule where it stopped;
+- after every micro-batch: reads how many Highway iterations its backward ran; if a whole optimizer step ran no
+  Highway backward although the stack has trainable parameters, it raises (the loss came from another model than the
+  one the Trainer gives its callbacks);
+- on every training log entry (the ones with ``"loss"``): adds ``hwbp_k`` (the k of the last optimizer step) and
+  ``hwbp_iterations`` (iterations per backward since the previous entry, averaged) to the entry the Trainer records
+  in ``state.log_history`` and to the ``logs`` dict that the callbacks after this one receive;
+- at train end: unpatches the model (or restores the settings it had if the caller had patched it).
+
+Settings: ``HighwayCallback(config)`` with a ``HighwayConfig`` (or its dict); ``HighwayCallback()`` reads them from
+training arguments that carry Highway settings (``HighwayTrainingArguments`` or any arguments class with the
+``HighwayArguments`` mixin, whose ``use_highway_bp=False`` turns the callback off), else uses the ``HighwayConfig``
+defaults.
+
+Logging order: the Trainer calls its callbacks in list order, and the ``report_to`` integrations (TensorBoard, W&B,
+...) are created before the callbacks passed as ``callbacks=[...]``. Use ``add_highway_callback(trainer, ...)`` (or
+``HighwayTrainer``) to put this callback ahead of them, so that they receive ``hwbp_k`` / ``hwbp_iterations`` too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from transformers import DefaultFlowCallback, TrainerCallback
+
+from .api import highway_state, is_patched, patch_model, unpatch_model, unwrap_model
+from .arguments import highway_settings_of
+from .config import HighwayConfig
+from .distributed_support import check_distributed_support
+from .peft_checks import check_peft_model
+from .schedules import CallableSchedule, KSchedule, build_schedule
+
+logger = logging.getLogger(__name__)
+
+MODEL_TAG = "hf_hwbp"
+"""Tag added to a model trained with Highway-BP (it reaches the model card through the Trainer)."""
+
+_DEFAULT_K = HighwayConfig().k
+
+
+class HighwayCallback(TrainerCallback):
+    """Trains with Highway-BP under any ``transformers.Trainer`` (see the module docstring).
+
+    Args:
+        config: the settings (``HighwayConfig`` or a dict of its fields). None: read them from the training
+            arguments (``HighwayArguments``), else the ``HighwayConfig`` defaults.
+        k_schedule: optional callable ``step -> k`` (an int >= 0) used instead of ``k`` / ``k_schedule``; ``step``
+            is ``state.global_step`` before the optimizer step, i.e. the 0-based index of the step about to run. A
+            ``KSchedule`` works too; where its ``exact_at(step)`` is true the adaptive stop is dropped.
+    """
+
+    def __init__(
+        self,
+        config: HighwayConfig | dict[str, Any] | None = None,
+        *,
+        k_schedule: Callable[[int], int] | None = None,
+    ):
+        if isinstance(config, dict):
+            config = HighwayConfig.from_dict(config)
+        if config is not None and not isinstance(config, HighwayConfig):
+            raise TypeError(f"config must be a HighwayConfig, a dict or None, not {type(config).__name__}.")
+        self._given_config = config
+        self._user_schedule = None if k_schedule is None else CallableSchedule(k_schedule)
+        self.config: HighwayConfig | None = None  # resolved from config / the training arguments
+        self.enabled = True
+        self.fidelity_by_trainer = False  # set by HighwayTrainer, which measures fidelity itself
+        self._model: nn.Module | None = None  # the patched (unwrapped) model during a run
+        self._restore: tuple[HighwayConfig, bool] | None = None  # a caller's own patch, put back at train end
+        self._schedule_cache: tuple[tuple, KSchedule] | None = None
+        self._pending_logs: dict[str, float] = {}
+        self._reset_counters()
+        self.last_k: int | None = None
+        self.num_blocks: int | None = None  # of the model patched by the last run
+        self.k_history: list[tuple[int, int]] = []  # (first optimizer step, k) at every change of k: the model card
+
+    # ----- settings ---------------------------------------------------------------------------------------------
+    def resolve_settings(self, args: Any) -> HighwayConfig:
+        """Settle the settings against the training arguments (once per callback); return them."""
+        from_args = highway_settings_of(args)
+        if self._given_config is not None:
+            if from_args is not None and from_args[1] != self._given_config:
+                raise ValueError(
+                    f"HighwayCallback got {self._given_config} but the training arguments carry {from_args[1]} "
+                    "(hwbp_config / --hwbp_*): give the settings in one place (HighwayCallback() reads them from the "
+                    "arguments)."
+                )
+            config, enabled = self._given_config, from_args[0] if from_args is not None else True
+        elif from_args is not None:
+            enabled, config = from_args
+        else:
+            config, enabled = HighwayConfig(), True
+        if self._user_schedule is not None and (config.k_schedule != "constant" or config.k != _DEFAULT_K):
+            raise ValueError(
+                "Pass either k_schedule=<callable> or the k / k_schedule settings, not both (k_schedule replaces them)."
+            )
+        self.config, self.enabled = config, enabled
+        return config
+
+    def schedule(self, num_blocks: int, total_steps: int) -> KSchedule:
+        """The k schedule of this run for a model with ``num_blocks`` Highway blocks and ``total_steps`` steps."""
+        if self._user_schedule is not None:
+            return self._user_schedule
+        config = self.config if self.config is not None else HighwayConfig()
+        k = num_blocks if config.k == "auto" else config.k
+        key = (k, num_blocks, total_steps)
+        if self._schedule_cache is None or self._schedule_cache[0] != key:
+            schedule = build_schedule(
+                config.k_schedule,
+                k=k,
+                num_blocks=num_blocks,
+                total_steps=total_steps,
+                step_every=config.k_step_every,
+                k_max=config.k_max,
+                exact_last_steps=config.exact_last_steps,
+            )
+            self._schedule_cache = (key, schedule)
+        return self._schedule_cache[1]
+
+    # ----- lifecycle --------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        self.resolve_settings(args)
+        if self.enabled:
+            check_distributed_support(model, args)
+            if model is not None:
+                check_peft_model(model)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.config is None:  # added after the Trainer was built: on_init_end did not run
+            self.resolve_settings(args)
+        if model is None:
+            raise ValueError("HighwayCallback needs the Trainer's model; the Trainer passed none to its callbacks.")
+        target = unwrap_model(model)
+        self._model = target
+        self._restore = None
+        if is_patched(target):
+            patch = highway_state(target)
+            self._restore = (patch.config, patch.enabled)
+        if not self.enabled:
+            if is_patched(target):  # a model patched by the caller trains with plain backprop too
+                highway_state(target).enabled = False
+            if self.config.fidelity_steps:
+                logger.warning("Highway-BP fidelity_steps is ignored with use_highway_bp=False.")
+            return
+        check_distributed_support(model, args)
+        check_peft_model(model)
+        if self.config.fidelity_steps and not self.fidelity_by_trainer:
+            logger.warning(
+                "HighwayConfig.fidelity_steps is measured by HighwayTrainer only (it needs the loss function); "
+                "this Trainer will not log hwbp_fidelity/*."
+            )
+        patch_model(target, k=0, tol=None, group_size=self.config.group_size)
+        highway_state(target).enabled = True
+        self.num_blocks = highway_state(target).num_blocks
+        if callable(getattr(target, "add_model_tags", None)):
+            target.add_model_tags([MODEL_TAG])
+        self._reset_counters()
+        self._pending_logs.clear()
+        self.k_history = []
+        self._apply_schedule(state)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._active():
+            self._apply_schedule(state)
+            self._backwards_this_step = 0
+            highway_state(self._model).last_iterations = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self._active():
+            self._collect_iterations()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if not self._active():
+            return
+        self._collect_iterations()
+        patch = highway_state(self._model)
+        if self._backwards_this_step == 0 and any(patch.block_parameters()):
+            raise RuntimeError(
+                f"Highway-BP: optimizer step {state.global_step + 1} ran no Highway backward, although "
+                f"{type(self._model).__name__} (the model HighwayCallback patched) has trainable parameters in its "
+                "stack: the Trainer computes its loss with another model than the one it passes to its callbacks, or "
+                "outside of training mode. Patch the model that is trained (hf_hwbp.patch_model), or give the "
+                "Trainer that model."
+            )
+        if not self.k_history or self.k_history[-1][1] != self.last_k:
+            self.k_history.append((state.global_step + 1, self.last_k))  # steps are 1-based in the logs
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._active() or logs is None or "loss" not in logs:  # only training entries (not eval / summary)
+            return
+        extra: dict[str, float] = {}
+        if self.last_k is not None:
+            extra["hwbp_k"] = self.last_k
+        if self._iteration_count:
+            extra["hwbp_iterations"] = self._iteration_sum / self._iteration_count
+        extra.update(self.pop_pending_logs())
+        self._iteration_sum, self._iteration_count = 0, 0
+        logs.update(extra)
+        # The Trainer appended {**logs, "step": ...} to log_history just before calling on_log: complete that entry.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            entry = state.log_history[-1]
+            if entry.get("loss") is logs.get("loss"):  # the same float object (also when it is NaN)
+                entry.update(extra)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        model, self._model = self._model, None
+        if model is None:
+            return
+        if self._restore is None:
+            unpatch_model(model)
+        else:
+            patch = highway_state(model)
+            patch.config, patch.enabled = self._restore
+        self._restore = None
+
+    # ----- helpers ----------------------------------------------------------------------------------------------
+    def add_to_next_log(self, values: dict[str, float]) -> None:
+        """Values to add to the next training log entry (``HighwayTrainer`` uses it for fidelity metrics)."""
+        self._pending_logs.update(values)
+
+    @property
+    def has_pending_logs(self) -> bool:
+        return bool(self._pending_logs)
+
+    def pop_pending_logs(self) -> dict[str, float]:
+        pending, self._pending_logs = self._pending_logs, {}
+        return pending
+
+    @property
+    def patched_model(self) -> nn.Module | None:
+        """The model this callback patched for the current run (None outside of training)."""
+        return self._model
+
+    def _active(self) -> bool:
+        return self.enabled and self._model is not None
+
+    def _reset_counters(self) -> None:
+        self._iteration_sum = 0
+        self._iteration_count = 0
+        self._backwards_this_step = 0
+
+    def _apply_schedule(self, state) -> None:
+        """Set k (and the adaptive stop) for the optimizer step ``state.global_step``."""
+        patch = highway_state(self._model)
+        step = state.global_step
+        schedule = self.schedule(patch.num_blocks, state.max_steps)
+        k = schedule(step)
+        tol = None if schedule.exact_at(step) else self.config.tol
+        if patch.config.k != k or patch.config.tol != tol:
+            patch.config = patch.config.updated(k=k, tol=tol)
+        self.last_k = k
+
+    def _collect_iterations(self) -> None:
+        patch = highway_state(self._model)
+        if patch.last_iterations is not None:
+            self._iteration_sum += patch.last_iterations
+            self._iteration_count += 1
+            self._backwards_this_step += 1
+            patch.last_iterations = None
+
+
+def add_highway_callback(
+    trainer,
+    config: HighwayConfig | dict[str, Any] | None = None,
+    *,
+    k_schedule: Callable[[int], int] | None = None,
+) -> HighwayCallback:
+    """Add a ``HighwayCallback`` to an existing Trainer, ahead of its ``report_to`` integrations; return it.
+
+    Works on any Trainer instance (TRL's included). Call it before ``trainer.train()``.
+    """
+    callback = HighwayCallback(config, k_schedule=k_schedule)
+    place_first(trainer, callback)
+    callback.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    return callback
+
+
+def place_first(trainer, callback: TrainerCallback) -> None:
+    """Put ``callback`` right after the Trainer's DefaultFlowCallback (before the report_to integrations)."""
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+    index = next((i + 1 for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), 0)
+    callbacks.insert(index, callback)
+
+
+__all__ = ["MODEL_TAG", "HighwayCallback", "add_highway_callback", "place_first"]

@@ -1,0 +1,21 @@
+"""What the example scripts (scripts/run_clm_hwbp.py, scripts/run_image_classification_hwbp.py) share.
+
+The scripts keep the shape of transformers' run_clm.py / run_image_classification.py; this package holds the parts
+those scripts do not have: the embedded default recipes (defaults that user flags always beat, shown by --help),
+LoRA, the Highway model-type check, the layer-parallel run and the comparison with backprop (``hf_hwbp.comparison``).
+"""
+
+from .arguments import ComparisonArguments, LayerParallelArguments, LoraArguments, parse_args_with_defaults
+from .lora import apply_lora
+from .models import check_highway_supported, fit_config_to_tokenizer, highway_model_types
+
+__all__ = [
+    "ComparisonArguments",
+    "LayerParallelArguments",
+    "LoraArguments",
+    "apply_lora",
+    "check_highway_supported",
+    "fit_config_to_tokenizer",
+    "highway_model_types",
+    "parse_args_with_defaults",
+]

@@ -1,0 +1,334 @@
+"""What one training forward of one stack records, and the Highway-BP backward that consumes it.
+
+The forward side (``patching.py``) cuts each block's local graph out of the model's graph and records it in a
+``_StackRecord``; the autograd Functions here stitch the cut graph back together so that autograd calls every
+exit of a stack (which store the gradients reaching the block outputs and the side outputs) before the stack's
+entry, whose backward runs ``run_backward``: one VJP of the side outputs (docs/algorithm.md, side outputs), the
+engine (k input-only sweeps, one parameter VJP), and the routing of tensors a block hands on to the blocks above.
+A record is held by its autograd graph (the entry and the exits), never by the patch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .config import HighwayConfig
+from .discovery import Stack
+from .engine import highway_backward
+
+if TYPE_CHECKING:
+    from .patching import HighwayPatch
+
+
+# ----- autograd Functions ---------------------------------------------------------------------------------------
+class _EngineFlag:
+    """Set while Highway-BP itself backpropagates through a record's local graphs (holds no tensor)."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active = False
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "Highway-BP does not support create_graph=True (double backward, e.g. gradient penalties or "
+            "Hessian-vector products) through a patched stack. Run that computation inside "
+            "`with hf_hwbp.exact_backprop(model):` (ordinary backprop), or unpatch_model(model)."
+        )
+
+
+class _StackEntry(torch.autograd.Function):
+    """Emits the token that starts the exit chain; its backward is the whole Highway-BP backward of one stack."""
+
+    @staticmethod
+    def forward(ctx, record, h0: Tensor, *tensors: Tensor):
+        ctx.record = record
+        return h0.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _grad_token):
+        record = ctx.record
+        if record is None:
+            raise RuntimeError(
+                "Trying to backward through the graph a second time (or directly access saved tensors after they "
+                "have already been freed). Highway-BP frees a stack's recorded graph in the first backward, as "
+                "autograd does. To backpropagate two losses of one forward, call (l1 + l2).backward() once, or "
+                "pass retain_graph=True to the first backward."
+            )
+        grads = run_backward(record)
+        if not record.retained:
+            ctx.record = None
+        return (None,) + grads
+
+
+class _BlockExit(torch.autograd.Function):
+    """Hands on a block's output value, cut from its graph; stores the gradient that reaches it."""
+
+    @staticmethod
+    def forward(ctx, record, index: int, value: Tensor, token: Tensor):
+        ctx.record, ctx.index = record, index
+        ctx.set_materialize_grads(False)
+        return value, token.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad, grad_token):
+        _refuse_double_backward()
+        if grad is not None:
+            ctx.record.output_grads[ctx.index] = grad
+        return None, None, None, _token_grad(ctx.record)
+
+
+class _SideExit(torch.autograd.Function):
+    """Hands on a side output's value, cut from its block's graph; stores the gradient the loss sends it."""
+
+    @staticmethod
+    def forward(ctx, record, index: int, value: Tensor, token: Tensor):
+        ctx.record, ctx.index = record, index
+        ctx.set_materialize_grads(False)
+        return value, token.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad, grad_token):
+        _refuse_double_backward()
+        if grad is not None:
+            ctx.record.side_grads[ctx.index] = grad
+        return None, None, None, _token_grad(ctx.record)
+
+
+def _token_grad(record) -> Tensor:
+    return torch.zeros((), dtype=record.token_dtype, device=record.token_device)
+
+
+class _StackInput(torch.autograd.Function):
+    """Block 1's view of h_0: ordinary autograd crosses it (a loss on h_0 itself); the Highway backward does not."""
+
+    @staticmethod
+    def forward(ctx, flag: _EngineFlag, h0: Tensor):
+        ctx.flag = flag
+        return h0.view_as(h0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, (None if ctx.flag.active else grad)
+
+
+class _GroupInnerGuard(torch.autograd.Function):
+    """Identity on a hidden state inside a group of layers; refuses gradients from outside the stack."""
+
+    @staticmethod
+    def forward(ctx, flag: _EngineFlag, layer_index: int, hidden: Tensor):
+        ctx.flag, ctx.layer_index = flag, layer_index
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.flag.active:
+            raise RuntimeError(
+                f"Highway-BP: the loss reads the hidden state after layer {ctx.layer_index}, which lies inside a "
+                "group of layers (group_size > 1). Only hidden states at group boundaries can carry a loss: use "
+                "group_size=1, or leave that hidden state out of the loss."
+            )
+        return None, None, grad
+
+
+# ----- what one forward leaves for its backward ----------------------------------------------------------------
+@dataclass(eq=False)
+class _StackRecord:
+    """One training forward of one stack. Held by its autograd graph (entry and exits), never by the patch."""
+
+    patch: HighwayPatch
+    stack: Stack
+    config: HighwayConfig  # the settings of this forward
+    first_layer: int  # layers below it were frozen and fed nothing that requires grad: they are not recorded
+    num_blocks: int
+    flag: _EngineFlag
+    params: list[Tensor]
+    side_leaves: list[Tensor]
+    input_requires_grad: bool
+    token_dtype: torch.dtype
+    token_device: torch.device
+    inputs: list[Tensor] = field(default_factory=list)  # x_{j-1} of each block, as its local graph sees it
+    outputs: list[Tensor] = field(default_factory=list)  # y_j, attached to block j's local graph
+    output_grads: dict[int, Tensor] = field(default_factory=dict)  # block -> gradient reaching its output
+    side_outputs: list[tuple[int, Tensor]] = field(default_factory=list)  # (block, tensor in its local graph)
+    side_grads: dict[int, Tensor] = field(default_factory=dict)  # side output -> gradient the loss sent it
+    carried: list[tuple[int, Tensor]] = field(default_factory=list)  # (side output, the leaf later blocks read)
+    retained: bool = False  # the last backward ran with retain_graph=True: the graphs are kept for the next one
+
+
+def _keep_graph() -> bool:
+    """Whether the backward running now was asked to retain the graph (``retain_graph=True``)."""
+    getter = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return bool(getter()) if getter is not None else False
+
+
+def run_backward(record: _StackRecord) -> tuple:
+    """Highway-BP(k) of one recorded stack forward: (grad of h_0, *grads of params, *grads of side inputs)."""
+    _refuse_double_backward()
+    stack = record.stack
+    if len(record.outputs) != record.num_blocks:
+        raise RuntimeError(
+            f"Highway-BP: the training forward ran {len(record.outputs)} of the {record.num_blocks} blocks of "
+            f"{stack.path}. Highway-BP needs the whole stack in every training forward."
+        )
+    _refuse_unrouted(record)
+    keep = _keep_graph()
+    wrt = record.params + record.side_leaves
+    last = len(record.outputs) - 1
+    d = record.output_grads.get(last)
+    if d is None:
+        d = torch.zeros_like(record.outputs[last])
+    # e_j for j = 1..L-1 arrive at the block outputs; e_0 (a loss on h_0 itself) reaches h_0 through autograd.
+    extra: list[Tensor | None] = [None] + [record.output_grads.get(j) for j in range(last)]
+    direct: tuple[Tensor | None, ...] = (None,) * len(wrt)
+    config = record.config
+    gate = stack.residual_gate
+    gates = [gate(output.detach()) for output in record.outputs] if gate is not None else None
+    record.flag.active = True
+    try:
+        if record.side_grads:
+            direct = _route_side_outputs(record, extra, wrt)
+        if keep or record.carried:
+            # The next backward needs the local graphs again, or carried tensors need them after the parameter VJP:
+            # run that VJP here, retaining the graphs.
+            result = highway_backward(
+                record.inputs,
+                record.outputs,
+                [],
+                d,
+                extra,
+                k=config.k,
+                tol=config.tol,
+                need_input_grad=record.input_requires_grad,
+                residual_gates=gates,
+                keep_block_grads=True,
+            )
+            carried = [leaf for _, leaf in record.carried]
+            grads = (
+                torch.autograd.grad(
+                    record.outputs, wrt + carried, result.block_grads, retain_graph=True, allow_unused=True
+                )
+                if wrt or carried
+                else ()
+            )
+            if carried:
+                grads, result.input_grad = _route_carried(record, grads[len(wrt) :], grads[: len(wrt)], result, wrt)
+            if not record.patch.keep_block_grads:
+                result.block_grads = None
+        else:
+            result = highway_backward(
+                record.inputs,
+                record.outputs,
+                wrt,
+                d,
+                extra,
+                k=config.k,
+                tol=config.tol,
+                need_input_grad=record.input_requires_grad,
+                residual_gates=gates,
+                keep_block_grads=record.patch.keep_block_grads,
+            )
+            grads = result.param_grads
+    except RuntimeError as err:
+        if "backward through the graph a second time" in str(err):
+            raise RuntimeError(
+                f"Highway-BP: the graph of a block of {stack.path} was already consumed when the Highway backward "
+                "started: the loss reads a tensor computed inside a layer by a path Highway-BP does not route "
+                "(it routes the layer output, hidden states, and what transformers' output capturing collects: "
+                "attentions, router logits). Compute the loss from those, or train this step with "
+                "`with hf_hwbp.exact_backprop(model):`."
+            ) from err
+        raise
+    finally:
+        record.flag.active = False
+    grads = tuple(_add(g, extra_g) for g, extra_g in zip(grads, direct))
+    record.patch._note_backward(result.iterations, result.block_grads)
+    record.retained = keep
+    record.output_grads.clear()
+    record.side_grads.clear()
+    if not keep:  # nothing of this forward outlives its backward, even while the caller keeps the loss
+        held_lists = (record.inputs, record.outputs, record.side_outputs, record.params, record.side_leaves)
+        for held in held_lists + (record.carried,):
+            held.clear()
+    return (result.input_grad,) + grads
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+def _route_side_outputs(record: _StackRecord, extra: list[Tensor | None], wrt: list[Tensor]) -> tuple:
+    """One VJP of the side outputs that got gradients, with respect to their blocks' inputs, the parameters and the
+    side inputs: e_{j-1} += (ds_j/dh_{j-1})^T g_j, and (ds_j/dtheta)^T g_j goes to the parameters directly."""
+    indices = sorted(record.side_grads)
+    blocks = sorted({record.side_outputs[i][0] for i in indices})
+    inputs = [record.inputs[b] for b in blocks]
+    wants_input = [b > 0 or record.input_requires_grad for b in blocks]
+    targets = [x for x, wanted in zip(inputs, wants_input) if wanted] + wrt
+    if not targets:
+        return (None,) * len(wrt)
+    grads = torch.autograd.grad(
+        [record.side_outputs[i][1] for i in indices],
+        targets,
+        [record.side_grads[i] for i in indices],
+        retain_graph=True,
+        allow_unused=True,
+    )
+    position = 0
+    for b, wanted in zip(blocks, wants_input):
+        if wanted:
+            extra[b] = _add(extra[b], grads[position])
+            position += 1
+    return grads[position:]
+
+
+def _route_carried(record: _StackRecord, carried_grads, grads, result, wrt: list[Tensor]) -> tuple:
+    """A side output of block b that later blocks read is their side input: it gets sum_j (dg_j/dz)^T delta^(k)_j,
+    then ordinary backprop into block b (its parameters; h_0 when b is the first block). Returns the parameter and
+    side-input gradients and the stack input's gradient with that added."""
+    pairs = [(record.side_outputs[side], g) for (side, _), g in zip(record.carried, carried_grads) if g is not None]
+    if not pairs:
+        return grads, result.input_grad
+    blocks = sorted({block for (block, _), _ in pairs})
+    inputs = [record.inputs[b] for b in blocks if b > 0 or record.input_requires_grad]
+    below = torch.autograd.grad(
+        [s for (_, s), _ in pairs], inputs + wrt, [g for _, g in pairs], retain_graph=True, allow_unused=True
+    )
+    input_grad = result.input_grad
+    for b, g in zip([b for b in blocks if b > 0 or record.input_requires_grad], below):
+        if g is None:
+            continue
+        if b > 0:
+            raise RuntimeError(
+                f"Highway-BP: block {b} of {record.stack.path} returns a tensor that the blocks above it read and "
+                "that depends on its hidden state: its gradient would feed the Highway iteration it depends on. "
+                "Train this model with ordinary backprop (unpatch_model(model))."
+            )
+        input_grad = _add(input_grad, g)
+    return tuple(_add(a, b) for a, b in zip(grads, below[len(inputs) :])), input_grad
+
+
+def _refuse_unrouted(record: _StackRecord) -> None:
+    """A gradient in a block-input or side-input leaf came through a block's graph outside Highway-BP."""
+    for position, leaf in enumerate(record.inputs[1:] + record.side_leaves + [z for _, z in record.carried]):
+        if leaf.grad is not None:
+            where = (
+                f"the input of block {position + 1} of {record.stack.path}"
+                if position < len(record.inputs) - 1
+                else f"a side input of {record.stack.path}"
+            )
+            raise RuntimeError(
+                f"Highway-BP: a gradient reached {where} through a block's graph, outside the Highway backward: "
+                "the loss reads a tensor computed inside a layer that Highway-BP does not route (it routes the "
+                "layer output, hidden states, and what transformers' output capturing collects: attentions, "
+                "router logits). Compute the loss from those, or train this step with "
+                "`with hf_hwbp.exact_backprop(model):`."
+            )

@@ -1,0 +1,175 @@
+"""What a block reads and emits besides the residual stream: side inputs, side outputs, and the hidden state.
+
+Side inputs are tensors that require grad and that a layer receives besides its hidden state: encoder states
+under cross-attention, a parameter that lives outside the stack, prefix-tuning keys and values held in a
+``Cache`` object. ``swap_tensors`` finds them (in arguments, tuples, lists, dicts, and, when ``deep``, inside
+the attributes of plain objects such as caches) and puts a replacement in their place.
+
+Side outputs are tensors computed inside a layer that the loss may read besides its output: tensors returned
+next to the hidden state, and what transformers' output capturing (``output_attentions``,
+``output_router_logits``, ...) collects from inside the layer. ``collector_marks`` and ``new_collected`` find
+the ones a layer added.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+try:  # transformers >= 5: attentions, router logits and hidden states are collected by hooks inside the layers
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - older transformers return them from the layers instead
+    _active_collector = None
+
+_MAX_DEPTH = 4
+_ATOMS = (str, bytes, int, float, bool, complex, type(None), type, nn.Module)
+
+Replace = Callable[[str, Tensor], Tensor]
+
+
+def split_hidden(args: tuple, kwargs: dict) -> Tensor:
+    """The hidden state a layer is called with: its first argument, or ``hidden_states=``."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise RuntimeError("Highway-BP: could not find the hidden state (first argument or `hidden_states=`) of a layer.")
+
+
+def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden,) + tuple(args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def output_hidden(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def with_output_hidden(output, hidden: Tensor):
+    if isinstance(output, tuple):
+        return (hidden,) + output[1:]
+    if isinstance(output, list):
+        return [hidden] + output[1:]
+    return hidden
+
+
+def argument_name(module: nn.Module, name: str) -> str:
+    """``argument 2`` -> the name of the layer's second parameter (for messages), when its signature says it."""
+    head, _, rest = name.partition("[")
+    if not head.startswith("argument "):
+        return name
+    try:
+        parameters = list(inspect.signature(module.forward).parameters)
+        return parameters[int(head.split()[1])] + (f"[{rest}" if rest else "")
+    except (ValueError, TypeError, IndexError):
+        return name
+
+
+def has_grad_inputs(args: tuple, kwargs: dict) -> bool:
+    """Whether a layer receives, besides its hidden state, a tensor that requires grad (directly, or in tuples,
+    lists and dicts: what ``swap_tensors`` visits without ``deep``). The quick test that lets most layers skip it."""
+    values = list(args[1:]) + [v for key, v in kwargs.items() if args or key != "hidden_states"]
+    return any(_any_grad(value, 0) for value in values)
+
+
+def _any_grad(value, depth: int) -> bool:
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if depth >= _MAX_DEPTH:
+        return False
+    if isinstance(value, (tuple, list)):
+        return any(_any_grad(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_any_grad(v, depth + 1) for v in value.values())
+    return False
+
+
+def swap_tensors(args: tuple, kwargs: dict, replace: Replace, *, deep: bool) -> tuple[tuple, dict]:
+    """Call ``replace(name, t)`` on every tensor that requires grad among a layer's inputs, except its hidden
+    state, and put what it returns in its place. Tuples and the top-level ``args``/``kwargs`` are rebuilt;
+    lists, dicts and object attributes found with ``deep=True`` are updated in place (a cache keeps serving
+    the layers that read it). Returns the new ``(args, kwargs)``, the same objects when nothing changed."""
+    hidden_in_kwargs = not args
+    new_args = tuple(
+        value if i == 0 else _swap(value, f"argument {i}", replace, deep, 0, set()) for i, value in enumerate(args)
+    )
+    new_kwargs = {
+        key: value if hidden_in_kwargs and key == "hidden_states" else _swap(value, key, replace, deep, 0, set())
+        for key, value in kwargs.items()
+    }
+    changed_args = any(a is not b for a, b in zip(new_args, args))
+    changed_kwargs = any(new_kwargs[key] is not kwargs[key] for key in kwargs)
+    return (new_args if changed_args else args), (new_kwargs if changed_kwargs else kwargs)
+
+
+def _swap(value, name: str, replace: Replace, deep: bool, depth: int, seen: set[int]):
+    if isinstance(value, Tensor):
+        return replace(name, value) if value.requires_grad else value
+    if isinstance(value, _ATOMS) or depth >= _MAX_DEPTH or id(value) in seen:
+        return value
+    if isinstance(value, tuple):
+        items = [_swap(v, f"{name}[{i}]", replace, deep, depth + 1, seen) for i, v in enumerate(value)]
+        if all(a is b for a, b in zip(items, value)):
+            return value
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        seen.add(id(value))
+        for i, v in enumerate(value):
+            new = _swap(v, f"{name}[{i}]", replace, deep, depth + 1, seen)
+            if new is not v:
+                value[i] = new
+        return value
+    if isinstance(value, dict):
+        seen.add(id(value))
+        for key, v in list(value.items()):
+            new = _swap(v, f"{name}[{key!r}]", replace, deep, depth + 1, seen)
+            if new is not v:
+                value[key] = new
+        return value
+    if deep and hasattr(value, "__dict__") and not callable(value):
+        seen.add(id(value))
+        for key, v in list(vars(value).items()):
+            new = _swap(v, f"{name}.{key}", replace, deep, depth + 1, seen)
+            if new is not v:
+                setattr(value, key, new)
+    return value
+
+
+def output_extras(output) -> list[tuple[int, Tensor]]:
+    """Tensors that require grad returned by a layer next to its hidden state, with their positions."""
+    if not isinstance(output, (tuple, list)):
+        return []
+    return [(i, t) for i, t in enumerate(output) if i > 0 and isinstance(t, Tensor) and t.requires_grad]
+
+
+def with_output_extras(output, replaced: dict[int, Tensor]):
+    items = [replaced.get(i, item) for i, item in enumerate(output)]
+    return tuple(items) if isinstance(output, tuple) else items
+
+
+def collector() -> dict | None:
+    """The dict transformers' output capturing is filling right now (None when nothing is being captured)."""
+    return None if _active_collector is None else _active_collector.get()
+
+
+def collector_marks(collected: dict | None) -> dict[str, int] | None:
+    """How many entries each captured output has, to find the ones a layer adds."""
+    if not collected:
+        return None
+    return {key: len(value) for key, value in collected.items() if isinstance(value, list)}
+
+
+def new_collected(collected: dict | None, marks: dict[str, int] | None) -> list[tuple[list, int, Tensor]]:
+    """Entries that require grad added to the collector since ``marks``: (list, position, tensor)."""
+    if not collected or marks is None:
+        return []
+    found = []
+    for key, values in collected.items():
+        if isinstance(values, list):
+            for i in range(marks.get(key, 0), len(values)):
+                if isinstance(values[i], Tensor) and values[i].requires_grad:
+                    found.append((values, i, values[i]))
+    return found

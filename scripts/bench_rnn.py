@@ -1,0 +1,282 @@
+"""Training-step time and peak memory of ``HighwayGRU`` (Highway-BP(k) through time) against ``torch.nn.GRU``.
+
+One step = forward + backward of a GRU layer (same weights) on x [T, B, H] that requires grad (as under an
+embedding or another layer), with a loss on every step's output. Methods are interleaved round-robin (every round
+runs each method once, so machine load hits all alike); the median over rounds is reported, with the ratio to
+``nn.GRU`` measured in the same run. Peak memory: on CPU the peak resident-set growth of one step (after a warm-up
+step) in a fresh subprocess whose large allocations glibc maps and unmaps one by one (so the resident set follows
+the live tensors); on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the step.
+
+CPU (the committed tables; run each T under /work/tools/quiet_run, threads = the machine's 2 cores):
+    python scripts/bench_rnn.py --seq_lens 1024 --output_dir results/rnn/step_cpu --tag T1024
+GPU (against cuDNN; one command, a couple of minutes on an H100, results in the given folder):
+    python scripts/bench_rnn.py --device cuda --output_dir results/rnn/step_cuda --tag h100
+Summary of everything in a folder:
+    python scripts/bench_rnn.py --summarize_only --output_dir results/rnn/step_cpu
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import append_jsonl, read_jsonl, set_threads  # noqa: E402
+
+from hf_hwbp.rnn import HighwayGRU  # noqa: E402
+
+
+@dataclass
+class BenchArguments:
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (compares against cuDNN's GRU)"})
+    seq_lens: list[int] = field(default_factory=lambda: [256, 1024, 4096])
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 256])
+    ks: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    rounds: int = field(default=7, metadata={"help": "timed rounds (after one warm-up round); medians"})
+    threads: int = field(default=2, metadata={"help": "torch threads (CPU)"})
+    dtype: str = field(default="float32")
+    memory: bool = field(default=True, metadata={"help": "also measure the peak memory of one step"})
+    check: bool = field(default=True, metadata={"help": "first check HighwayGRU(k=T) against nn.GRU's gradients"})
+    output_dir: str = field(default="results/rnn/step_cpu")
+    tag: str = field(default="run")
+    summarize_only: bool = field(default=False)
+    memory_probe: str = field(default="", metadata={"help": "internal: 'T,B,H,method' (one step in this process)"})
+
+
+def method_names(ks: list[int]) -> list[str]:
+    return ["nn.GRU"] + [f"k={k}" for k in ks]
+
+
+def build(method: str, hidden: int, device: str, dtype: torch.dtype, seed: int = 0) -> nn.GRU:
+    torch.manual_seed(seed)
+    gru = nn.GRU(hidden, hidden, device=device, dtype=dtype)
+    if method == "nn.GRU":
+        return gru
+    return HighwayGRU.from_gru(gru, k=int(method.split("=")[1]))
+
+
+def make_step(module: nn.GRU, steps: int, batch: int, hidden: int, device: str, dtype: torch.dtype):
+    """A closure running one forward + backward (loss on every step's output), like a training step."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+    weights = torch.randn(steps, batch, hidden, device=device, dtype=dtype, generator=gen)
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _ = module(x)
+        (out * weights).sum().backward()
+
+    return step
+
+
+def gradient_check(device: str) -> dict:
+    """Relative error of HighwayGRU(k = T) against nn.GRU's autograd on this device (float64 and float32)."""
+    found = {}
+    for dtype in (torch.float64, torch.float32):
+        steps, batch, hidden = 50, 4, 16
+        reference, highway = build("nn.GRU", hidden, device, dtype), build(f"k={steps}", hidden, device, dtype)
+        grads = []
+        for module in (reference, highway):
+            step = make_step(module, steps, batch, hidden, device, dtype)
+            step()
+            grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
+        found[str(dtype)] = ((grads[1] - grads[0]).norm() / grads[0].norm()).item()
+    return found
+
+
+def time_config(args: BenchArguments, steps: int, batch: int, hidden: int, dtype: torch.dtype) -> dict:
+    methods = method_names(args.ks)
+    closures = {m: make_step(build(m, hidden, args.device, dtype), steps, batch, hidden, args.device, dtype)
+                for m in methods}  # fmt: skip
+    cuda = args.device == "cuda"
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for round_index in range(args.rounds + 1):
+        for method, step in closures.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end) / 1000
+            else:
+                begin = time.perf_counter()
+                step()
+                elapsed = time.perf_counter() - begin
+            if round_index > 0:
+                times[method].append(elapsed)
+    medians = {m: statistics.median(v) for m, v in times.items()}
+    return {"median_s": medians, "all_s": times}
+
+
+def peak_memory(args: BenchArguments, steps: int, batch: int, hidden: int, method: str) -> float:
+    """Peak memory (MiB) of one training step above what was allocated before it."""
+    if args.device == "cuda":
+        step = make_step(build(method, hidden, "cuda", getattr(torch, args.dtype)), steps, batch, hidden, "cuda",
+                         getattr(torch, args.dtype))  # fmt: skip
+        step()  # lazy initialisations (cuDNN plans) happen once
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    probe = f"{steps},{batch},{hidden},{method}"
+    command = [sys.executable, __file__, "--memory_probe", probe, "--dtype", args.dtype, "--threads", str(args.threads)]
+    # Fixed mmap threshold: every block >= 128 KiB is its own mapping, returned to the OS when freed.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def run_memory_probe(args: BenchArguments) -> None:
+    """In a fresh process: one warm-up step (library buffers, thread pools), then reset the resident-set high-water
+    mark (Linux: ``/proc/self/clear_refs``) and print how far one more step raises it above the current RSS (MiB)."""
+    steps, batch, hidden, method = args.memory_probe.split(",")
+    dtype = getattr(torch, args.dtype)
+    step = make_step(build(method, int(hidden), "cpu", dtype), int(steps), int(batch), int(hidden), "cpu", dtype)
+    step()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    resident_before = _status_kib("VmRSS")
+    step()
+    print((_status_kib("VmHWM") - resident_before) / 1024)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def summarize(out: Path) -> str:
+    """The markdown tables of ``runs.jsonl``. A configuration measured more than once shows the measurement taken on
+    the quietest machine (lowest 1-minute load, the larger of before and after); ``runs.jsonl`` keeps them all."""
+
+    def load(r: dict) -> float:
+        return max(float(r["loadavg_before"][0]), float(r.get("loadavg_after", r["loadavg_before"])[0]))
+
+    latest: dict = {}
+    for r in read_jsonl(out / "runs.jsonl"):
+        key = (r["T"], r["B"], r["H"], r.get("threads"))
+        if "median_s" in r and (key not in latest or load(r) <= load(latest[key])):
+            latest[key] = r
+    lines = [
+        "| threads | T | B | H | method | median step (ms) | ratio to nn.GRU | peak MiB | peak ratio | load |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for _, row in sorted(latest.items()):
+        base = row["median_s"]["nn.GRU"]
+        mem = row.get("peak_mib") or {}
+        for method, value in row["median_s"].items():
+            peak = mem.get(method)
+            peak_ratio = f"{peak / mem['nn.GRU']:.2f}x" if peak is not None and mem.get("nn.GRU") else "n/a"
+            lines.append(
+                f"| {row.get('threads')} | {row['T']} | {row['B']} | {row['H']} | {method} | "
+                f"{value * 1000:.1f} | {value / base:.2f}x | "
+                f"{'n/a' if peak is None else f'{peak:.0f}'} | {peak_ratio} | {load(row):.2f} |"
+            )
+    text = "\n".join(lines) + "\n\n" + compact_table(latest.values())
+    (out / "summary.md").write_text(text + "\n")
+    return text
+
+
+def compact_table(rows) -> str:
+    """One line per configuration: nn.GRU's median step time, every method's ratio to it (medians; in brackets the
+    ratio of the fastest rounds, which interference from other processes cannot inflate), k=1's peak memory."""
+    rows = sorted(rows, key=lambda r: (r.get("threads") or 0, r["T"], r["B"], r["H"]))
+    if not rows:
+        return ""
+    methods = [m for m in rows[0]["median_s"] if m != "nn.GRU"]
+    head = "| threads | T | B | H | nn.GRU (ms) | " + " | ".join(methods) + " | peak memory k=1 / nn.GRU | load |"
+    lines = [head, "|" + "---:|" * (7 + len(methods))]
+    for row in rows:
+        base = row["median_s"]["nn.GRU"]
+        mem = row.get("peak_mib") or {}
+        peak = f"{mem['k=1'] / mem['nn.GRU']:.2f}x" if mem.get("k=1") and mem.get("nn.GRU") else "n/a"
+        fastest = {m: min(v) for m, v in row.get("all_s", {}).items()}
+        ratios = " | ".join(
+            f"{row['median_s'][m] / base:.2f}x" + (f" ({fastest[m] / fastest['nn.GRU']:.2f}x)" if fastest else "")
+            for m in methods
+            if m in row["median_s"]
+        )
+        config = f"| {row.get('threads')} | {row['T']} | {row['B']} | {row['H']}"
+        load = max(float(row["loadavg_before"][0]), float(row.get("loadavg_after", row["loadavg_before"])[0]))
+        lines.append(f"{config} | {base * 1000:.0f} | {ratios} | {peak} | {load:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Measure the grid the arguments ask for; return the records written to ``runs.jsonl``."""
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+    if args.memory_probe:
+        set_threads(args.threads)
+        run_memory_probe(args)
+        return []
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summarize_only:
+        print(summarize(out))
+        return []
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch.")
+    set_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    note = {
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}",
+        "threads": args.threads,
+        "cudnn": torch.backends.cudnn.version() if args.device == "cuda" else None,
+    }
+    if args.check:
+        check = {"check": gradient_check(args.device), "tag": args.tag, **note}
+        append_jsonl(out / "checks.jsonl", check)
+        print("gradient check (relative error at k = T):", json.dumps(check["check"]), flush=True)
+    records = []
+    for steps in args.seq_lens:
+        for batch in args.batch_sizes:
+            for hidden in args.hidden_sizes:
+                load_before = open("/proc/loadavg").read().split()[:3]
+                record = {"T": steps, "B": batch, "H": hidden, "dtype": args.dtype, "tag": args.tag,
+                          "rounds": args.rounds, "loadavg_before": load_before, **note}  # fmt: skip
+                try:
+                    record.update(time_config(args, steps, batch, hidden, dtype))
+                    record["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+                    if args.memory:
+                        record["peak_mib"] = {
+                            m: peak_memory(args, steps, batch, hidden, m) for m in method_names(args.ks)
+                        }
+                except (RuntimeError, subprocess.CalledProcessError) as error:  # e.g. out of memory: keep the rest
+                    record["error"] = repr(error)
+                    print(f"T={steps} B={batch} H={hidden}: failed: {error!r}", flush=True)
+                    append_jsonl(out / "runs.jsonl", record)
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                append_jsonl(out / "runs.jsonl", record)
+                records.append(record)
+                base = record["median_s"]["nn.GRU"]
+                ratios = ", ".join(f"{m} {v / base:.2f}x" for m, v in record["median_s"].items())
+                print(f"T={steps} B={batch} H={hidden}: nn.GRU {base * 1000:.1f} ms; {ratios}", flush=True)
+    print(summarize(out))
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""FSDP and DeepSpeed are refused before any training step, with a message naming the back-end and the ways out.
+
+The real FSDP2 refusal under `accelerate launch` is in tests/test_ddp.py; DeepSpeed is not installed here, so its
+markers (TrainingArguments.deepspeed, ACCELERATE_USE_DEEPSPEED, ZeRO-3 partitioned parameters) are set by hand.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from trainer_helpers import repetitive_data, tiny_gpt2
+from transformers import Trainer, TrainingArguments
+
+from hf_hwbp import HighwayCallback, UnsupportedDistributedSetupError, check_distributed_support
+from hf_hwbp.distributed_support import detect_unsupported_backend
+
+WAYS_OUT = ("DDP", "hf_hwbp.parallel", "use_highway_bp=False")
+
+
+def _assert_clear(err: pytest.ExceptionInfo, backend: str) -> None:
+    message = str(err.value)
+    assert f"does not support {backend}" in message, message
+    assert all(way in message for way in WAYS_OUT), message
+
+
+def test_single_process_and_ddp_models_are_supported():
+    assert detect_unsupported_backend(tiny_gpt2(), SimpleNamespace(fsdp=[], deepspeed=None)) is None
+    check_distributed_support(tiny_gpt2())
+
+
+@pytest.mark.parametrize(
+    "args, backend",
+    [
+        (SimpleNamespace(fsdp=["full_shard"], deepspeed=None), "FSDP"),
+        (SimpleNamespace(fsdp=[], deepspeed="ds_config.json"), "DeepSpeed"),
+        (SimpleNamespace(fsdp=True, deepspeed={"zero_optimization": {"stage": 2}}), "DeepSpeed"),
+    ],
+)
+def test_training_arguments(args, backend):
+    with pytest.raises(UnsupportedDistributedSetupError) as err:
+        check_distributed_support(None, args)
+    _assert_clear(err, backend)
+
+
+def test_fsdp_from_accelerate_launch_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type FSDP
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
+    with pytest.raises(UnsupportedDistributedSetupError) as err:
+        Trainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(), callbacks=[HighwayCallback()])
+    _assert_clear(err, "FSDP")
+    assert "accelerate launch" in str(err.value)
+
+
+def test_deepspeed_from_accelerate_launch(monkeypatch):
+    # With ACCELERATE_USE_DEEPSPEED set, TrainingArguments itself needs the deepspeed package (not installed here).
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(UnsupportedDistributedSetupError) as err:
+        check_distributed_support(tiny_gpt2())
+    _assert_clear(err, "DeepSpeed")
+
+
+def test_partitioned_and_sharded_parameters():
+    model = tiny_gpt2()
+    model.transformer.h[1].mlp.c_fc.weight.ds_id = 7  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    with pytest.raises(UnsupportedDistributedSetupError) as err:
+        check_distributed_support(model)
+    _assert_clear(err, "DeepSpeed ZeRO-3")
+    assert "transformer.h.1.mlp.c_fc.weight" in str(err.value)
+
+    model = tiny_gpt2()
+    flat = torch.nn.Parameter(torch.zeros(3))
+    flat._is_flat_param = True  # FSDP1's FlatParameter marker
+    model.transformer.h[0].register_parameter("flat_param", flat)
+    with pytest.raises(UnsupportedDistributedSetupError) as err:
+        check_distributed_support(model)
+    _assert_clear(err, "FSDP")

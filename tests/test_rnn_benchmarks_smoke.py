@@ -1,0 +1,66 @@
+"""Tiny runs of scripts/bench_rnn.py and scripts/bench_rnn_quality.py: outputs written and sane."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_smoke_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_rnn_quality_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    bench = _load("bench_rnn_quality")
+    common = ["--output_dir", str(tmp_path), "--hidden_size", "8", "--batch_size", "4", "--seeds", "0"]
+    summary = bench.main(
+        ["--tasks", "digits", "charlm", "--methods", "backprop", "k1", "--max_steps", "4", "--eval_every", "2"] + common
+    )
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    expected = {(task, method) for task in ("digits", "charlm") for method in ("backprop", "k1")}
+    assert {(r["task"], r["method"]) for r in runs} == expected
+    for r in runs:
+        assert [p["step"] for p in r["curve"]] == [2, 4]
+        assert math.isfinite(r["final_val"])
+    assert summary["digits"]["backprop"]["gap"] == [0.0]
+    assert 0 <= summary["digits"]["k1"]["final"][0] <= 100
+    # the step-time mode, then a summary that converts steps into time
+    bench.main(["--tasks", "digits", "--methods", "backprop", "k1", "--timing_rounds", "1"] + common)
+    timing = json.loads((tmp_path / "timing.jsonl").read_text().splitlines()[-1])
+    assert set(timing["median_step_s"]) == {"backprop", "k1"} and all(v > 0 for v in timing["median_step_s"].values())
+    summary = bench.main(["--summarize_only", "--output_dir", str(tmp_path)])
+    assert summary["digits"]["k1"]["step_s"] == timing["median_step_s"]["k1"]
+    assert "time to backprop's final" in (tmp_path / "summary.md").read_text()
+    # --resume skips what is done
+    before = (tmp_path / "runs.jsonl").read_text()
+    bench.main(["--tasks", "digits", "--methods", "k1", "--max_steps", "4", "--eval_every", "2", "--resume"] + common)
+    assert (tmp_path / "runs.jsonl").read_text() == before
+
+
+def test_bench_rnn_smoke(tmp_path):
+    bench = _load("bench_rnn")
+    args = ["--seq_lens", "6", "--batch_sizes", "2", "--hidden_sizes", "4", "--ks", "6", "--rounds", "1"]
+    records = bench.main(args + ["--threads", "1", "--output_dir", str(tmp_path)])
+    (record,) = records
+    assert set(record["median_s"]) == {"nn.GRU", "k=6"} and all(v > 0 for v in record["median_s"].values())
+    assert set(record["peak_mib"]) == set(record["median_s"])
+    check = json.loads((tmp_path / "checks.jsonl").read_text())["check"]
+    assert check["torch.float64"] < 1e-12 and check["torch.float32"] < 1e-4  # HighwayGRU(k = T) is exact
+    table = (tmp_path / "summary.md").read_text()
+    assert "| 1 | 6 | 2 | 4 | k=6 |" in table
+    # a configuration measured twice shows one row (the quieter measurement)
+    bench.main(args + ["--threads", "1", "--memory", "false", "--check", "false", "--output_dir", str(tmp_path)])
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "summary.md").read_text().count("| 1 | 6 | 2 | 4 | k=6 |") == 1

@@ -1,0 +1,185 @@
+"""The zoo: transformers architectures built from tiny configs and patched WITHOUT layers= (the stacks are found
+from their structure): exact at k >= L against unpatched autograd, and k = 1, 2 against the independent
+reference of tests/reference.py. Dropout stays at each config's default (same seed for every pass)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from reference import reference_highway_grads
+from tiny_models import ZOO, ZOO_LAYERS, one_thread  # noqa: F401 (fixture)
+from transformers import AlbertConfig, AlbertModel
+from transformers.utils import logging as hf_logging
+
+import hf_hwbp
+from model_patches import supported_model_types
+
+SEED = 7
+# float64: the Highway sums differ from autograd's only by rounding (observed <= 1e-13 relative).
+# float32 (MoE: the grouped-matmul expert kernels refuse float64): the same products summed in another order,
+# float32 rounding (6e-8) through 3 layers, softmax and the router's top-k weights: observed <= 3e-7 at k = L
+# against autograd and <= 3e-8 against the reference; 1e-5 leaves a 30x margin and is far below the k = 1 vs
+# exact differences (> 1e-2) the test must tell apart.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def loss_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    torch.manual_seed(SEED)  # the same dropout masks in every pass
+    return model(**batch).loss
+
+
+def grads_of(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_of(model, batch).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def max_relative_error(actual: dict, expected: dict) -> float:
+    """max over parameters of ||a - b|| / ||b||; parameters whose gradient vanishes (softmax ignores a shift of the
+    key biases) are measured against 1e-6 of the largest gradient norm instead."""
+    assert actual.keys() == expected.keys()
+    floor = 1e-6 * max(g.double().norm().item() for g in expected.values())
+    return max(
+        (actual[n].double() - expected[n].double()).norm().item() / max(expected[n].double().norm().item(), floor)
+        for n in expected
+    )
+
+
+@contextlib.contextmanager
+def pre_activation_gates(layers):
+    """ResNet layers are relu(h + g(h)): their residual path is diag(relu'(h + g(h))). The reference gets it from
+    each layer's pre-activation, read by a hook on the layer's activation (not from its output, as the patch does)."""
+    before_activation = {}
+    handles = [
+        layer.activation.register_forward_pre_hook(
+            lambda module, args, layer=layer: before_activation.__setitem__(layer, args[0].detach().clone())
+        )
+        for layer in layers
+    ]
+    try:
+        yield lambda layer: (before_activation[layer] > 0).to(before_activation[layer].dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def reference_gates(entry, state):
+    if entry.task != "resnet":
+        return contextlib.nullcontext(None)
+    return pre_activation_gates([layer for stack in state.stacks for layer in stack.layers])
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_exact_at_L_and_reference_below(name):
+    entry = ZOO[name]
+    model, batch = entry.build(), entry.batch()
+    rtol = entry.rtol or RTOL[entry.dtype]
+    exact = grads_of(model, batch)
+    hf_hwbp.patch_model(model, k=ZOO_LAYERS)
+    state = hf_hwbp.highway_state(model)
+    assert [len(s) for s in state.stacks] == [ZOO_LAYERS] * entry.stacks
+    assert max_relative_error(grads_of(model, batch), exact) <= rtol
+    assert hf_hwbp.last_highway_iterations(model) == ZOO_LAYERS
+    for k in (1, 2):
+        with hf_hwbp.exact_backprop(model), reference_gates(entry, state) as gate:  # the model's own backward
+            expected = reference_highway_grads(
+                model, [s.layers for s in state.stacks], lambda m: loss_of(m, batch), k, residual_gate=gate
+            )
+        hf_hwbp.set_highway_k(model, k)
+        assert max_relative_error(grads_of(model, batch), expected) <= rtol
+        assert hf_hwbp.last_highway_iterations(model) == k
+        assert max_relative_error(expected, exact) > 1e-3  # k < L really differs from backprop here
+
+
+def test_tested_model_types_are_the_zoo():
+    assert supported_model_types() == sorted({entry.model_type for entry in ZOO.values()})
+
+
+def test_readme_table_is_generated_from_the_zoo():
+    """README.md holds the output of scripts/supported_models_table.py (run it with --write after changing the zoo)."""
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("supported_models_table", root / "scripts/supported_models_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    readme = (root / "README.md").read_text()
+    assert script.with_table(readme, script.table()) == readme
+
+
+def test_discovery_is_inspectable_and_logged_once(caplog):
+    model = ZOO["bart"].build()
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.INFO):
+            hf_hwbp.patch_model(model, k=1)
+            hf_hwbp.patch_model(model, k=2)  # an update of the settings: nothing new to say
+    finally:
+        hf_logging.disable_propagation()
+        hf_logging.set_verbosity_warning()
+    found = [r.getMessage() for r in caplog.records if "Highway-BP" in r.getMessage()]
+    assert len(found) == 1
+    assert "model.encoder.layers (3 x BartEncoderLayer)" in found[0]
+    assert "model.decoder.layers (3 x BartDecoderLayer)" in found[0]
+    state = hf_hwbp.highway_state(model)
+    assert [s.path for s in state.stacks] == ["model.encoder.layers", "model.decoder.layers"]
+    assert state.stacks[1].layers[0] is model.model.decoder.layers[0]
+    assert state.num_blocks == ZOO_LAYERS and state.config.k == 2
+
+
+def test_resnet_stages_leave_the_shape_changing_layer_outside():
+    model = ZOO["resnet"].build()
+    hf_hwbp.patch_model(model, k=1)
+    stages = model.resnet.encoder.stages
+    paths = [s.path for s in hf_hwbp.highway_state(model).stacks]
+    assert paths == ["resnet.encoder.stages.0.layers", "resnet.encoder.stages.1.layers[1:]"]
+    assert hf_hwbp.highway_state(model).stacks[1].layers == tuple(stages[1].layers[1:])
+
+
+def test_resnet_highway_follows_the_relu_gated_residual_path():
+    """relu(h + g(h)): below k = L the gradient travels the ReLU-masked residual path, not the identity."""
+    entry = ZOO["resnet"]
+    model, batch = entry.build(), entry.batch()
+    hf_hwbp.patch_model(model, k=1)
+    state = hf_hwbp.highway_state(model)
+    stacks = [s.layers for s in state.stacks]
+    with hf_hwbp.exact_backprop(model):
+        identity_path = reference_highway_grads(model, stacks, lambda m: loss_of(m, batch), 1)
+        with reference_gates(entry, state) as gate:
+            gated_path = reference_highway_grads(model, stacks, lambda m: loss_of(m, batch), 1, residual_gate=gate)
+    assert max_relative_error(identity_path, gated_path) > 1e-3  # the two readings really differ here
+    assert max_relative_error(grads_of(model, batch), gated_path) <= RTOL[torch.float64]
+    with pytest.raises(ValueError, match="group_size must be 1"):
+        hf_hwbp.set_highway_config(model, group_size=2)
+        grads_of(model, batch)
+
+
+def test_resnet_with_another_activation_is_refused():
+    model = ZOO["resnet"].build(hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act='gelu'.*layers="):
+        hf_hwbp.patch_model(model, k=1)
+
+
+def test_model_without_a_residual_stack_raises_and_shows_layers():
+    albert = AlbertModel(
+        AlbertConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=37,
+            embedding_size=16,
+            vocab_size=64,
+        )
+    )  # one layer reused at every depth
+    with pytest.raises(ValueError, match="found no residual stack") as info:
+        hf_hwbp.patch_model(albert, k=2)
+    assert "layers=" in str(info.value)
+    with pytest.raises(ValueError, match="layers="):
+        hf_hwbp.patch_model(torch.nn.Linear(3, 3), k=1)
+    assert not hf_hwbp.is_patched(albert)
