@@ -14,7 +14,7 @@ fidelity of the Highway gradient against the exact one on that step's batch. Run
 ``summary.md`` / ``summary.json`` / ``loss_curves.png`` / ``gaps.png``, as in scripts/bench_training.py.
 
     python scripts/bench_finetune.py --models gpt2 llama --modes full lora --seeds 0 1 2 --resume \\
-        --output_dir results/finetune
+        --output_dir results/quality/finetune
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timing_only", action="store_true", help="only the interleaved timing (no training runs)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint_dir", type=Path, default=Path("outputs/checkpoints"))
-    parser.add_argument("--output_dir", type=Path, default=Path("results/finetune"))
+    parser.add_argument("--output_dir", type=Path, default=Path("results/quality/finetune"))
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--summarize_only", action="store_true")
     parser.add_argument("--background", action="store_true", help="register the PID in /tmp/hwbp_background.pids")

@@ -64,7 +64,9 @@ def test_bench_training_smoke(tmp_path):
             str(tmp_path),
         ]
     )
-    for name in ("runs.jsonl", "timing.jsonl", "machine.jsonl", "summary.json", "summary.md", "loss_curves.png"):
+    outputs = ("runs.jsonl", "timing.jsonl", "machine.jsonl", "summary.json", "summary.md")
+    outputs += ("loss_curves.png", "gaps.png")
+    for name in outputs:
         assert (tmp_path / name).stat().st_size > 0, name
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert {(r["task"], r["method"]) for r in runs} == {
