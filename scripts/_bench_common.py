@@ -203,3 +203,32 @@ def batch_order(num_items: int, batch_size: int, steps: int, seed: int) -> list[
         batches.append(perm[pos : pos + batch_size])
         pos += batch_size
     return batches
+
+
+# ----- background runs ---------------------------------------------------------------------------------------
+BACKGROUND_PIDS = Path("/tmp/hwbp_background.pids")
+
+
+def register_background(path: Path = BACKGROUND_PIDS) -> None:
+    """List this process in ``path`` (timing jobs pause the processes listed there) and unlist it at exit."""
+    import atexit
+    import fcntl
+    import signal
+    import sys
+
+    pid = str(os.getpid())
+
+    def edit(add: bool) -> None:
+        with open(path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.seek(0)
+            lines = [line.strip() for line in f.read().splitlines() if line.strip() and line.strip() != pid]
+            if add:
+                lines.append(pid)
+            f.seek(0)
+            f.truncate()
+            f.write("".join(line + "\n" for line in lines))
+
+    edit(True)
+    atexit.register(edit, False)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the atexit hook on `kill` too
