@@ -17,6 +17,7 @@ from trainer_helpers import (
     LogCapture,
     StepRecorder,
     make_args,
+    quiet_cpu_settings,
     reference_grads,
     rel_err,
     repetitive_data,
@@ -49,13 +50,7 @@ class ManualLossTrainer(Trainer):
 
 def plain_args(tmp_path, arguments_class=TrainingArguments, **overrides):
     settings = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        per_device_train_batch_size=4,
+        **quiet_cpu_settings(tmp_path / "out"),
         max_steps=3,
         optim="sgd",
         learning_rate=0.1,

@@ -11,14 +11,7 @@ from torch import nn
 import hf_hwbp
 from hf_hwbp.engine import RecordedStack, ResidualScan, highway_backward, run_recursion
 
-
-@pytest.fixture(autouse=True)
-def _float64_by_default():
-    """float64 for every test of this file, restored afterwards (a global default would leak into other files)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 WIDTH = 5

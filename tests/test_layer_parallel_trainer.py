@@ -33,7 +33,7 @@ from hf_hwbp import HighwayCallback, HighwayTrainer, HighwayTrainingArguments
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
-from trainer_helpers import tiny_gpt2, tiny_llama  # noqa: E402
+from trainer_helpers import quiet_cpu_settings, tiny_gpt2, tiny_llama  # noqa: E402
 
 ROWS, LENGTH = 24, 16
 
@@ -127,13 +127,7 @@ PARTS: dict[str, dict] = {
 def make_trainer(name: str, output_dir: Path, *, layer_parallel: bool) -> HighwayTrainer:
     part = PARTS[name]
     settings = dict(
-        output_dir=str(output_dir),
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_steps=1,
-        per_device_train_batch_size=4,
+        **quiet_cpu_settings(output_dir),
         per_device_eval_batch_size=4,
         learning_rate=1e-2,
         seed=0,

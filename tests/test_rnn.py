@@ -25,14 +25,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from hf_hwbp.rnn import HighwayGRU
 from hf_hwbp.rnn.scan import ReverseLinearScan
 
-
-@pytest.fixture(autouse=True)
-def _float64_by_default():
-    """float64 for every test of this file, restored afterwards (a global default would leak into other files)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 BATCH, INPUT, HIDDEN = 2, 3, 4

@@ -50,15 +50,23 @@ def repetitive_data(n: int = 16, length: int = 16, period: int = 8) -> list[dict
     return rows
 
 
-def make_args(tmp_path, **overrides) -> HighwayTrainingArguments:
-    settings = dict(
-        output_dir=str(tmp_path / "out"),
+def quiet_cpu_settings(output_dir) -> dict:
+    """The TrainingArguments every Trainer test shares: CPU, no reports, no progress bar, no checkpoints, a log
+    entry per step, batches of 4."""
+    return dict(
+        output_dir=str(output_dir),
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
         save_strategy="no",
         logging_steps=1,
         per_device_train_batch_size=4,
+    )
+
+
+def make_args(tmp_path, **overrides) -> HighwayTrainingArguments:
+    settings = dict(
+        **quiet_cpu_settings(tmp_path / "out"),
         learning_rate=3e-3,
         max_steps=4,
         seed=0,
