@@ -232,3 +232,38 @@ def register_background(path: Path = BACKGROUND_PIDS) -> None:
     edit(True)
     atexit.register(edit, False)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the atexit hook on `kill` too
+
+
+# ----- runs and summaries ----------------------------------------------------------------------------------------
+def start_runs(output_dir: Path, threads: int, script: str, argv: list[str] | None, background: bool) -> set:
+    """What every training benchmark does before its runs: list itself as a background job if asked, set the
+    threads, silence transformers, record the machine in ``machine.jsonl``; returns the (task, method, seed) keys
+    already in ``runs.jsonl`` (for ``--resume``)."""
+    import sys
+
+    from transformers.utils import logging as hf_logging
+
+    if background:
+        register_background()
+    set_threads(threads)
+    hf_logging.set_verbosity_error()
+    note = machine_note(threads) | {"argv": sys.argv if argv is None else [script, *argv]}
+    append_jsonl(output_dir / "machine.jsonl", note)
+    print(json.dumps(note), flush=True)
+    return {(r["task"], r["method"], r["seed"]) for r in read_jsonl(output_dir / "runs.jsonl")}
+
+
+def spread(values: list[float | None]) -> dict:
+    """Mean, standard deviation, min, max and count of the values that are not None."""
+    import statistics
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }

@@ -30,17 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (  # noqa: E402
-    append_jsonl,
-    batch_order,
-    build_model,
-    loss_of,
-    machine_note,
-    read_jsonl,
-    register_background,
-    set_threads,
-    warmup_cosine,
-)
+from _bench_common import append_jsonl, batch_order, build_model, loss_of, start_runs, warmup_cosine  # noqa: E402
 from bench_training import SMOKE, TASK_DEFAULTS, Task, interleaved_timing, summarize, train_one  # noqa: E402
 
 FINETUNE_DEFAULTS = dict(batch_size=8, steps=150, warmup=15, wd=0.0, eval_every=25)
@@ -160,17 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
         return summarize(args.output_dir)
-    if args.background:
-        register_background()
-    set_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
     from hf_hwbp.data import reference_manual_lm_data
 
-    hf_logging.set_verbosity_error()
-    note = machine_note(args.threads) | {"argv": sys.argv if argv is None else ["bench_finetune.py", *argv]}
-    append_jsonl(args.output_dir / "machine.jsonl", note)
-    done = {(r["task"], r["method"], r["seed"]) for r in read_jsonl(args.output_dir / "runs.jsonl")}
+    done = start_runs(args.output_dir, args.threads, "bench_finetune.py", argv, args.background)
     for model_name in args.models:
         pre_hp = dict(TASK_DEFAULTS[model_name], steps=args.pretrain_steps)
         if args.smoke:

@@ -43,10 +43,9 @@ from _bench_common import (  # noqa: E402
     digits_data,
     lm_data,
     loss_of,
-    machine_note,
     read_jsonl,
-    register_background,
-    set_threads,
+    spread,
+    start_runs,
     uptime,
     warmup_cosine,
 )
@@ -306,19 +305,6 @@ def paired_stats(values: dict[int, float], base: dict[int, float], relative: boo
     return out
 
 
-def _spread(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
-
-
 def time_to_reach(curve: list[dict], target: float, key: str = "train_time_s") -> float | None:
     """``key`` (training time, or step) at the first evaluation with validation loss <= target (None: never)."""
     for point in curve[1:]:
@@ -362,15 +348,15 @@ def summarize(output_dir: Path, seeds: list[int] | None = None) -> dict:
             target = target_pct(method)
             row = {
                 "seeds": sorted(rs),
-                "final_val_loss": _spread([r["final_val_loss"] for r in rs.values()]),
-                "final_val_acc": _spread([r.get("final_val_acc") for r in rs.values()]),
+                "final_val_loss": spread([r["final_val_loss"] for r in rs.values()]),
+                "final_val_acc": spread([r.get("final_val_acc") for r in rs.values()]),
                 "gap_pct": gap,
                 "acc_gap_points": acc_gap,
                 "target_pct": target,
                 "meets_target": None if target is None or not gap["n"] else gap["max"] <= target,
                 "meets_acc_target": None if target is None or not acc_gap["n"] else acc_gap["min"] >= -1.0,
-                "cpu_step_ratio": _spread(ratios),
-                "steps_to_backprop_final": _spread(steps_to),
+                "cpu_step_ratio": spread(ratios),
+                "steps_to_backprop_final": spread(steps_to),
                 "reached_backprop_final": f"{sum(reached)}/{len(reached)}",
                 "fidelity": _fidelity_medians(list(rs.values())),
             }
@@ -601,16 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
         return summarize(args.output_dir, args.summary_seeds)
-    if args.background:
-        register_background()
-    set_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    note = machine_note(args.threads) | {"argv": sys.argv if argv is None else ["bench_training.py", *argv]}
-    append_jsonl(args.output_dir / "machine.jsonl", note)
-    print(json.dumps(note), flush=True)
-    done = {(r["task"], r["method"], r["seed"]) for r in read_jsonl(args.output_dir / "runs.jsonl")}
+    done = start_runs(args.output_dir, args.threads, "bench_training.py", argv, args.background)
     for task_name in args.tasks:
         hp = dict(TASK_DEFAULTS[task_name])
         if args.smoke:

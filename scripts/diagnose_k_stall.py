@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import append_jsonl, machine_note, read_jsonl, register_background, set_threads  # noqa: E402
+from _bench_common import append_jsonl, read_jsonl, spread, start_runs  # noqa: E402
 from _grad_policy import parse_method  # noqa: E402
 from bench_training import SMOKE, TASK_DEFAULTS, Task, train_one  # noqa: E402
 
@@ -106,8 +106,8 @@ def summarize(output_dir: Path) -> dict:
             ]
             rows[method] = {
                 "per_seed": per_seed,
-                "gap_at_end_pct": _stats(gaps),
-                "delay_to_5.5": _stats(delays),
+                "gap_at_end_pct": spread(gaps),
+                "delay_to_5.5": spread(delays),
                 "stalled": sum(1 for e in per_seed.values() if _stalled(e)),
                 "n": len(per_seed),
                 "fidelity": _fidelity_profile([runs[(task, method, s)] for s in seeds if (task, method, s) in runs]),
@@ -126,18 +126,6 @@ def _stalled(entry: dict) -> bool:
     if entry["delay_to_5.5"] is None:
         return entry["steps_to_5.5"] is None and entry.get("backprop_reached", False)
     return entry["delay_to_5.5"] >= 30
-
-
-def _stats(values: list[float]) -> dict:
-    if not values:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
 
 
 def _fidelity_profile(runs: list[dict], window: tuple[int, int] = (50, 250)) -> dict:
@@ -283,15 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
         return summarize(args.output_dir)
-    if args.background:
-        register_background()
-    set_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    note = machine_note(args.threads) | {"argv": sys.argv if argv is None else ["diagnose_k_stall.py", *argv]}
-    append_jsonl(args.output_dir / "machine.jsonl", note)
-    done = {(r["task"], r["method"], r["seed"]) for r in read_jsonl(args.output_dir / "runs.jsonl")}
+    done = start_runs(args.output_dir, args.threads, "diagnose_k_stall.py", argv, args.background)
     for seed in args.seeds:
         for setup in args.setups:
             hp = dict(TASK_DEFAULTS[setup], eval_every=args.eval_every)
