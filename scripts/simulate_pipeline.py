@@ -191,6 +191,44 @@ def validate(bench: dict, overheads: dict[str, dict] | None = None) -> list[dict
     return rows
 
 
+def ideal_bounds(bench: dict) -> list[dict]:
+    """Per model, M and k of the 2-rank bench: Highway-BP against the best backprop schedule with no per-task
+    overhead on either side and a free link (the measured layer work only). ``speedup_ideal`` is what the best
+    implementation of our schedule could reach; ``speedup_bound`` divides by the busiest rank's work alone, a
+    bound that no schedule of Highway-BP(k) can pass (a step lasts at least as long as any rank's work)."""
+    from hf_hwbp.parallel.simulate import highway_timeline
+
+    rows = []
+    world, batch = bench["world_size"], bench["args"]["batch"]
+    for model in bench["models"]:
+        ideal = replace(
+            StackCosts.from_json(model["costs"]),
+            task_overhead=0.0,
+            torch_task_overhead=0.0,
+            latency=0.0,
+            seconds_per_byte=0.0,
+        )
+        for m in sorted({row["M"] for row in model["rows"] if row.get("M")}):
+            schedule, backprop_s = best_backprop(ideal, world, m, batch=batch)
+            for k in sorted({row["k"] for row in model["rows"] if row["method"].startswith("highway")}):
+                _, timeline = highway_timeline(ideal, world, m, k, batch=batch)
+                busiest = max(timeline.busy(rank) for rank in range(world))
+                rows.append(
+                    {
+                        "model": model["model"],
+                        "M": m,
+                        "k": k,
+                        "highway_ideal_s": timeline.makespan,
+                        "busiest_rank_work_s": busiest,
+                        "best_backprop": schedule,
+                        "best_backprop_ideal_s": backprop_s,
+                        "speedup_ideal": backprop_s / timeline.makespan,
+                        "speedup_bound": backprop_s / busiest,
+                    }
+                )
+    return rows
+
+
 def kinds_breakdown(bench: dict, overheads: dict[str, dict] | None = None) -> list[dict]:
     """Per Highway setting and rank: seconds per kind of task, measured (the bench's traced step) vs predicted."""
     from hf_hwbp.parallel.simulate import highway_timeline
@@ -337,6 +375,25 @@ def to_markdown(result: dict) -> str:
         ]
     else:
         lines += ["", "(no 2-rank measurement for these costs: not validated)", ""]
+    if result.get("ideal"):
+        lines += [
+            "## The same 2-rank step with no overheads and a free link: what the targets need",
+            "",
+            "Highway-BP(k) against the best backprop schedule, both with the measured layer work only (no per-task "
+            "overhead on either side, no message time). *ideal*: our schedule's speed-up under those conditions; "
+            "*bound*: the best schedule's step divided by the busiest rank's Highway work alone, which no schedule "
+            "of Highway-BP(k) can pass.",
+            "",
+            "| model | M | k | Highway, ideal (s) | busiest rank's work (s) | best backprop, ideal (s) | ideal | bound |",
+            "|---|---:|---:|---:|---:|---|---:|---:|",
+        ]
+        for r in result["ideal"]:
+            lines.append(
+                f"| {r['model']} | {r['M']} | {r['k']} | {r['highway_ideal_s']:.3f} | {r['busiest_rank_work_s']:.3f}"
+                f" | {r['best_backprop']} {r['best_backprop_ideal_s']:.3f} | {r['speedup_ideal']:.2f} | "
+                f"{r['speedup_bound']:.2f} |"
+            )
+        lines.append("")
     for entry in result["maps"]:
         lines += [
             f"## {entry['name']}: speed-up of Highway-BP(k) over the best backprop schedule",
@@ -401,6 +458,7 @@ def main() -> None:
             result["overhead_bench"], result["overheads"] = args.overhead_bench, overheads
         result["validation"] = validate(bench, overheads)
         result["kinds"] = kinds_breakdown(bench, overheads)
+        result["ideal"] = ideal_bounds(bench)
         stacks = []
         for model in bench["models"]:
             measured = with_overheads(StackCosts.from_json(model["costs"]), (overheads or {}).get(model["model"]))

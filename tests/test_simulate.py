@@ -224,6 +224,13 @@ def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
     cells = [c for m in result["maps"] for c in m["cells"] if c.get("best_backprop")]
     assert cells and all(c["speedup_k0"] > 0 for c in cells)
     assert (tmp_path / "simulate_pipeline_map.png").stat().st_size > 0
+    # the no-overhead table: one row per (M, k) measured; a step lasts at least its busiest rank's work
+    ideal = result["ideal"]
+    assert {(r["M"], r["k"]) for r in ideal} == {(m, k) for m in (1, 2) for k in (0, 1)}
+    for r in ideal:
+        assert 0 < r["busiest_rank_work_s"] <= r["highway_ideal_s"] * (1 + 1e-9)
+        assert r["speedup_bound"] >= r["speedup_ideal"] * (1 - 1e-9)
+    assert "busiest rank's work" in (tmp_path / "simulate_pipeline.md").read_text()
 
 
 def test_gpu_script_runs_its_cpu_check(tmp_path):
