@@ -208,6 +208,24 @@ def torch_close(a, b) -> bool:
     return torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_bench_training_clips_gradients(tmp_path):
+    """A set-up's max_grad_norm reaches the optimizer: clipped to 1e-12, AdamW's steps (g / (|g| + eps)) vanish."""
+    bench = _load("bench_training")
+    args = ["--smoke", "--tasks", "gpt2", "--methods", "backprop", "k1", "--steps", "4", "--eval_every", "4"]
+    clipped = bench.main(args + ["--max_grad_norm", "1e-12", "--output_dir", str(tmp_path / "clipped")])
+    free = bench.main(args + ["--max_grad_norm", "0", "--output_dir", str(tmp_path / "free")])
+    for summary in (clipped, free):
+        assert summary["tasks"]["gpt2"]["hparams"]["max_grad_norm"] in (1e-12, 0)
+    runs = {
+        name: [json.loads(line) for line in (tmp_path / name / "runs.jsonl").read_text().splitlines()]
+        for name in ("clipped", "free")
+    }
+    for r in runs["clipped"]:
+        assert abs(r["final_val_loss"] - r["initial_val_loss"]) < 1e-3
+    for r in runs["free"]:
+        assert r["initial_val_loss"] - r["final_val_loss"] > 1e-2
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
