@@ -2,7 +2,9 @@
 
 Set-ups (``TASK_DEFAULTS``): ``gpt2`` / ``llama`` language models on the embedded corpus (Python reference manual)
 and ``vit`` on scikit-learn's digits (8x8 upsampled to 16x16, patch 4); the ``*_b32`` / ``vit_b64`` set-ups use
-larger batches, where backprop's own run-to-run spread is small. Validation loss (and accuracy for ViT).
+larger batches; the ``*_clip`` set-ups add gradient clipping at 1.0 (the HF Trainer's default), which removes the
+loss spikes at the plateau escape that made backprop's own perturbation spread as large as the gaps, and
+``vit_b32_long`` trains ViT near convergence. Validation loss (and accuracy for ViT).
 
 Methods (scripts/_grad_policy.py): ``backprop``, ``k<N>`` (Highway-BP with N iterations), the noise floor
 ``backprop_noise<N>`` (backprop plus a random error of the size of Highway-BP(N)'s error, tensor by tensor and step
@@ -22,6 +24,8 @@ Examples:
     python scripts/bench_training.py --tasks gpt2 --seeds 0 --output_dir results/training
     python scripts/bench_training.py --tasks gpt2_b32 llama_b32 vit_b64 --seeds 0 1 2 3 4 \\
         --methods backprop backprop_noise2 k0 k1 k2 --monitor_every 25 --resume --output_dir results/quality/benchmark
+    python scripts/bench_training.py --tasks gpt2_b32_clip llama_b32_clip vit_b32_long --seeds 0 1 2 3 4 \\
+        --methods backprop k2 k1 k0 backprop_noise2 --monitor_every 25 --resume --output_dir results/quality/calm
 """
 
 from __future__ import annotations
@@ -357,15 +361,16 @@ def summarize(output_dir: Path, seeds: list[int] | None = None) -> dict:
                 if step is not None:
                     steps_to.append(step)
             target = target_pct(method)
+            classification = bool(acc_gap["n"])  # ViT: the target is the accuracy (1 point), not the loss
             row = {
                 "seeds": sorted(rs),
                 "final_val_loss": spread([r["final_val_loss"] for r in rs.values()]),
                 "final_val_acc": spread([r.get("final_val_acc") for r in rs.values()]),
                 "gap_pct": gap,
                 "acc_gap_points": acc_gap,
-                "target_pct": target,
-                "meets_target": None if target is None or not gap["n"] else gap["max"] <= target,
-                "meets_acc_target": None if target is None or not acc_gap["n"] else acc_gap["min"] >= -1.0,
+                "target_pct": None if classification else target,
+                "meets_target": None if target is None or classification or not gap["n"] else gap["max"] <= target,
+                "meets_acc_target": None if target is None or not classification else acc_gap["min"] >= -1.0,
                 "cpu_step_ratio": spread(ratios),
                 "steps_to_backprop_final": spread(steps_to),
                 "reached_backprop_final": f"{sum(reached)}/{len(reached)}",

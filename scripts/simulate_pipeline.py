@@ -384,7 +384,8 @@ def to_markdown(result: dict) -> str:
             "*bound*: the best schedule's step divided by the busiest rank's Highway work alone, which no schedule "
             "of Highway-BP(k) can pass.",
             "",
-            "| model | M | k | Highway, ideal (s) | busiest rank's work (s) | best backprop, ideal (s) | ideal | bound |",
+            "| model | M | k | Highway, ideal (s) | busiest rank's work (s) | best backprop, ideal (s) | ideal"
+            " | bound |",
             "|---|---:|---:|---:|---:|---|---:|---:|",
         ]
         for r in result["ideal"]:

@@ -287,3 +287,39 @@ def test_bench_finetune_smoke(tmp_path):
     finetune.main(argv + ["--resume"])  # the checkpoint is reused, nothing is re-run
     assert checkpoint.stat().st_mtime_ns == written
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+
+def test_quality_report_judges_classification_by_accuracy():
+    """ViT-like set-ups: the target and the noise floor are in accuracy points; language models: in loss %."""
+    report = _load("quality_report")
+
+    def row(gap_max, acc_min=None, loss_met=None, acc_met=None):
+        acc = {"n": 0} if acc_min is None else {"n": 5, "mean": acc_min / 2, "min": acc_min}
+        return {
+            "gap_pct": {"n": 5, "mean": gap_max / 2, "max": gap_max},
+            "acc_gap_points": acc,
+            "target_pct": None if acc_min is not None else 1.0,
+            "meets_target": loss_met,
+            "meets_acc_target": acc_met,
+            "interleaved_ratio": 1.7,
+            "cpu_step_ratio": {"mean": 1.6},
+            "reached_backprop_final": "5/5",
+            "steps_to_backprop_final": {"mean": 290},
+            "fidelity": {"all": 0.99},
+        }
+
+    summary = {
+        "tasks": {
+            "lm": {"methods": {"k2": row(0.2, loss_met=True)}, "noise_floor_pct": 0.34},
+            "vit": {
+                "methods": {"k2": row(13.4, acc_min=-0.83, acc_met=True), "k1": row(40.6, -1.67, acc_met=False)},
+                "noise_floor_pct": 44.3,
+                "noise_floor_acc_points": 1.67,
+            },
+        }
+    }
+    lines = report.markdown(report.rows_of(summary)).splitlines()[2:]
+    lm, vit_k2, vit_k1 = lines
+    assert "yes (<= 1 %)" in lm and "±0.34 %" in lm
+    assert "accuracy: yes (>= -1 point)" in vit_k2 and "±1.67 pt" in vit_k2 and "44.30" not in vit_k2
+    assert "accuracy: **no** (>= -1 point)" in vit_k1
