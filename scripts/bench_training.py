@@ -2,8 +2,8 @@
 
 Set-ups (``TASK_DEFAULTS``): ``gpt2`` / ``llama`` language models on the embedded corpus (Python reference manual)
 and ``vit`` on scikit-learn's digits (8x8 upsampled to 16x16, patch 4); the ``*_b32`` / ``vit_b64`` set-ups use
-larger batches; the ``*_clip`` set-ups add gradient clipping at 1.0 (the HF Trainer's default), which removes the
-loss spikes at the plateau escape that made backprop's own perturbation spread as large as the gaps, and
+larger batches; the ``*_clip`` set-ups add gradient clipping at 1.0 (the HF Trainer's default), which shrinks
+backprop's own perturbation spread below the targets (without it, it was as large as the gaps), and
 ``vit_b32_long`` trains ViT near convergence. Validation loss (and accuracy for ViT).
 
 Methods (scripts/_grad_policy.py): ``backprop``, ``k<N>`` (Highway-BP with N iterations), the noise floor
@@ -72,7 +72,7 @@ TASK_DEFAULTS = {
     "vit_b64": dict(model="vit", depth=6, hidden=64, heads=4, batch_size=64, steps=300, lr=1e-3, warmup=30, wd=0.05,
                     eval_every=25),
     # Calm set-ups: the *_b32 ones with gradient clipping at 1.0 (HF Trainer's default max_grad_norm), which
-    # removes the loss spikes at the plateau escape that made backprop's own perturbation spread large.
+    # shrinks backprop's own perturbation spread (GPT-2: from +8 % to 0.34 %) below the targets.
     "gpt2_b32_clip": dict(model="gpt2", depth=6, hidden=64, heads=4, block_size=32, batch_size=32, steps=300,
                           lr=1e-3, warmup=30, wd=0.01, eval_every=25, max_grad_norm=1.0),
     "llama_b32_clip": dict(model="llama", depth=6, hidden=64, heads=4, block_size=32, batch_size=32, steps=300,
