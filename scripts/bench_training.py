@@ -560,8 +560,8 @@ def plot_gaps(summary: dict, path: Path) -> None:
         for x, method in enumerate(methods):
             gaps = list(data["methods"][method][key]["by_seed"].values())
             ax.scatter([x] * len(gaps), gaps, s=18, color=COLORS.get(method, "tab:gray"), zorder=3)
-            target = data["methods"][method]["target_pct"]
-            if target is not None or data["methods"][method]["meets_acc_target"] is not None:
+            target = target_pct(method)
+            if target is not None:
                 ax.hlines(-1.0 if accuracy else target, x - 0.35, x + 0.35, colors="tab:red", linestyles=":", lw=1.2)
         if floor is not None:
             label = f"noise floor (backprop perturbed): |gap| <= {floor:.2f} {unit}"
