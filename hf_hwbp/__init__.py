@@ -19,6 +19,7 @@ from .api import (
 )
 from .config import HighwayConfig
 from .engine import HighwayResult, highway_backward, highway_iterations
+from .errors import HighwayBPError, UnsupportedModelError
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "SCHEDULE_NAMES",
     "FidelityReport",
     "HighwayArguments",
+    "HighwayBPError",
     "HighwayCallback",
     "HighwayConfig",
     "HighwayGRU",
@@ -60,6 +62,7 @@ __all__ = [
     "HighwayTrainer",
     "HighwayTrainingArguments",
     "UnsupportedDistributedSetupError",
+    "UnsupportedModelError",
     "add_highway_callback",
     "add_highway_section",
     "build_schedule",
