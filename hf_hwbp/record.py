@@ -186,14 +186,16 @@ def run_backward(record: _StackRecord) -> tuple:
         d = torch.zeros_like(record.outputs[last])
     # e_j for j = 1..L-1 arrive at the block outputs; e_0 (a loss on h_0 itself) reaches h_0 through autograd.
     extra: list[Tensor | None] = [None] + [record.output_grads.get(j) for j in range(last)]
+    carried_leaves = [leaf for _, leaf in record.carried]
     direct: tuple[Tensor | None, ...] = (None,) * len(wrt)
+    carried_direct: tuple[Tensor | None, ...] = (None,) * len(carried_leaves)
     config = record.config
     gate = stack.residual_gate
     gates = [gate(output.detach()) for output in record.outputs] if gate is not None else None
     record.flag.active = True
     try:
         if record.side_grads:
-            direct = _route_side_outputs(record, extra, wrt)
+            direct, carried_direct = _route_side_outputs(record, extra, wrt, carried_leaves)
         if keep or record.carried:
             # The next backward needs the local graphs again, or carried tensors need them after the parameter VJP:
             # run that VJP here, retaining the graphs.
@@ -209,16 +211,18 @@ def run_backward(record: _StackRecord) -> tuple:
                 residual_gates=gates,
                 keep_block_grads=True,
             )
-            carried = [leaf for _, leaf in record.carried]
             grads = (
                 torch.autograd.grad(
-                    record.outputs, wrt + carried, result.block_grads, retain_graph=True, allow_unused=True
+                    record.outputs, wrt + carried_leaves, result.block_grads, retain_graph=True, allow_unused=True
                 )
-                if wrt or carried
+                if wrt or carried_leaves
                 else ()
             )
-            if carried:
-                grads, result.input_grad = _route_carried(record, grads[len(wrt) :], grads[: len(wrt)], result, wrt)
+            if carried_leaves:
+                # A carried tensor's gradient: through the blocks that read it (the delta^(k) VJP above) and through
+                # the side outputs that read it (the side-output VJP before the engine).
+                carried_grads = [_add(g, s) for g, s in zip(grads[len(wrt) :], carried_direct)]
+                grads, result.input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], result, wrt)
             if not record.patch.keep_block_grads:
                 result.block_grads = None
         else:
@@ -265,16 +269,20 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
-def _route_side_outputs(record: _StackRecord, extra: list[Tensor | None], wrt: list[Tensor]) -> tuple:
-    """One VJP of the side outputs that got gradients, with respect to their blocks' inputs, the parameters and the
-    side inputs: e_{j-1} += (ds_j/dh_{j-1})^T g_j, and (ds_j/dtheta)^T g_j goes to the parameters directly."""
+def _route_side_outputs(
+    record: _StackRecord, extra: list[Tensor | None], wrt: list[Tensor], carried: list[Tensor]
+) -> tuple[tuple, tuple]:
+    """One VJP of the side outputs that got gradients, with respect to their blocks' inputs, the parameters, the
+    side inputs and the carried tensors (a later block's attention map reads the position bias an earlier block
+    handed on): e_{j-1} += (ds_j/dh_{j-1})^T g_j; (ds_j/dtheta)^T g_j goes to the parameters and side inputs
+    directly, (ds_j/dz)^T g_j to each carried tensor z. Returns (those direct gradients, the carried ones)."""
     indices = sorted(record.side_grads)
     blocks = sorted({record.side_outputs[i][0] for i in indices})
     inputs = [record.inputs[b] for b in blocks]
     wants_input = [b > 0 or record.input_requires_grad for b in blocks]
-    targets = [x for x, wanted in zip(inputs, wants_input) if wanted] + wrt
+    targets = [x for x, wanted in zip(inputs, wants_input) if wanted] + wrt + carried
     if not targets:
-        return (None,) * len(wrt)
+        return (None,) * len(wrt), (None,) * len(carried)
     grads = torch.autograd.grad(
         [record.side_outputs[i][1] for i in indices],
         targets,
@@ -287,7 +295,7 @@ def _route_side_outputs(record: _StackRecord, extra: list[Tensor | None], wrt: l
         if wanted:
             extra[b] = _add(extra[b], grads[position])
             position += 1
-    return grads[position:]
+    return grads[position : position + len(wrt)], grads[position + len(wrt) :]
 
 
 def _route_carried(record: _StackRecord, carried_grads, grads, result, wrt: list[Tensor]) -> tuple:
