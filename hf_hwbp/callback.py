@@ -13,9 +13,10 @@ What it does, at the Trainer's own events:
   ``hf_hwbp`` for the model card, and sets k for the first step;
 - before every optimizer step: sets k (and the adaptive stop) from the k schedule at ``state.global_step``, so a run
   resumed from a checkpoint continues the schedule where it stopped;
-- after every micro-batch: reads how many Highway iterations its backward ran; if a whole optimizer step ran no
-  Highway backward although the stack has trainable parameters, it raises (the loss came from another model than the
-  one the Trainer gives its callbacks);
+- after every micro-batch: reads how many Highway iterations its backward ran (``last_highway_iterations``, which
+  it only reads: a callback of yours sees the same number) and keeps its own count; if a whole optimizer step
+  recorded no Highway forward although the stack has trainable parameters and the step is not exact, it raises (the
+  loss came from another model than the one the Trainer gives its callbacks);
 - on every training log entry (the ones with ``"loss"``): adds ``hwbp_k`` (the k of the last optimizer step) and
   ``hwbp_iterations`` (iterations per backward since the previous entry, averaged) to the entry the Trainer records
   in ``state.log_history`` and to the ``logs`` dict that the callbacks after this one receive;
@@ -217,7 +218,7 @@ class HighwayCallback(TrainerCallback):
         if self._active():
             self._apply_schedule(state)
             self._backwards_this_step = 0
-            self._target.pop_iterations()
+            self._target.mark()
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self._active():
@@ -227,7 +228,7 @@ class HighwayCallback(TrainerCallback):
         if not self._active():
             return
         self._collect_iterations()
-        if self._backwards_this_step == 0 and self._target.has_stack_parameters():
+        if self._backwards_this_step == 0 and not self._exact_step and self._target.has_stack_parameters():
             raise RuntimeError(
                 f"Highway-BP: optimizer step {state.global_step + 1} ran no Highway backward, although "
                 f"{type(self._model).__name__} (the model HighwayCallback patched) has trainable parameters in its "
@@ -292,6 +293,7 @@ class HighwayCallback(TrainerCallback):
         self._iteration_sum = 0
         self._iteration_count = 0
         self._backwards_this_step = 0
+        self._exact_step = False
 
     def _apply_schedule(self, state) -> None:
         """Set k (and the adaptive stop) for the optimizer step ``state.global_step``."""
@@ -301,9 +303,12 @@ class HighwayCallback(TrainerCallback):
         tol = None if schedule.exact_at(step) else self.config.tol
         self._target.set(k, tol)
         self.last_k = k
+        self._exact_step = tol is None and k >= self._target.num_blocks
 
     def _collect_iterations(self) -> None:
-        iterations = self._target.pop_iterations()
+        iterations = self._target.read_iterations()
+        if iterations is None and self._exact_step:
+            iterations = self._target.num_blocks  # an exact step may run plain autograd: it counts as L iterations
         if iterations is not None:
             self._iteration_sum += iterations
             self._iteration_count += 1
@@ -313,9 +318,6 @@ class HighwayCallback(TrainerCallback):
 class _PatchTarget:
     """The schedule's view of a patched model: k and tol go into its patch, iterations come from its backward."""
 
-    def __init__(self, model: nn.Module):
-        self.patch = highway_state(model)
-
     @property
     def num_blocks(self) -> int:
         return self.patch.num_blocks
@@ -324,16 +326,29 @@ class _PatchTarget:
         if self.patch.config.k != k or self.patch.config.tol != tol:
             self.patch.config = self.patch.config.updated(k=k, tol=tol)
 
-    def pop_iterations(self) -> int | None:
-        iterations, self.patch.last_iterations = self.patch.last_iterations, None
-        return iterations
+    def __init__(self, model: nn.Module):
+        self.patch = highway_state(model)
+        self._seen_forwards = self.patch.recorded_forwards
+
+    def mark(self) -> None:
+        """Start a new optimizer step: only Highway forwards recorded from now on count."""
+        self._seen_forwards = self.patch.recorded_forwards
+
+    def read_iterations(self) -> int | None:
+        """Iterations of the backward that followed the Highway forward(s) recorded since the last read; None when
+        none was recorded. Reads the public value without clearing it (a user's callback sees it too)."""
+        forwards = self.patch.recorded_forwards
+        if forwards == self._seen_forwards:
+            return None
+        self._seen_forwards = forwards
+        return self.patch.last_iterations or 0
 
     def has_stack_parameters(self) -> bool:
         return any(self.patch.block_parameters())
 
 
 class _RunnerTarget:
-    """The schedule's view of a layer-parallel runner (``LayerParallelHighway``): the same four operations."""
+    """The schedule's view of a layer-parallel runner (``LayerParallelHighway``): the same operations."""
 
     def __init__(self, runner):
         self.runner = runner
@@ -346,7 +361,10 @@ class _RunnerTarget:
         if self.runner.k != k or self.runner.tol != tol:
             self.runner.k, self.runner.tol = k, tol
 
-    def pop_iterations(self) -> int | None:
+    def mark(self) -> None:
+        self.runner.last_iterations = None  # the runner's own record (not a public per-model value)
+
+    def read_iterations(self) -> int | None:
         iterations, self.runner.last_iterations = self.runner.last_iterations, None
         return iterations
 

@@ -24,8 +24,9 @@ from trainer_helpers import (
     tiny_gpt2,
     train_entries,
 )
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainingArguments
+from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 
+import hf_hwbp
 from hf_hwbp import HighwayCallback, HighwayConfig, add_highway_callback, is_patched, patch_model
 from hf_hwbp.arguments import HighwayArguments
 from hf_hwbp.trainer import HighwayTrainer
@@ -271,3 +272,29 @@ def test_callback_arguments(tmp_path):
         HighwayCallback({"kk": 2})
     with pytest.raises(ValueError, match="has its own HighwayCallback"):
         HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path), callbacks=[HighwayCallback()])
+
+
+class IterationReader(TrainerCallback):
+    """A user's callback: reads the public hf_hwbp.last_highway_iterations after every optimizer step."""
+
+    def __init__(self):
+        self.seen: list[int | None] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.append(hf_hwbp.last_highway_iterations(model))
+
+
+@pytest.mark.parametrize("trainer_class", [Trainer, HighwayTrainer])
+def test_a_user_callback_reads_the_iterations_of_the_last_backward(tmp_path, trainer_class):
+    reader = IterationReader()
+    if trainer_class is HighwayTrainer:
+        args = make_args(tmp_path, max_steps=3, hwbp_config=STEP_SCHEDULE)
+        trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=4), callbacks=[reader])
+    else:
+        callbacks = [HighwayCallback(HighwayConfig(**STEP_SCHEDULE)), reader]
+        trainer = Trainer(
+            model=tiny_gpt2(), args=plain_args(tmp_path), train_dataset=repetitive_data(n=4), callbacks=callbacks
+        )
+    trainer.train()
+    assert reader.seen == [0, 1, 2]  # k = 0, 1, 2: the callback's own count did not consume the public value
+    assert [e["hwbp_iterations"] for e in train_entries(trainer)] == [0, 1, 2]
