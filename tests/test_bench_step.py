@@ -1,21 +1,15 @@
-"""scripts/bench_step.py runs end to end and writes its table (a smoke run: tiny batch, one round)."""
+"""benchmarks/bench_step.py runs end to end and writes its table (a smoke run: tiny batch, one round)."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_step.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.bench_step")
 
 
 def test_bench_step_smoke(tmp_path):

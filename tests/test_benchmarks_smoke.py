@@ -1,25 +1,19 @@
-"""Tiny --smoke runs of scripts/bench_fidelity.py and scripts/bench_training.py: outputs written and sane."""
+"""Tiny --smoke runs of benchmarks/bench_fidelity.py and benchmarks/bench_training.py: outputs written and sane."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_smoke_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_bench_fidelity_smoke(tmp_path):
@@ -91,14 +85,9 @@ def test_bench_training_smoke(tmp_path):
     assert bench.main(["--summarize_only", "--output_dir", str(tmp_path)])["tasks"].keys() == {"gpt2", "vit"}
 
 
-# ----- gradient policies of the quality benchmarks (scripts/_grad_policy.py) -----------------------------------
+# ----- gradient policies of the quality benchmarks (benchmarks/_grad_policy.py) -----------------------------------
 def _policy():
-    import importlib
-    import sys
-
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    return importlib.import_module("_grad_policy"), importlib.import_module("_bench_common")
+    return _load("_grad_policy"), _load("_bench_common")
 
 
 def _tiny_lm(common, name: str = "gpt2"):

@@ -1,24 +1,16 @@
-"""Tiny runs of scripts/bench_rnn.py and scripts/bench_rnn_quality.py: outputs written and sane."""
+"""Tiny runs of benchmarks/bench_rnn.py and benchmarks/bench_rnn_quality.py: outputs written and sane."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_smoke_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def test_bench_rnn_quality_smoke(tmp_path):

@@ -196,7 +196,7 @@ def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
         port = s.getsockname()[1]
     _run(
         "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-        "scripts/bench_pipeline.py", "--models", "gpt2", "--layers", "4", "--hidden", "32", "--heads", "2",
+        "-m", "benchmarks.bench_pipeline", "--models", "gpt2", "--layers", "4", "--hidden", "32", "--heads", "2",
         "--vocab", "64", "--seq", "8", "--batch", "4", "--microbatches", "1,2", "--ks", "0,1",
         "--schedules", "gpipe,zbv", "--reps", "1", "--warmup", "0", "--calib_reps", "1", "--round_calib_reps", "1",
         "--out", str(tmp_path), "--tag", "bench",
@@ -205,7 +205,8 @@ def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
     methods = [r["method"] for r in bench["models"][0]["rows"]]
     assert "torch ZBVZeroBubble M=2" in methods and "highway k=1 M=2" in methods
     _run(
-        "scripts/simulate_pipeline.py",
+        "-m",
+        "benchmarks.simulate_pipeline",
         "--bench",
         str(tmp_path / "bench.json"),
         "--overhead_bench",
@@ -234,7 +235,7 @@ def test_bench_and_simulate_scripts_run_end_to_end(tmp_path):
 
 
 def test_gpu_script_runs_its_cpu_check(tmp_path):
-    _run("scripts/bench_gpu.py", "--out", str(tmp_path), "--parts", "batched_correctness", "--quick")
+    _run("-m", "benchmarks.bench_gpu", "--out", str(tmp_path), "--parts", "batched_correctness", "--quick")
     import json
 
     result = json.loads((tmp_path / "batched_correctness.json").read_text())

@@ -76,7 +76,7 @@ class LayerParallelHighway:
         blocks_per_stage: optional explicit count of Highway blocks per stage.
         microbatches: M >= 1 slices of the batch along dim 0.
         costs: the per-layer costs the schedule is planned with (``hf_hwbp.parallel.simulate.StackCosts``,
-            e.g. measured by ``scripts/simulate_pipeline.py``); default: FLOP estimates. Must be the same on
+            e.g. measured by ``benchmarks/simulate_pipeline.py``); default: FLOP estimates. Must be the same on
             every rank.
         fuse: run the parameter VJP of a block together with its input VJP once its delta is final.
         backprop_order: ``"gpipe"`` or ``"1f1b"`` (``method="backprop"`` only).

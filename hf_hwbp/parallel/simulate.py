@@ -1,7 +1,7 @@
 """A calibrated model of layer-parallel schedules: replay a step's dependency graph with measured costs.
 
     from hf_hwbp.parallel.simulate import StackCosts, predict
-    costs = StackCosts.load("results/pipeline/costs_gpt2.json")     # measured by scripts/simulate_pipeline.py
+    costs = StackCosts.load("results/pipeline/costs_gpt2.json")     # measured by benchmarks/simulate_pipeline.py
     predict("highway", costs, num_ranks=8, microbatches=4, k=1)    # seconds per step
     predict("zbv", costs, num_ranks=8, microbatches=4)
 

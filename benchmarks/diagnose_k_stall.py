@@ -2,7 +2,7 @@
 
 On the set-up where the stall was seen (results/training: GPT-2, 6 layers, width 128, batch 8, lr 1e-3) every
 method starts from the same init and sees the same batches; the learning-rate schedule is the 1,500-step one, run
-for the first ``--max_steps`` steps (the stall is at steps 80-200). Methods (see scripts/_grad_policy.py):
+for the first ``--max_steps`` steps (the stall is at steps 80-200). Methods (see benchmarks/_grad_policy.py):
 
 - perturbations of backprop: ``backprop_f64`` (rounding-size), ``backprop_noise2`` (a random error with the norm
   of Highway-BP(2)'s error on every tensor at every step), ``backprop_hw2_pos`` (exact, except the position
@@ -14,7 +14,7 @@ Highway methods record the per-group fidelity (token/position embeddings, each b
 ``--monitor_every`` steps. Runs append to ``<output_dir>/runs.jsonl`` (``--resume`` skips finished ones);
 ``--summarize_only`` rebuilds ``summary.md``, ``summary.json`` and the plots.
 
-    python scripts/diagnose_k_stall.py --output_dir results/quality/diagnosis --resume
+    python -m benchmarks.diagnose_k_stall --output_dir results/quality/diagnosis --resume
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import append_jsonl, read_jsonl, spread, start_runs  # noqa: E402
-from _grad_policy import parse_method  # noqa: E402
-from bench_training import SMOKE, TASK_DEFAULTS, Task, train_one  # noqa: E402
+from benchmarks._bench_common import append_jsonl, read_jsonl, spread, start_runs
+from benchmarks._grad_policy import parse_method
+from benchmarks.bench_training import SMOKE, TASK_DEFAULTS, Task, train_one
 
 GPT2_METHODS = [
     "backprop",

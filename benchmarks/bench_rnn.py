@@ -8,11 +8,11 @@ step) in a fresh subprocess whose large allocations glibc maps and unmaps one by
 the live tensors); on CUDA ``torch.cuda.max_memory_allocated`` above what was allocated before the step.
 
 CPU (the committed tables; run each T with no other timing job running, threads = the machine's 2 cores):
-    python scripts/bench_rnn.py --seq_lens 1024 --output_dir results/rnn/step_cpu --tag T1024
+    python -m benchmarks.bench_rnn --seq_lens 1024 --output_dir results/rnn/step_cpu --tag T1024
 GPU (against cuDNN; one command, a couple of minutes on an H100, results in the given folder):
-    python scripts/bench_rnn.py --device cuda --output_dir results/rnn/step_cuda --tag h100
+    python -m benchmarks.bench_rnn --device cuda --output_dir results/rnn/step_cuda --tag h100
 Summary of everything in a folder:
-    python scripts/bench_rnn.py --summarize_only --output_dir results/rnn/step_cpu
+    python -m benchmarks.bench_rnn --summarize_only --output_dir results/rnn/step_cpu
 """
 
 from __future__ import annotations
@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import append_jsonl, read_jsonl, set_threads  # noqa: E402
-
-from hf_hwbp.rnn import HighwayGRU  # noqa: E402
+from benchmarks._bench_common import append_jsonl, read_jsonl, set_threads
+from hf_hwbp.rnn import HighwayGRU
 
 
 @dataclass
@@ -134,10 +132,12 @@ def peak_memory(args: BenchArguments, steps: int, batch: int, hidden: int, metho
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     probe = f"{steps},{batch},{hidden},{method}"
-    command = [sys.executable, __file__, "--memory_probe", probe, "--dtype", args.dtype, "--threads", str(args.threads)]
+    command = [sys.executable, "-m", "benchmarks.bench_rnn", "--memory_probe", probe, "--dtype", args.dtype]
+    command += ["--threads", str(args.threads)]
     # Fixed mmap threshold: every block >= 128 KiB is its own mapping, returned to the OS when freed.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    root = Path(__file__).resolve().parents[1]  # `-m benchmarks.bench_rnn` runs from the repository root
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True, cwd=root)
     return float(result.stdout.strip().splitlines()[-1])
 
 

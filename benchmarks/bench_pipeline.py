@@ -1,6 +1,6 @@
 """Layer-parallel Highway-BP(k) against the pipeline-backprop schedules people run, S ranks on torch.distributed.
 
-    torchrun --nproc_per_node 2 scripts/bench_pipeline.py [--models gpt2,llama] [--reps 7]
+    torchrun --nproc_per_node 2 -m benchmarks.bench_pipeline [--models gpt2,llama] [--reps 7]
 
 Every rank builds the same float32 model from a config (random weights, dropout 0). Side by side, in one run,
 for every micro-batch count M: pipeline backprop (one stage per rank, no micro-batches), torch's
@@ -333,7 +333,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {
-        "command": f"torchrun --nproc_per_node {world} scripts/bench_pipeline.py {' '.join(sys.argv[1:])}".strip(),
+        "command": f"torchrun --nproc_per_node {world} -m benchmarks.bench_pipeline {' '.join(sys.argv[1:])}".strip(),
         "world_size": world,
         "args": vars(args),
         "load_before": loadavg(),

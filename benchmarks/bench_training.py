@@ -6,7 +6,7 @@ larger batches; the ``*_clip`` set-ups add gradient clipping at 1.0 (the HF Trai
 backprop's own perturbation spread below the targets (without it, it was as large as the gaps), and
 ``vit_b32_long`` trains ViT near convergence. Validation loss (and accuracy for ViT).
 
-Methods (scripts/_grad_policy.py): ``backprop``, ``k<N>`` (Highway-BP with N iterations), the noise floor
+Methods (benchmarks/_grad_policy.py): ``backprop``, ``k<N>`` (Highway-BP with N iterations), the noise floor
 ``backprop_noise<N>`` (backprop plus a random error of the size of Highway-BP(N)'s error, tensor by tensor and step
 by step), and prototypes of library features such as ``k<N>_exact_input`` (exact gradients for the parameters below
 the stack). For every (set-up, seed) all methods start from the same initial weights (built with that seed) and see
@@ -21,10 +21,10 @@ job on the machine) to ``timing.jsonl``. The summary (``summary.json``, ``summar
 ``gaps.png``) is rebuilt from the JSONL files at the end, or alone with ``--summarize_only``.
 
 Examples:
-    python scripts/bench_training.py --tasks gpt2 --seeds 0 --output_dir results/training
-    python scripts/bench_training.py --tasks gpt2_b32 llama_b32 vit_b64 --seeds 0 1 2 3 4 \\
+    python -m benchmarks.bench_training --tasks gpt2 --seeds 0 --output_dir results/training
+    python -m benchmarks.bench_training --tasks gpt2_b32 llama_b32 vit_b64 --seeds 0 1 2 3 4 \\
         --methods backprop backprop_noise2 k0 k1 k2 --monitor_every 25 --resume --output_dir results/quality/benchmark
-    python scripts/bench_training.py --tasks gpt2_b32_clip llama_b32_clip vit_b32_long --seeds 0 1 2 3 4 \\
+    python -m benchmarks.bench_training --tasks gpt2_b32_clip llama_b32_clip vit_b32_long --seeds 0 1 2 3 4 \\
         --methods backprop k2 k1 k0 backprop_noise2 --monitor_every 25 --resume --output_dir results/quality/calm
 """
 
@@ -33,14 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (  # noqa: E402
+from benchmarks._bench_common import (
     append_jsonl,
     batch_order,
     build_model,
@@ -53,7 +51,7 @@ from _bench_common import (  # noqa: E402
     uptime,
     warmup_cosine,
 )
-from _grad_policy import GradientStep, parse_method, prepare_model  # noqa: E402
+from benchmarks._grad_policy import GradientStep, parse_method, prepare_model
 
 TASK_DEFAULTS = {
     # The first set-ups (batch 8 / 32): backprop's own run-to-run spread is as large as the gaps they measure.

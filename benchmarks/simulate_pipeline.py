@@ -1,8 +1,8 @@
 """Where layer-parallel Highway-BP beats the best pipeline-backprop schedule: validate the simulator, then map.
 
-    python scripts/simulate_pipeline.py --bench results/pipeline/bench_pipeline.json [--out results/pipeline]
+    python -m benchmarks.simulate_pipeline --bench results/pipeline/bench_pipeline.json [--out results/pipeline]
 
-1. Validation. ``scripts/bench_pipeline.py`` measured every method on 2 ranks and, at the start of the same run,
+1. Validation. ``benchmarks/bench_pipeline.py`` measured every method on 2 ranks and, at the start of the same run,
    the per-layer costs of each kind of work and the link (``costs`` in its JSON). This script recomputes every
    method's predicted step time from those costs alone (the simulator replays torch's per-rank order for the
    backprop schedules and list-schedules the Highway graph exactly as the runtime plans it) and tabulates
@@ -26,7 +26,7 @@
 Writes ``<out>/simulate_pipeline.{json,md}`` and ``<out>/simulate_pipeline_map.png``.
 
 With ``--gpu_costs <bench_gpu out>/gpu_costs.json`` (per-layer costs of the same two shapes measured on a GPU by
-``scripts/bench_gpu.py``) it maps those instead, with an assumed link (``--link_latency_us``,
+``benchmarks/bench_gpu.py``) it maps those instead, with an assumed link (``--link_latency_us``,
 ``--link_gbps``; no validation: a 2-rank GPU measurement needs two GPUs), to ``<out>/simulate_pipeline_gpu.*``.
 """
 
@@ -86,7 +86,7 @@ def measured_flops(arch: str, notes: dict, layers_hidden: int) -> tuple[float, f
     h, s, v = notes["hidden"], notes["seq_len"], notes["vocab"]
     if arch == "gpt2":
         layer = layer_flops("gpt2", h, s)
-    else:  # scripts/bench_pipeline.py's Llama: MLP 8/3 h (rounded to 8), KV heads = heads / 2 (4 heads)
+    else:  # benchmarks/bench_pipeline.py's Llama: MLP 8/3 h (rounded to 8), KV heads = heads / 2 (4 heads)
         layer = layer_flops("llama", h, s, h * 8 // 3 // 8 * 8, h // 2)
     return layer, head_flops(h, v, s)
 
@@ -258,13 +258,9 @@ def kinds_breakdown(bench: dict, overheads: dict[str, dict] | None = None) -> li
 
 
 def _labels() -> dict[str, str]:
-    import importlib.util
+    from benchmarks.bench_pipeline import SCHEDULE_LABELS
 
-    path = Path(__file__).with_name("bench_pipeline.py")
-    spec = importlib.util.spec_from_file_location("bench_pipeline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SCHEDULE_LABELS
+    return SCHEDULE_LABELS
 
 
 # ----- the map -------------------------------------------------------------------------------------------------------
@@ -423,7 +419,7 @@ def main() -> None:
     parser.add_argument("--bench", default="results/pipeline/bench_pipeline.json")
     parser.add_argument("--out", default="results/pipeline")
     parser.add_argument("--deep_layers", type=int, default=64, help="L of the deep variants (0: none)")
-    parser.add_argument("--gpu_costs", default=None, help="gpu_costs.json of scripts/bench_gpu.py: map those")
+    parser.add_argument("--gpu_costs", default=None, help="gpu_costs.json of benchmarks/bench_gpu.py: map those")
     parser.add_argument(
         "--overhead_bench",
         default=DEFAULT_OVERHEAD_BENCH,
@@ -434,7 +430,7 @@ def main() -> None:
     args = parser.parse_args()
     import sys
 
-    result = {"command": "python scripts/simulate_pipeline.py " + " ".join(sys.argv[1:])}
+    result = {"command": "python -m benchmarks.simulate_pipeline " + " ".join(sys.argv[1:])}
     if args.gpu_costs:
         stem = "simulate_pipeline_gpu"
         measured = json.loads(Path(args.gpu_costs).read_text())

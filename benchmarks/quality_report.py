@@ -1,12 +1,13 @@
 """The "which k for which goal" table: measured gap and step cost of each method in every benchmark set-up.
 
-Reads the summaries written by scripts/bench_training.py (``results/quality/benchmark``) and
-scripts/bench_finetune.py (``results/quality/finetune``) and writes ``<output>`` (markdown): per set-up and method, the
-mean final-loss gap to backprop with the worst seed, whether the issue's target holds on every seed, the noise floor,
+Reads the summaries written by benchmarks/bench_training.py (``results/quality/benchmark``) and
+benchmarks/bench_finetune.py (``results/quality/finetune``) and writes ``<output>`` (markdown): per set-up and
+method, the mean final-loss gap to backprop with the worst seed, whether the set-up's target (``target_pct``: the
+largest final-loss gap that counts as "as good as backprop") holds on every seed, the noise floor,
 the step-cost ratio to backprop (interleaved wall time where measured, else the runs' CPU time) and the steps needed
 to reach backprop's final loss.
 
-    python scripts/quality_report.py --summaries results/quality/benchmark results/quality/finetune \\
+    python -m benchmarks.quality_report --summaries results/quality/benchmark results/quality/finetune \\
         --output results/quality/which_k.md
 """
 

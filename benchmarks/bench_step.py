@@ -6,8 +6,8 @@ so machine noise hits them alike; the table reports medians. Peak memory is the 
 set during the step (Linux VmHWM, reset before each step; freed heap is trimmed first) above its resident
 set before the step.
 
-    python scripts/bench_step.py                      # GPT-2 and Llama, k = 0 1 2 4, 7 rounds
-    python scripts/bench_step.py --models gpt2 --rounds 3 --ks 0 2
+    python -m benchmarks.bench_step                      # GPT-2 and Llama, k = 0 1 2 4, 7 rounds
+    python -m benchmarks.bench_step --models gpt2 --rounds 3 --ks 0 2
 
 Cost model (docs/algorithm.md): backprop costs F + B, Highway-BP(k) costs F + k * B_in + B_par. F and B are
 measured here (forward alone; step minus forward); B_par ~ B and B_in ~ B / 2 (an input-only sweep skips
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(
-        command=" ".join(["python", "scripts/bench_step.py"] + (argv if argv is not None else sys.argv[1:])),
+        command=" ".join(["python", "-m", "benchmarks.bench_step"] + (argv if argv is not None else sys.argv[1:])),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         machine=platform.machine(),

@@ -1,6 +1,6 @@
 """GPU checks of issue 11, point 5, in one run that writes whatever it finishes (each part fails alone).
 
-    python scripts/bench_gpu.py --out OUT_DIR [--quick]
+    python -m benchmarks.bench_gpu --out OUT_DIR [--quick]
 
 Parts (each writes ``OUT_DIR/<part>.json`` and a line in ``OUT_DIR/summary.md``):
 
@@ -11,7 +11,7 @@ Parts (each writes ``OUT_DIR/<part>.json`` and a line in ``OUT_DIR/summary.md``)
    Llama blocks; L, batch, seq below), bf16 weights, CUDA events, medians of interleaved repetitions: plain
    backprop (SDPA attention and eager attention), Highway-BP(k) with the engine (``patch_model``: one block VJP
    after another), and Highway-BP(k) with batched VJPs (eager attention: SDPA has no batching rule for vmap).
-3. ``gpu_costs``: the per-layer costs of ``scripts/simulate_pipeline.py``'s GPT-2-small-shaped and
+3. ``gpu_costs``: the per-layer costs of ``benchmarks/simulate_pipeline.py``'s GPT-2-small-shaped and
    Llama-1B-shaped stacks measured on this GPU (bf16, one sample per micro-batch), for the simulator's map.
 4. ``layer_parallel``: ``tests/parallel_worker.py`` with two processes sharing this one GPU (gloo through host
    memory: NCCL refuses two ranks on one device). A correctness check only, not a speed measurement.
@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from hf_hwbp import patch_model, set_highway_k
+from hf_hwbp.engine import highway_backward, run_recursion
+from hf_hwbp.parallel.batched import BatchedBlocks, BatchedStack
+from hf_hwbp.parallel.stages import build_stage
 
-from hf_hwbp import patch_model, set_highway_k  # noqa: E402
-from hf_hwbp.engine import highway_backward, run_recursion  # noqa: E402
-from hf_hwbp.parallel.batched import BatchedBlocks, BatchedStack  # noqa: E402
-from hf_hwbp.parallel.stages import build_stage  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build(arch: str, layers: int, hidden: int, seq: int, attn: str, dtype, device, vocab: int = 8192):

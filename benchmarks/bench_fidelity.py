@@ -12,7 +12,7 @@ finishes), ``fidelity.json`` (all records), ``fidelity.md`` (tables) and ``fidel
 ``per_block.png`` (plots).
 
 Example (the committed run, see results/README.md):
-    python scripts/bench_fidelity.py --output_dir results/fidelity
+    python -m benchmarks.bench_fidelity --output_dir results/fidelity
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (  # noqa: E402
+import hf_hwbp
+from benchmarks._bench_common import (
     MODEL_NAMES,
     append_jsonl,
     batch_order,
@@ -39,9 +39,7 @@ from _bench_common import (  # noqa: E402
     set_threads,
     warmup_cosine,
 )
-
-import hf_hwbp  # noqa: E402
-from hf_hwbp.fidelity import measure_fidelity  # noqa: E402
+from hf_hwbp.fidelity import measure_fidelity
 
 
 def parse_ks(tokens: list[str], depth: int) -> list[int]:

@@ -16,9 +16,9 @@ model and batch shape, round-robin, medians; run it with no other timing job on 
 summary converts "steps to reach backprop's final metric" into time with those step times.
 
 Examples:
-    python scripts/bench_rnn_quality.py --tasks digits --seeds 0 1 2 --output_dir results/rnn/quality
-    python scripts/bench_rnn_quality.py --tasks digits charlm --timing_rounds 7 --output_dir results/rnn/quality
-    python scripts/bench_rnn_quality.py --summarize_only --output_dir results/rnn/quality
+    python -m benchmarks.bench_rnn_quality --tasks digits --seeds 0 1 2 --output_dir results/rnn/quality
+    python -m benchmarks.bench_rnn_quality --tasks digits charlm --timing_rounds 7 --output_dir results/rnn/quality
+    python -m benchmarks.bench_rnn_quality --summarize_only --output_dir results/rnn/quality
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import append_jsonl, batch_order, digits_data, machine_note, read_jsonl, set_threads  # noqa: E402
-
-from hf_hwbp.rnn import HighwayGRU  # noqa: E402
+from benchmarks._bench_common import append_jsonl, batch_order, digits_data, machine_note, read_jsonl, set_threads
+from hf_hwbp.rnn import HighwayGRU
 
 TASKS = ("digits", "charlm")
 

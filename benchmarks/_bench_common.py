@@ -1,4 +1,4 @@
-"""Shared helpers of scripts/bench_fidelity.py and scripts/bench_training.py.
+"""Shared helpers of benchmarks/bench_fidelity.py and benchmarks/bench_training.py.
 
 Small models built from configs (random init, no hub), the two offline data sets (the embedded Python
 reference manual for language models, scikit-learn's 8x8 digits upsampled to 16x16 for ViT), the learning-rate

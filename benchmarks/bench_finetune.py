@@ -11,9 +11,9 @@
 Each run records the validation loss curve on the docstrings and, every ``--monitor_every`` steps, the per-group
 fidelity of the Highway gradient against the exact one on that step's batch. Runs append to
 ``<output_dir>/runs.jsonl`` (``--resume`` skips finished ones); the summary (paired gaps per seed, fidelity) is
-``summary.md`` / ``summary.json`` / ``loss_curves.png`` / ``gaps.png``, as in scripts/bench_training.py.
+``summary.md`` / ``summary.json`` / ``loss_curves.png`` / ``gaps.png``, as in benchmarks/bench_training.py.
 
-    python scripts/bench_finetune.py --models gpt2 llama --modes full lora --seeds 0 1 2 --resume \\
+    python -m benchmarks.bench_finetune --models gpt2 llama --modes full lora --seeds 0 1 2 --resume \\
         --output_dir results/quality/finetune
 """
 
@@ -23,15 +23,13 @@ import argparse
 import ast
 import hashlib
 import json
-import sys
 import sysconfig
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import append_jsonl, batch_order, build_model, loss_of, start_runs, warmup_cosine  # noqa: E402
-from bench_training import SMOKE, TASK_DEFAULTS, Task, interleaved_timing, summarize, train_one  # noqa: E402
+from benchmarks._bench_common import append_jsonl, batch_order, build_model, loss_of, start_runs, warmup_cosine
+from benchmarks.bench_training import SMOKE, TASK_DEFAULTS, Task, interleaved_timing, summarize, train_one
 
 FINETUNE_DEFAULTS = dict(batch_size=8, steps=150, warmup=15, wd=0.0, eval_every=25)
 LEARNING_RATES = {"full": 3e-4, "lora": 2e-3}
