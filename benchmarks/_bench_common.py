@@ -83,7 +83,7 @@ def lm_data(block_size: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tenso
     """(train blocks [N, T], validation blocks [M, T], vocab size) of the embedded corpus."""
     key = (block_size, vocab_size)
     if key not in _LM_CACHE:
-        from hf_hwbp.data import reference_manual_lm_data
+        from hf_hwbp.examples.data import reference_manual_lm_data
 
         tokenizer, train, val = reference_manual_lm_data(block_size=block_size, vocab_size=vocab_size)
         _LM_CACHE[key] = (train, val, len(tokenizer))

@@ -1,7 +1,7 @@
 """Fine-tuning, the way the package is used: a backprop-pretrained model fine-tuned with backprop and Highway-BP.
 
 1. Pretraining (rebuilt on demand, never committed): a small GPT-2 and a small Llama trained with backprop on the
-   embedded corpus (the Python reference manual, ``hf_hwbp.data``), saved under ``--checkpoint_dir``
+   embedded corpus (the Python reference manual, ``hf_hwbp.examples.data``), saved under ``--checkpoint_dir``
    (default ``outputs/checkpoints``, gitignored). A checkpoint whose settings match is reused.
 2. Fine-tuning on a second text shipped with Python: the docstrings of the standard library's top-level modules
    (``Lib/*.py``, read with ``ast``), split by file into train / validation, tokenized with the pretraining
@@ -59,7 +59,7 @@ def stdlib_docstring_documents(max_files: int | None = None) -> dict[str, str]:
 
 def finetune_data(tokenizer, block_size: int, val_fraction: float = 0.1, max_files: int | None = None):
     """(train blocks, validation blocks) of the stdlib docstrings, split by file name (deterministic)."""
-    from hf_hwbp.data import chunk_stream, tokenize_to_stream
+    from hf_hwbp.examples.data import chunk_stream, tokenize_to_stream
 
     train, val = [], []
     for name, text in stdlib_docstring_documents(max_files).items():
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.summarize_only:
         return summarize(args.output_dir)
-    from hf_hwbp.data import reference_manual_lm_data
+    from hf_hwbp.examples.data import reference_manual_lm_data
 
     done = start_runs(args.output_dir, args.threads, "bench_finetune.py", argv, args.background)
     for model_name in args.models:

@@ -82,7 +82,7 @@ def load_task_data(task: str, seq_len: int = 256):
         x_train, y_train, x_val, y_val = digits_data(image_size=16)
         as_sequence = lambda x: x.reshape(x.shape[0], -1, 1)  # noqa: E731 - [N, 256, 1], row by row
         return as_sequence(x_train), y_train, as_sequence(x_val), y_val, None
-    from hf_hwbp.data import reference_manual_documents, split_documents
+    from hf_hwbp.examples.data import reference_manual_documents, split_documents
 
     train_docs, val_docs = split_documents(reference_manual_documents())
     train_text, val_text = "\n".join(train_docs), "\n".join(val_docs)

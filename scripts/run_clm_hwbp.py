@@ -55,8 +55,6 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from hf_hwbp import HighwayTrainer, HighwayTrainingArguments
-from hf_hwbp.comparison import StepTimer, compare_with_backprop
-from hf_hwbp.data import reference_manual_datasets, train_bpe_tokenizer
 from hf_hwbp.examples import (
     ComparisonArguments,
     LoraArguments,
@@ -66,6 +64,8 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
+from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
+from hf_hwbp.examples.data import reference_manual_datasets, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger("hf_hwbp").setLevel(log_level)  # what Highway-BP runs (blocks, k after clamping)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()

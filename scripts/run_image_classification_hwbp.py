@@ -53,7 +53,6 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
 from hf_hwbp import HighwayTrainer, HighwayTrainingArguments
-from hf_hwbp.comparison import StepTimer, compare_with_backprop
 from hf_hwbp.examples import (
     ComparisonArguments,
     LoraArguments,
@@ -62,6 +61,7 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
+from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     logger.setLevel(log_level)
+    logging.getLogger("hf_hwbp").setLevel(log_level)  # what Highway-BP runs (blocks, k after clamping)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             data_files["validation"] = os.path.join(data_args.validation_dir, "**")
         dataset = load_dataset("imagefolder", data_files=data_files, cache_dir=model_args.cache_dir)
     else:
-        from hf_hwbp.vision_data import digits_datasets
+        from hf_hwbp.examples.vision_data import digits_datasets
 
         dataset = digits_datasets(validation_fraction=data_args.train_val_split)
     first_split = "train" if "train" in dataset else "validation"

@@ -152,7 +152,7 @@ def test_clm_embedded_default_with_compare_backprop(tmp_path):
 
 
 def test_clm_embedded_corpus_goes_through_datasets():
-    from hf_hwbp.data import reference_manual_datasets, train_bpe_tokenizer
+    from hf_hwbp.examples.data import reference_manual_datasets, train_bpe_tokenizer
 
     raw = reference_manual_datasets(0.1)
     assert set(raw) == {"train", "validation"} and raw["train"].column_names == ["text"]
@@ -309,7 +309,7 @@ def test_image_classification_lora_default_targets(tmp_path):
 
 
 def test_digits_split_is_deterministic_and_stratified():
-    from hf_hwbp.vision_data import digits_datasets
+    from hf_hwbp.examples.vision_data import digits_datasets
 
     a, b = digits_datasets(0.2), digits_datasets(0.2)
     assert len(a["train"]) + len(a["validation"]) == 1797
@@ -319,3 +319,22 @@ def test_digits_split_is_deterministic_and_stratified():
     assert a["train"].features["label"].names == [str(i) for i in range(10)]
     image = a["train"][0]["image"]
     assert image.size == (8, 8) and image.mode == "L"
+
+
+def test_example_helpers_keep_their_old_import_paths():
+    """comparison / data / vision_data live in hf_hwbp.examples; hf_hwbp.<name> still gives every public name."""
+    import importlib
+    import inspect
+
+    for name in ("comparison", "data", "vision_data"):
+        old = importlib.import_module(f"hf_hwbp.{name}")
+        new = importlib.import_module(f"hf_hwbp.examples.{name}")
+        public = {
+            n
+            for n, v in vars(new).items()
+            if not n.startswith("_")
+            and (getattr(v, "__module__", None) == new.__name__ or n.isupper())
+            and not inspect.ismodule(v)
+        }
+        assert public == set(old.__all__), name
+        assert all(getattr(old, n) is getattr(new, n) for n in public)
