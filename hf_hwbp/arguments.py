@@ -9,9 +9,10 @@ mixin, in the shape of Liger-Kernel's ``use_liger_kernel`` + ``liger_kernel_conf
   entry each; a flag given beats the same entry of ``hwbp_config`` (as a command-line flag beats a config file),
   a setting given nowhere takes the ``HighwayConfig`` default.
 
-``__post_init__`` validates the result and folds it into ``hwbp_config`` (a complete dict; the ``hwbp_*`` flags are
-set back to None), so ``to_dict()`` records every setting once and a copy of the arguments resolves the same way.
-Read the settings as ``args.highway_config`` (a ``HighwayConfig``).
+``__post_init__`` validates the result and stores it in ``hwbp_config`` (a complete dict); the ``hwbp_*`` flags keep
+the values given (parsed: ``hwbp_k`` reads back ``1`` or ``"auto"``; a flag not given stays None), so a copy of the
+arguments resolves the same way. Read the settings as ``args.highway_config`` (a ``HighwayConfig``): it is resolved
+again at every read, so ``args.hwbp_k = 4`` set after construction takes effect (and is validated there).
 
 ``HighwayTrainingArguments`` is ``TrainingArguments`` with the mixin. Any other arguments class takes it the same way,
 e.g. TRL's::
@@ -46,7 +47,8 @@ def _alias(name: str, **extra) -> Any:
     """A flat ``hwbp_<name>`` field: default None (= not given), help text from ``HighwayConfig``'s field."""
     source = HighwayConfig.__dataclass_fields__[name]
     default = source.default
-    help_text = f"{source.metadata['help']} Sets hwbp_config['{name}'] (default {default!r})."
+    # `%(default).0s` prints nothing and keeps argparse from appending its own "(default: None)" (None = not given).
+    help_text = f"{source.metadata['help']} Sets hwbp_config['{name}'] (default {default!r}).%(default).0s"
     return field(default=None, metadata={"help": help_text, **extra})
 
 
@@ -75,13 +77,20 @@ def _parse_config_value(value: Any) -> dict[str, Any]:
             if not os.path.isfile(text):
                 raise ValueError(f"hwbp_config: no such file {text!r} (pass a JSON object or a .json file's path).")
             with open(text, encoding="utf-8") as f:
-                loaded = json.load(f)
+                try:
+                    loaded = json.load(f)
+                except json.JSONDecodeError as err:
+                    raise ValueError(
+                        f"hwbp_config (--hwbp_config): the file {text!r} is not valid JSON ({err}); it must hold a "
+                        'JSON object such as {"k": 2} (HighwayConfig.save_pretrained writes one).'
+                    ) from None
         else:
             try:
                 loaded = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(
-                    f"hwbp_config must be a JSON object such as '{{\"k\": 2}}' or the path of a .json file; {err}."
+                    f"hwbp_config must be a JSON object such as '{{\"k\": 2}}' or the path of a .json file "
+                    f"(--hwbp_config); {err}."
                 ) from None
         if not isinstance(loaded, dict):
             raise ValueError(f"hwbp_config must hold a JSON object, got {type(loaded).__name__}.")
@@ -147,8 +156,8 @@ class HighwayArguments:
 
     @property
     def highway_config(self) -> HighwayConfig:
-        """The validated Highway settings of these arguments."""
-        return HighwayConfig.from_dict(self.hwbp_config)
+        """The validated Highway settings of these arguments (``hwbp_config`` with the ``hwbp_*`` flags over it)."""
+        return HighwayConfig(**self._merged_highway_settings())
 
     def _check_layer_parallel_settings(self) -> None:
         """Refuse layer-parallel settings that cannot run, before anything is built."""
@@ -174,10 +183,8 @@ class HighwayArguments:
                 "gradient on one process): set hwbp_fidelity_steps=0, or measure fidelity in a single-process run."
             )
 
-    def _resolve_highway_settings(self) -> None:
-        """Fold the ``hwbp_*`` flags into ``hwbp_config`` (a flag beats the same entry of ``hwbp_config``)."""
-        if not isinstance(self.use_highway_bp, bool):
-            raise ValueError(f"use_highway_bp must be True or False, got {self.use_highway_bp!r}.")
+    def _merged_highway_settings(self) -> dict[str, Any]:
+        """``hwbp_config`` (or the defaults) with the ``hwbp_*`` flags given over it, validated."""
         base = HighwayConfig().to_dict()
         given = _parse_config_value(self.hwbp_config) if self.hwbp_config is not None else {}
         unknown = sorted(set(given) - set(base))
@@ -189,12 +196,19 @@ class HighwayArguments:
             if flag is not None:
                 settings[name] = _parse_k_flag(flag) if name == "k" else flag
         try:
-            settings = normalized_settings(settings, prefix=FLAG_PREFIX)
+            return normalized_settings(settings, prefix=FLAG_PREFIX)
         except TypeError as err:  # argument errors are ValueErrors, as in TrainingArguments
             raise ValueError(str(err)) from None
+
+    def _resolve_highway_settings(self) -> None:
+        """Validate the settings and store them whole in ``hwbp_config`` (a flag beats the same entry there)."""
+        if not isinstance(self.use_highway_bp, bool):
+            raise ValueError(f"use_highway_bp must be True or False, got {self.use_highway_bp!r}.")
+        settings = self._merged_highway_settings()
         self.hwbp_config = HighwayConfig(**settings).to_dict()
-        for name in base:  # folded: hwbp_config is the one record (a copy of these arguments re-resolves the same)
-            setattr(self, FLAG_PREFIX + name, None)
+        for name in settings:  # the flags given read back parsed (hwbp_k "1" -> 1); the others stay None
+            if getattr(self, FLAG_PREFIX + name) is not None:
+                setattr(self, FLAG_PREFIX + name, settings[name])
 
 
 @dataclass

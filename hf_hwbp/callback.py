@@ -17,7 +17,8 @@ What it does, at the Trainer's own events:
   it only reads: a callback of yours sees the same number) and keeps its own count; if a whole optimizer step
   recorded no Highway forward although the stack has trainable parameters and the step is not exact, it raises (the
   loss came from another model than the one the Trainer gives its callbacks);
-- on every training log entry (the ones with ``"loss"``): adds ``hwbp_k`` (the k of the last optimizer step) and
+- on every training log entry (the ones with ``"loss"``): adds ``hwbp_k`` (the k the last optimizer step ran, clamped
+  to the number of Highway blocks) and
   ``hwbp_iterations`` (iterations per backward since the previous entry, averaged) to the entry the Trainer records
   in ``state.log_history`` and to the ``logs`` dict that the callbacks after this one receive;
 - at train end: unpatches the model (or restores the settings it had if the caller had patched it).
@@ -212,7 +213,35 @@ class HighwayCallback(TrainerCallback):
         self._reset_counters()
         self._pending_logs.clear()
         self.k_history = []
+        self._report_settings(model, target)
         self._apply_schedule(state)
+
+    def _report_settings(self, model: nn.Module, target) -> None:
+        """Log what will run (k clamped to the blocks, 'auto' resolved); warn about settings that do nothing."""
+        config, blocks = self.config, target.num_blocks
+        layers = getattr(getattr(target, "patch", None), "num_layers", None)
+        name = type(model).__name__
+        if blocks <= 1 and layers is not None and layers > 1:
+            logger.warning(
+                f"Highway-BP: group_size {config.group_size} puts all {layers} layers of {name} into one Highway "
+                "block: that is plain backprop (no Highway iteration can run). Use a group_size below the number of "
+                f"layers (e.g. {max(1, layers // 2)}), or use_highway_bp=False."
+            )
+        if self._user_schedule is None and isinstance(config.k, int) and config.k > blocks:
+            logger.warning(
+                f"Highway-BP: k={config.k} is more than the {blocks} Highway blocks of {name}: k is clamped to "
+                f"{blocks}, which is exact backprop (at least backprop's cost). Use a k below the number of blocks."
+            )
+        if config.k == "auto":
+            k_text = f"auto = up to {blocks} iterations, stopping at tol={config.tol:g}"
+        elif self._user_schedule is not None:
+            k_text = "from your k_schedule"
+        else:
+            k_text = str(min(config.k, blocks))
+        logger.info(
+            f"Highway-BP on {name}: {blocks} Highway blocks (group_size {config.group_size}), k {k_text}, "
+            f"schedule {config.k_schedule}."
+        )
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self._active():
@@ -302,7 +331,7 @@ class HighwayCallback(TrainerCallback):
         k = schedule(step)
         tol = None if schedule.exact_at(step) else self.config.tol
         self._target.set(k, tol)
-        self.last_k = k
+        self.last_k = min(k, self._target.num_blocks)  # what runs: k past the number of blocks is exact backprop
         self._exact_step = tol is None and k >= self._target.num_blocks
 
     def _collect_iterations(self) -> None:

@@ -454,3 +454,46 @@ def test_check_lora_targets(tmp_path):
     # When nothing matches PEFT raises itself (NoMatchingPeftModuleError, a ValueError) naming the targets.
     with pytest.raises(ValueError, match="not found in the base model"):
         get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["qq_proj"]))
+
+
+def test_highway_flags_read_back_and_changes_take_effect(tmp_path):
+    args = HighwayTrainingArguments(output_dir=str(tmp_path), hwbp_k=1, report_to="none")
+    assert args.hwbp_k == 1 and args.highway_config.k == 1 and args.hwbp_tol is None  # not given: None
+    args.hwbp_k = 3  # set after construction: the next read resolves it
+    assert args.highway_config.k == 3
+    (parsed,) = HfArgumentParser(HighwayTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--hwbp_k", "auto"]
+    )
+    assert parsed.hwbp_k == "auto" and parsed.highway_config.tol == AUTO_DEFAULT_TOL
+    help_text = " ".join(HfArgumentParser(HighwayTrainingArguments).format_help().split())
+    assert "hwbp_config['k'] (default 2). --hwbp_tol" in help_text  # one default per flag, not argparse's None too
+    args.hwbp_k = -1
+    with pytest.raises(ValueError, match="hwbp_k must be >= 0"):
+        _ = args.highway_config
+
+
+def test_a_malformed_config_file_names_the_flag_and_the_file(tmp_path):
+    path = tmp_path / "hwbp.json"
+    path.write_text('{"k": 2,}')
+    with pytest.raises(ValueError, match=r"--hwbp_config.*hwbp\.json.*not valid JSON"):
+        HighwayTrainingArguments(output_dir=str(tmp_path), hwbp_config=str(path))
+
+
+@pytest.mark.parametrize(
+    "settings, message, logged_k",
+    [
+        (
+            dict(hwbp_k=9),
+            f"k=9 is more than the {N_LAYER} Highway blocks of GPT2LMHeadModel: k is clamped to {N_LAYER}",
+            N_LAYER,
+        ),
+        (dict(hwbp_k=1, hwbp_group_size=8), f"all {N_LAYER} layers of GPT2LMHeadModel into one Highway block", 1),
+    ],
+)
+def test_settings_that_do_nothing_are_named_and_logs_show_what_ran(tmp_path, caplog, settings, message, logged_k):
+    args = make_args(tmp_path, max_steps=1, **settings)
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=4))
+    with caplog.at_level("INFO", logger="hf_hwbp"):
+        trainer.train()
+    assert message in caplog.text
+    assert train_entries(trainer)[0]["hwbp_k"] == min(logged_k, trainer.highway_callback.num_blocks)
