@@ -48,7 +48,7 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
     Raises ValueError when there is none, naming ``layers=`` for stacks that discovery cannot see.
     """
-    from model_patches import RESIDUAL_GATES, STACK_FINDERS
+    from .model_patches import RESIDUAL_GATES, STACK_FINDERS
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     finder = STACK_FINDERS.get(model_type)

@@ -17,7 +17,7 @@ from transformers import AlbertConfig, AlbertModel
 from transformers.utils import logging as hf_logging
 
 import hf_hwbp
-from model_patches import supported_model_types
+from hf_hwbp.model_patches import supported_model_types
 
 SEED = 7
 # float64: the Highway sums differ from autograd's only by rounding (observed <= 1e-13 relative).

@@ -11,7 +11,7 @@ logger = logging.get_logger(__name__)
 
 def highway_model_types(task_types: Iterable[str]) -> list[str]:
     """The model types of ``task_types`` (e.g. the causal-LM ones) in Highway-BP's tested zoo."""
-    from model_patches import supported_model_types
+    from ..model_patches import supported_model_types
 
     task_types = set(task_types)
     return [t for t in supported_model_types() if t in task_types]
@@ -22,7 +22,7 @@ def check_highway_supported(model_type: str | None, use_highway_bp: bool, task: 
 
     Not a refusal: ``patch_model`` discovers the residual stack of any transformers model and raises a clear
     error, before training starts, when it finds none."""
-    from model_patches import supported_model_types
+    from ..model_patches import supported_model_types
 
     tested = model_type in supported_model_types()
     if use_highway_bp and not tested:
