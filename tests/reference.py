@@ -118,12 +118,13 @@ def reference_highway_grads(
             if i % group_size != group_size - 1 and i != len(stacks[s]) - 1:
                 return None
             run = current[s]
-            hidden = output[0] if isinstance(output, tuple) else output
+            sequence = isinstance(output, (tuple, list))  # a list: OpenAI GPT's blocks return one
+            hidden = output[0] if sequence else output
             run.outputs.append(hidden)
             run.gates.append(residual_gate(module) if residual_gate is not None else None)
             leaf = hidden.detach().requires_grad_(True)
             run.exposed.append(leaf)
-            return (leaf,) + tuple(output[1:]) if isinstance(output, tuple) else leaf
+            return type(output)([leaf, *output[1:]]) if sequence else leaf
 
         return pre_hook, post_hook
 
