@@ -39,6 +39,7 @@ _LAZY = {
     "measure_fidelity": ".fidelity",
     "FidelityReport": ".fidelity",
     "HighwayGRU": ".rnn",
+    "HighwayLSTM": ".rnn",
 }
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "HighwayCallback",
     "HighwayConfig",
     "HighwayGRU",
+    "HighwayLSTM",
     "HighwayResult",
     "HighwayTrainer",
     "HighwayTrainingArguments",

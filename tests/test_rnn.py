@@ -216,14 +216,38 @@ def test_exact_with_dropout_between_layers():
         assert rel_err(a, b) <= RTOL
 
 
-def test_exact_in_eval_mode_and_unbatched():
+def test_exact_unbatched_in_training():
     steps = 5
     gru, highway = make_pair(num_layers=2, k=steps)
-    gru.eval(), highway.eval()
     x = torch.randn(steps, INPUT, requires_grad=True)  # unbatched: [T, I]
     h0 = torch.randn(2, HIDDEN, requires_grad=True)
+    for with_state in (True, False):
+        got = grads_of(highway, x, h0, loss_every_step, with_state)
+        for a, b in zip(got, grads_of(gru, x, h0, loss_every_step, with_state)):
+            assert rel_err(a, b) <= RTOL
+        assert highway.last_iterations == [steps, steps]
+
+
+def test_eval_mode_runs_the_ordinary_backward():
+    """In eval mode the backward is nn.GRU's own, bit for bit, even at k = 1 (the rule of patched transformers
+    models); last_iterations reports that no Highway iteration ran, not the previous training step's."""
+    steps = 8
+    gru, highway = make_pair(num_layers=2, k=1)
+    x, h0 = make_inputs(steps, False, 2)
+    grads_of(highway, x, h0, loss_every_step)
+    assert highway.last_iterations == [1, 1]
+    gru.eval(), highway.eval()
     for a, b in zip(grads_of(highway, x, h0, loss_every_step), grads_of(gru, x, h0, loss_every_step)):
-        assert rel_err(a, b) <= RTOL
+        assert torch.equal(a, b)
+    assert highway.last_iterations == []
+    x_unbatched = torch.randn(steps, INPUT, requires_grad=True)
+    for a, b in zip(
+        grads_of(highway, x_unbatched, h0[:, 0], loss_every_step), grads_of(gru, x_unbatched, h0[:, 0], loss_every_step)
+    ):
+        assert torch.equal(a, b)
+    highway.train()  # and back in training mode k = 1 is Highway-BP again, not backprop
+    got = grads_of(highway, x, h0, loss_every_step)[2]
+    assert rel_err(got, grads_of(gru, x, h0, loss_every_step)[2]) > 1e-6 and highway.last_iterations == [1, 1]
 
 
 def test_input_gradients_reach_layers_below():

@@ -1,5 +1,6 @@
-"""Highway-BP through time for recurrent networks: ``HighwayGRU``, a drop-in for ``torch.nn.GRU``."""
+"""Highway-BP through time for recurrent networks: ``HighwayGRU`` and ``HighwayLSTM``, drop-ins for ``torch.nn``'s."""
 
 from .gru import HighwayGRU
+from .lstm import HighwayLSTM
 
-__all__ = ["HighwayGRU"]
+__all__ = ["HighwayGRU", "HighwayLSTM"]

@@ -95,3 +95,39 @@ class ReverseLinearScan:
         torch.addcmul(c[:, -1], a[:, -1], carry, out=deltas[:, -1])
         for p in range(self.chunk - 2, -1, -1):
             torch.addcmul(c[:, p], a[:, p], deltas[:, p + 1], out=deltas[:, p])
+
+
+def forward_linear_scan(coefficients: Tensor, inflow: Tensor, initial: Tensor, chunk: int | None = None) -> Tensor:
+    """x_0 = initial, x_t = inflow[t-1] + coefficients[t-1] (.) x_{t-1}: [x_0, ..., x_T] as one [T + 1, *state].
+
+    The same chunked scheme as ``ReverseLinearScan``, forward in time and used once: an LSTM's cell states
+    c_t = f_t c_{t-1} + i_t g_t, which torch's fused forward does not return, from the recomputed gates.
+    """
+    num_steps = coefficients.shape[0]
+    state = coefficients.shape[1:]
+    chunk = min(default_chunk(num_steps) if chunk is None else chunk, max(num_steps, 1))
+    num_chunks = num_steps // chunk
+    done = num_chunks * chunk  # the chunks cover steps 1..done; the rest follows one step at a time
+    out = torch.empty((num_steps + 1, *state), dtype=initial.dtype, device=initial.device)
+    out[0] = initial
+    if num_chunks > 0:
+        a = coefficients[:done].view(num_chunks, chunk, *state)
+        c = inflow[:done].view(num_chunks, chunk, *state)
+        # 1. what each chunk ends at from its own inflow, and how a state before it reaches its end
+        from_inside, through = c[:, 0].clone(), a[:, 0].clone()
+        for p in range(1, chunk):
+            torch.addcmul(c[:, p], a[:, p], from_inside, out=from_inside)
+            through.mul_(a[:, p])
+        # 2. the state before each chunk, chunk by chunk
+        carry = torch.empty((num_chunks, *state), dtype=initial.dtype, device=initial.device)
+        carry[0] = initial
+        for m in range(1, num_chunks):
+            torch.addcmul(from_inside[m - 1], through[m - 1], carry[m - 1], out=carry[m])
+        # 3. every chunk again from its carry, writing the states (all chunks at once)
+        states = out[1 : done + 1].view(num_chunks, chunk, *state)
+        torch.addcmul(c[:, 0], a[:, 0], carry, out=states[:, 0])
+        for p in range(1, chunk):
+            torch.addcmul(c[:, p], a[:, p], states[:, p - 1], out=states[:, p])
+    for t in range(done, num_steps):
+        torch.addcmul(inflow[t], coefficients[t], out[t], out=out[t + 1])
+    return out
