@@ -413,6 +413,9 @@ def add_highway_callback(
     """
     callback = HighwayCallback(config, k_schedule=k_schedule)
     place_first(trainer, callback)
+    tag_names = getattr(trainer, "_tag_names", None)  # TRL's trainers write their card's tags from this list
+    if isinstance(tag_names, list) and MODEL_TAG not in tag_names:
+        trainer._tag_names = [*tag_names, MODEL_TAG]
     callback.on_init_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
     return callback
 

@@ -73,8 +73,15 @@ def highway_model_card_section(
             f"cosine {last:.6f} at step {step}; mean {sum(cosines) / len(cosines):.6f} over {len(cosines)} "
             "measurement(s)"
         )
+    elif config.fidelity_steps and last_step is not None and last_step < config.fidelity_steps:
+        fidelity_text = (
+            f"not measured: the run had {last_step} optimizer steps, fewer than fidelity_steps = "
+            f"{config.fidelity_steps} (it is measured every fidelity_steps steps)"
+        )
+    elif config.fidelity_steps:
+        fidelity_text = "not measured (fidelity is measured by HighwayTrainer; this card comes from another Trainer)"
     else:
-        fidelity_text = "not measured (HighwayConfig.fidelity_steps = 0, or a Trainer other than HighwayTrainer)"
+        fidelity_text = "not measured (HighwayConfig.fidelity_steps = 0)"
     rows.append(("gradient fidelity (Highway vs exact gradient, all trainable parameters)", fidelity_text))
     lines = [
         SECTION_START,
@@ -99,12 +106,33 @@ def highway_model_card_section(
     return "\n".join(lines) + "\n"
 
 
+def with_tag(text: str, tag: str = MODEL_TAG) -> str:
+    """The model card ``text`` with ``tag`` in its YAML front matter's ``tags`` (added where missing): TRL's trainers
+    write their card from their own tag list, not from the model's tags."""
+    if not text.startswith("---\n") or "\n---" not in text[3:]:
+        return f"---\ntags:\n- {tag}\n---\n\n{text}"
+    end = text.index("\n---", 3)
+    head, rest = text[4:end], text[end:]
+    lines = head.split("\n")
+    if f"- {tag}" in lines or f"  - {tag}" in lines:
+        return text
+    if "tags:" in lines:
+        i = lines.index("tags:")
+        indent = "  " if i + 1 < len(lines) and lines[i + 1].startswith("  - ") else ""
+        lines.insert(i + 1, f"{indent}- {tag}")
+    else:
+        lines += ["tags:", f"- {tag}"]
+    return "---\n" + "\n".join(lines) + rest
+
+
 def write_section(readme_path: str, section: str) -> None:
-    """Append ``section`` to the model card at ``readme_path`` (replacing an earlier Highway section)."""
+    """Append ``section`` to the model card at ``readme_path`` (replacing an earlier Highway section); make sure the
+    card carries the ``hf_hwbp`` tag."""
     text = ""
     if os.path.exists(readme_path):
         with open(readme_path, encoding="utf-8") as f:
             text = f.read()
+    text = with_tag(text)
     if SECTION_START in text and SECTION_END in text:
         head, rest = text.split(SECTION_START, 1)
         tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
@@ -143,4 +171,4 @@ def add_highway_section(trainer, output_dir: str | None = None) -> str | None:
     return readme
 
 
-__all__ = ["add_highway_section", "highway_model_card_section", "write_section"]
+__all__ = ["add_highway_section", "highway_model_card_section", "with_tag", "write_section"]

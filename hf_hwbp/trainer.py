@@ -29,6 +29,7 @@ batches; the stages' weights are gathered into the whole model before evaluation
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from .api import unwrap_model
 from .arguments import HighwayArguments, HighwayTrainingArguments
@@ -247,9 +248,21 @@ class HighwayTrainer(Trainer):
         return super().predict(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """As ``Trainer.save_model``; in layer-parallel mode call it on every rank (it gathers the stages)."""
+        """As ``Trainer.save_model``; in layer-parallel mode call it on every rank (it gathers the stages).
+
+        Beside the model: ``hwbp_config.json`` (the Highway settings, ``HighwayConfig.from_pretrained`` reads it) and
+        ``training_args.bin`` as the plain arguments class (``TrainingArguments``, or the class the Highway mixin was
+        added to), which unpickles without hf_hwbp installed; the Highway settings are in it as plain values."""
         self._sync_layer_parallel_model()
         super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save and os.path.isdir(output_dir):
+            from transformers.trainer import TRAINING_ARGS_NAME
+
+            torch.save(plain_training_arguments(self.args), os.path.join(output_dir, TRAINING_ARGS_NAME))
+            callback = self.highway_callback
+            if callback.enabled:
+                (callback.config or callback.resolve_settings(self.args)).save_pretrained(output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.layer_parallel:
@@ -281,8 +294,44 @@ class HighwayTrainer(Trainer):
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         if self.highway_callback.enabled and MODEL_TAG not in tags:
             tags.append(MODEL_TAG)
+        dataset = self.eval_dataset if self.eval_dataset is not None else self.train_dataset
+        if getattr(dataset, "builder_name", "") is None:  # built in memory (an embedded corpus): no hub dataset tag
+            for name in ("dataset_tags", "dataset_args"):
+                kwargs.setdefault(name, [])
         super().create_model_card(*args, tags=tags, **kwargs)
+        if self.is_world_process_zero():
+            _fix_from_scratch_card(os.path.join(self.args.output_dir, "README.md"))
         add_highway_section(self)
+
+
+def plain_training_arguments(args: TrainingArguments) -> TrainingArguments:
+    """A copy of ``args`` whose class is the first arguments class of its MRO without the Highway mixin
+    (``HighwayTrainingArguments`` -> ``TrainingArguments``): pickles without a reference to hf_hwbp."""
+    base = next(
+        (c for c in type(args).__mro__ if issubclass(c, TrainingArguments) and not issubclass(c, HighwayArguments)),
+        None,
+    )
+    if base is None or base is type(args):
+        return args
+    plain = copy.copy(args)
+    plain.__class__ = base
+    return plain
+
+
+def _fix_from_scratch_card(readme: str) -> None:
+    """transformers calls a model with an empty ``_name_or_path`` (built from a config) "a fine-tuned version of []":
+    say what it is."""
+    if not os.path.exists(readme):
+        return
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    fixed = text.replace(
+        "This model is a fine-tuned version of [](https://huggingface.co/) on ",
+        "This model was trained from scratch on ",
+    )
+    if fixed != text:
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(fixed)
 
 
 def _check_layer_parallel_trainer(trainer: Trainer, model: nn.Module | None, args, kwargs: dict) -> None:

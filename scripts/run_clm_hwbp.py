@@ -12,8 +12,11 @@ arguments file.
 Defaults that differ from run_clm, all shown by ``--help`` for the command line it is given with:
 
 - always: ``--do_train`` and ``--do_eval`` true, ``--output_dir outputs/run_clm_hwbp``;
-- no model argument (``--model_name_or_path``, ``--config_name``, ``--model_type``): the embedded recipe, a 4-layer
-  GPT-2 (n_embd 128) trained from scratch (lr 1e-3, cosine, 5 epochs of 8 x 128 tokens, ...);
+- a model from scratch (no ``--model_name_or_path`` / ``--config_name``): the small recipe, whatever
+  ``--model_type`` (default gpt2): 4 layers, width 128, 4 heads (``--config_overrides`` replaces that) trained with
+  lr 1e-3, cosine, 5 epochs of 8 x 128 tokens, ...; the script logs the parameter count and memory before building;
+- no checkpoints (``--save_strategy no``) unless ``--save_steps N`` or ``--save_strategy`` is given (the final model
+  is always saved in ``--output_dir``);
 - no data argument either: the embedded corpus, the Python reference manual that ships with CPython
   (``hf_hwbp.data``), through the same ``map``/``group_texts`` path as files;
 - no tokenizer: a byte-level BPE tokenizer trained on the training texts (run_clm refuses).
@@ -64,6 +67,7 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
+from hf_hwbp.examples.arguments import check_launch, log_model_to_build, small_config_overrides, user_gave
 from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
 from hf_hwbp.examples.data import reference_manual_datasets, train_bpe_tokenizer
 
@@ -78,9 +82,9 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "do_eval": True,
     "dataloader_pin_memory": torch.cuda.is_available(),  # no pinned-memory warning on CPU-only machines
 }
-EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # no model argument: a small GPT-2 from scratch, and its recipe
+EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # a model from scratch (GPT-2 unless --model_type): small, and its recipe
     "model_type": "gpt2",
-    "config_overrides": "n_layer=4,n_embd=128,n_head=4",
+    "config_overrides": "n_layer=4,n_embd=128,n_head=4",  # small_config_overrides(--model_type) for other types
     "block_size": 128,
     "num_train_epochs": 5,
     "per_device_train_batch_size": 8,
@@ -95,15 +99,26 @@ EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # no model argument: a small GPT-2 
     "save_strategy": "no",
 }
 EMBEDDED_DATA_DEFAULTS: dict[str, Any] = {"validation_split_percentage": 10}  # no data argument: the embedded corpus
-MODEL_KEYS = ("model_name_or_path", "config_name", "model_type")
+PRETRAINED_KEYS = ("model_name_or_path", "config_name")
 DATA_KEYS = ("dataset_name", "train_file", "validation_file")
 
 
 def script_defaults(given: dict[str, Any]) -> dict[str, Any]:
-    """The defaults for a command line whose flags are ``given`` (user flags still win over them)."""
+    """The defaults for a command line whose flags are ``given`` (user flags still win over them).
+
+    A model from scratch (no ``--model_name_or_path`` / ``--config_name``) gets the small recipe whatever its
+    ``--model_type``: 4 layers, width 128 (``small_config_overrides``), and the recipe's training settings. Giving
+    ``--save_steps`` makes the default ``--save_strategy`` "steps" (the recipe's is "no")."""
     defaults = dict(SCRIPT_DEFAULTS)
-    if all(given.get(key) is None for key in MODEL_KEYS):
+    if all(given.get(key) is None for key in PRETRAINED_KEYS):
         defaults.update(EMBEDDED_MODEL_DEFAULTS)
+        model_type = given.get("model_type")
+        if model_type is not None:
+            del defaults["model_type"]
+            if model_type in MODEL_TYPES:  # an unknown type is refused by ModelArguments, naming the known ones
+                defaults["config_overrides"] = small_config_overrides(model_type)
+        if user_gave(given, "save_steps", HighwayTrainingArguments):
+            defaults["save_strategy"] = "steps"
     if all(given.get(key) is None for key in DATA_KEYS):
         defaults.update(EMBEDDED_DATA_DEFAULTS)
     return defaults
@@ -235,6 +250,7 @@ def parse_args(argv: list[str] | None = None) -> tuple:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args, lora_args, compare_args = parse_args(argv)
     compare_args.check(training_args)
+    check_launch(training_args)
 
     # Setup logging
     logging.basicConfig(
@@ -306,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         check_highway_supported(model_args.model_type, training_args.use_highway_bp, "causal-LM")
         config = CONFIG_MAPPING[model_args.model_type]()
-        logger.warning("You are instantiating a new config instance from scratch.")
+        logger.info(f"A new {model_args.model_type} config from scratch.")
         if model_args.config_overrides is not None:
             logger.info(f"Overriding config: {model_args.config_overrides}")
             config.update_from_string(model_args.config_overrides)
@@ -342,8 +358,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             )
         else:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_args.trust_remote_code)
-            n_params = sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
-            logger.info(f"Training new model from scratch - Total size={n_params / 2**20:.2f}M params")
+        if getattr(model, "loss_type", "") is None:  # GPT2LMHeadModel's name matches no loss: say the one it uses
+            model.loss_type = "ForCausalLM"
         # Resize the embeddings only when necessary to avoid index errors.
         embedding_size = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > embedding_size:
@@ -352,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
         return model
 
+    if not model_args.model_name_or_path:
+        log_model_to_build(AutoModelForCausalLM, config, logger, model_args.trust_remote_code)
     model = build_model()
 
     # Preprocessing the datasets: tokenize all the texts, then group them in blocks of block_size.
@@ -427,6 +445,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if split and len(lm_datasets[name]) == 0:
             raise ValueError(f"The {name} split has fewer than --block_size={block_size} tokens.")
 
+    # Saved with the model: its real limit (a tokenizer trained here says 1e30), set after tokenizing the long texts.
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if positions and tokenizer.model_max_length > positions:
+        tokenizer.model_max_length = positions
+
     def build_trainer(args, model):
         return HighwayTrainer(
             model=model,
@@ -469,6 +492,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
 
     kwargs = {"finetuned_from": model_args.model_name_or_path, "tasks": "text-generation"}
+    if data_args.dataset_name is None and data_args.train_file is None and data_args.validation_file is None:
+        kwargs["dataset"] = "embedded corpus (the Python reference manual, hf_hwbp.examples.data)"
     if data_args.dataset_name is not None:
         kwargs["dataset_tags"] = data_args.dataset_name
         if data_args.dataset_config_name is not None:

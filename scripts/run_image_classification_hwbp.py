@@ -61,6 +61,7 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
+from hf_hwbp.examples.arguments import check_launch
 from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def collate_fn(examples):
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args, lora_args, compare_args = parse_args(argv)
     compare_args.check(training_args)
+    check_launch(training_args)
 
     # Setup logging
     logging.basicConfig(

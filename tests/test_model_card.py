@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
 from huggingface_hub import ModelCard
 from trainer_helpers import N_LAYER, make_args, repetitive_data, tiny_gpt2
 from transformers import Trainer, TrainingArguments
@@ -48,3 +52,56 @@ def test_any_trainer_card(tmp_path):
     text = open(path).read()
     assert "| k (Highway iterations) | 0 |" in text and "| layers per Highway block (group_size) | 2 |" in text
     assert "| Highway blocks | 2 |" in text and "not measured" in text
+
+
+def test_output_folder_of_a_short_from_scratch_run(tmp_path):
+    """An in-memory data set, a model built from its config, a run shorter than fidelity_steps: the card says so."""
+    import datasets
+
+    data = datasets.Dataset.from_list(repetitive_data())  # no hub builder: builder_name is None
+    args = make_args(tmp_path, max_steps=2, hwbp_k=1, hwbp_fidelity_steps=50)
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    out = tmp_path / "out"
+    text = (out / "README.md").read_text()
+    assert "This model was trained from scratch on an unknown dataset." in text
+    assert "fine-tuned version of []" not in text and "None dataset" not in text
+    assert "not measured: the run had 2 optimizer steps, fewer than fidelity_steps = 50" in text
+    assert HighwayConfig.from_pretrained(out) == args.highway_config  # hwbp_config.json beside the model
+    # training_args.bin is plain TrainingArguments: it unpickles where hf_hwbp is not installed.
+    script = (
+        "import sys; sys.modules['hf_hwbp'] = None; import torch; "
+        f"a = torch.load({str(out / 'training_args.bin')!r}, weights_only=False); "
+        "print(type(a).__name__, a.hwbp_config['k'])"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.split() == ["TrainingArguments", "1"], done.stderr
+
+
+def test_trl_card_gets_the_tag(tmp_path):
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    from hf_hwbp import add_highway_callback
+    from hf_hwbp.examples.data import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(["highway backpropagation along the residual path"] * 20, 300)
+    data = datasets.Dataset.from_dict({"input_ids": [[(i + j) % 16 for j in range(12)] for i in range(4)]})
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=1, save_strategy="no", bf16=False
+    )
+    trainer = trl.SFTTrainer(model=tiny_gpt2(), args=args, train_dataset=data, processing_class=tokenizer)
+    add_highway_callback(trainer, HighwayConfig(k=1))
+    trainer.train()
+    trainer.create_model_card()  # TRL's own card, from its own tag list
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert {"hf_hwbp", "trl", "sft"} <= set(card.data.tags)
+    # A card written without that list gets the tag from add_highway_section.
+    path = tmp_path / "out" / "README.md"
+    path.write_text(path.read_text().replace("- hf_hwbp\n", ""))
+    add_highway_section(trainer)
+    assert (
+        "hf_hwbp" in ModelCard.load(path).data.tags and "## Training with Highway backpropagation" in path.read_text()
+    )

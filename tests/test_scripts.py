@@ -123,6 +123,32 @@ def test_a_user_flag_beats_the_embedded_recipe(tmp_path):
     assert training_args.lr_scheduler_type == "cosine"  # from the recipe
 
 
+def test_any_model_type_from_scratch_gets_the_small_recipe(tmp_path):
+    model_args, _, training_args, *_ = run_clm_hwbp.parse_args(["--model_type", "llama"])
+    assert training_args.learning_rate == 1e-3 and training_args.lr_scheduler_type == "cosine"
+    assert "num_hidden_layers=4" in model_args.config_overrides and "hidden_size=128" in model_args.config_overrides
+    model_args, *_ = run_clm_hwbp.parse_args(["--model_type", "llama", "--config_overrides", "num_hidden_layers=2"])
+    assert model_args.config_overrides == "num_hidden_layers=2"  # the user's replaces the recipe's
+    # --save_steps asks for checkpoints: the recipe's save_strategy "no" gives way.
+    _, _, training_args, *_ = run_clm_hwbp.parse_args(["--save_steps", "4"])
+    assert training_args.save_strategy == "steps" and training_args.save_steps == 4
+    _, _, training_args, *_ = run_clm_hwbp.parse_args([])
+    assert training_args.save_strategy == "no"
+
+
+def test_clm_llama_from_scratch_says_what_it_builds(tmp_path, caplog):
+    argv = [arg for arg in TINY_CLM]
+    del argv[argv.index("--config_overrides") : argv.index("--config_overrides") + 2]
+    with caplog.at_level("WARNING"):
+        metrics = run_clm_hwbp.main(
+            ["--output_dir", str(tmp_path), *QUIET, *argv, "--model_type", "llama", "--max_steps", "1"]
+        )
+    assert math.isfinite(metrics["eval_loss"])
+    built = re.search(r"Building a llama model from scratch: 4 layers, ([\d.]+)M parameters", caplog.text)
+    assert built and float(built.group(1)) < 2  # the small recipe, not Llama's 6.7B default
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == 128
+
+
 # ----- causal LM ------------------------------------------------------------------------------------------------------
 def test_clm_embedded_default_with_compare_backprop(tmp_path):
     out = tmp_path / "model"
@@ -149,6 +175,9 @@ def test_clm_embedded_default_with_compare_backprop(tmp_path):
     assert all(e["hwbp_k"] == 1 and e["hwbp_iterations"] == 1 for e in state["log_history"] if "loss" in e)
     card = (out / "README.md").read_text()
     assert "hf_hwbp" in card and "Highway-BP" in card and "| k (Highway iterations) | 1 |" in card
+    assert "trained from scratch on the embedded corpus" in card and "None dataset" not in card
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 32  # --block_size 32
+    assert json.loads((out / "hwbp_config.json").read_text())["k"] == 1
 
 
 def test_clm_embedded_corpus_goes_through_datasets():
@@ -206,6 +235,20 @@ def test_clm_argument_errors(tmp_path, args, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         run_clm_hwbp.main(["--output_dir", str(tmp_path), *QUIET, *argv, *args])
     assert not (tmp_path / "all_results.json").exists()
+
+
+@pytest.mark.parametrize("script", [run_clm_hwbp, run_image_classification_hwbp])
+def test_launch_and_config_errors_come_before_anything_is_built(tmp_path, script, monkeypatch):
+    built = []
+    monkeypatch.setattr(script, "set_seed", lambda *a, **k: built.append("set_seed"))  # the first step after checks
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="--layer_parallel trains one pipeline stage per process"):
+        script.main(["--output_dir", str(out), *QUIET, "--layer_parallel"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"k": 1,,}')
+    with pytest.raises(ValueError, match=r"--hwbp_config.*bad\.json.*not valid JSON"):
+        script.main(["--output_dir", str(out), *QUIET, "--hwbp_config", str(bad)])
+    assert built == [] and not out.exists()
 
 
 def test_model_types_outside_the_zoo_warn_instead_of_refusing():

@@ -52,6 +52,75 @@ def _checked(parser: HfArgumentParser, defaults: dict[str, Any]) -> dict[str, An
     return defaults
 
 
+# ----- from-scratch recipes ------------------------------------------------------------------------------------------
+SMALL_SIZES: tuple[tuple[tuple[str, ...], int], ...] = (  # config attribute names (any model type) -> small value
+    (("n_layer", "num_hidden_layers", "num_layers"), 4),
+    (("n_embd", "hidden_size", "d_model"), 128),
+    (("n_head", "num_attention_heads"), 4),
+    (("num_key_value_heads",), 4),
+    (("intermediate_size", "ffn_dim", "d_ff"), 512),
+)
+
+
+def small_config_overrides(model_type: str, head_dim: int = 32) -> str:
+    """``--config_overrides`` that make any ``model_type`` the embedded recipe's small model (4 layers, width 128,
+    4 heads), naming only the attributes its config has (GPT-2: ``n_layer=4,n_embd=128,n_head=4``)."""
+    from transformers import CONFIG_MAPPING
+
+    present = {name for name, value in CONFIG_MAPPING[model_type]().to_dict().items() if value is not None}
+    items = []
+    for names, value in SMALL_SIZES:
+        name = next((n for n in names if n in present), None)
+        if name is not None:
+            items.append(f"{name}={value}")
+    if "head_dim" in present:  # some configs (Qwen3, Gemma, ...) fix it apart from the width
+        items.append(f"head_dim={head_dim}")
+    return ",".join(items)
+
+
+def user_gave(given: dict[str, Any], name: str, dataclass_type: type) -> bool:
+    """Whether ``given`` (a first-pass parse, or an arguments file) sets ``name`` away from its dataclass default."""
+    if name not in given:
+        return False
+    default = dataclass_type.__dataclass_fields__[name].default
+    value = given[name]
+    if value is None:
+        return False
+    try:
+        return float(value) != float(default)
+    except (TypeError, ValueError):
+        return str(value) != str(default)
+
+
+def check_launch(training_args) -> None:
+    """Refuse, before data, tokenizer or model are built, a launch that cannot run what was asked."""
+    if getattr(training_args, "layer_parallel", False) and training_args.world_size < 2:
+        raise ValueError(
+            "--layer_parallel trains one pipeline stage per process, and this is a single process: launch the script "
+            "with `torchrun --nproc_per_node <stages> ...` or `accelerate launch --num_processes <stages> ...` (an "
+            "accelerate config needs num_processes >= 2), or drop --layer_parallel."
+        )
+
+
+def log_model_to_build(model_class, config, logger, trust_remote_code: bool = False) -> int:
+    """Log what a from-scratch model will be (type, layers, parameters, float32 memory) before it is built, from an
+    instance on the meta device (no memory); returns its parameter count."""
+    import torch
+
+    with torch.device("meta"):
+        meta = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    n_params = sum({id(p): p.numel() for p in meta.parameters()}.values())
+    layers = next(
+        (getattr(config, n) for n in ("n_layer", "num_hidden_layers", "num_layers") if hasattr(config, n)), "?"
+    )
+    logger.warning(
+        f"Building a {config.model_type} model from scratch: {layers} layers, {n_params / 1e6:.2f}M parameters, "
+        f"{n_params * 4 / 2**20:.0f} MiB of float32 weights (about 4x that to train with Adam). Change it with "
+        "--config_overrides."
+    )
+    return n_params
+
+
 def as_bool(value: Any) -> bool:
     """A boolean flag's value as argparse may leave it in a first pass ("true", "1", True)."""
     if isinstance(value, str):
@@ -115,4 +184,13 @@ class ComparisonArguments:
             )
 
 
-__all__ = ["ComparisonArguments", "LoraArguments", "as_bool", "parse_args_with_defaults"]
+__all__ = [
+    "ComparisonArguments",
+    "LoraArguments",
+    "as_bool",
+    "check_launch",
+    "log_model_to_build",
+    "parse_args_with_defaults",
+    "small_config_overrides",
+    "user_gave",
+]
