@@ -171,25 +171,7 @@ def write_comparison(
         "json": os.path.join(output_dir, "comparison.json"),
     }
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for i, result in reversed(list(enumerate(results))):  # the baseline first, the Highway run on top
-        color, marker = f"C{i}", "os^v"[i % 4]
-        steps, losses = result.curve("loss")
-        if steps:
-            ax.plot(steps, losses, color=color, alpha=0.6, linewidth=1, label=f"{result.name} train")
-        steps, losses = result.curve("eval_loss")
-        if steps:
-            ax.plot(
-                steps, losses, color=color, marker=marker, linestyle="--", linewidth=1.5, label=f"{result.name} eval"
-            )
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
+    _plot_runs(plt, results, title, paths["png"])
 
     baseline = results[-1].seconds_per_step
     header = ["run", "k", "mean iterations"] + [c[0] for c in columns] + ["s / step", "time vs backprop"]
@@ -232,6 +214,57 @@ def write_comparison(
     with open(paths["json"], "w", encoding="utf-8") as f:
         json.dump(rows, f, indent=2)
     return paths
+
+
+# The Highway run a solid line, the backprop baseline dashed, in colours that stay apart where the curves overlap.
+_STYLES = ({"color": "tab:orange", "linestyle": "-"}, {"color": "tab:blue", "linestyle": "--"})
+
+
+def _difference(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
+    """``a - b`` at the steps both curves have."""
+    other = dict(zip(*b))
+    points = [(step, value - other[step]) for step, value in zip(*a) if step in other]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _plot_runs(plt, results: list[RunResult], title: str, path: str) -> None:
+    """Loss curves (train and eval), Highway minus backprop, and accuracy when the runs logged it."""
+    has_accuracy = any(result.curve("eval_accuracy")[0] for result in results)
+    panels = 3 if has_accuracy else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.3))
+    loss_ax, diff_ax = axes[0], axes[1]
+    highway, baseline = results[0], results[-1]
+    for i, result in enumerate(results):
+        if i == 0 or i == len(results) - 1:
+            style = _STYLES[0 if i == 0 else 1]
+        else:
+            style = {"color": f"C{i + 2}", "linestyle": ":"}
+        steps, losses = result.curve("loss")
+        if steps:
+            loss_ax.plot(steps, losses, linewidth=1.4, label=f"{result.name} train", **style)
+        steps, losses = result.curve("eval_loss")
+        if steps:
+            loss_ax.plot(steps, losses, marker="o", markersize=4, linewidth=1, label=f"{result.name} eval", **style)
+        if has_accuracy:
+            steps, accuracy = result.curve("eval_accuracy")
+            if steps:
+                axes[2].plot(steps, accuracy, marker="o", markersize=4, label=f"{result.name} eval", **style)
+    loss_ax.set(xlabel="optimizer step", ylabel="loss", title=title)
+    for key, label, marker in (("loss", "train loss", None), ("eval_loss", "eval loss", "o")):
+        steps, diff = _difference(highway.curve(key), baseline.curve(key))
+        if steps:
+            diff_ax.plot(steps, diff, marker=marker, markersize=4, linewidth=1.2, label=label)
+    diff_ax.axhline(0.0, color="black", linewidth=0.8)
+    diff_ax.set(xlabel="optimizer step", ylabel="loss difference", title=f"{highway.name} minus {baseline.name}")
+    if has_accuracy:
+        axes[2].set(xlabel="optimizer step", ylabel="eval accuracy", title="accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _fmt(value: float | None, spec: str) -> str:
