@@ -1,16 +1,17 @@
 """Which distributed back-ends Highway-BP supports, decided in one place.
 
 Supported: one process, DDP (``torchrun``, ``accelerate launch`` with ``distributed_type: MULTI_GPU`` or
-``MULTI_CPU``; each rank's Highway gradients are all-reduced like ordinary ones) and the layer-parallel runner
+``MULTI_CPU``; each rank's Highway gradients are all-reduced like ordinary ones), FSDP2 (``fully_shard``, also
+``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2``; see ``hf_hwbp.fsdp``: the Highway
+gradients reach FSDP's unsharded parameters and are reduce-scattered once per step) and the layer-parallel runner
 ``hf_hwbp.parallel``.
 
-Refused: FSDP (FSDP1 and FSDP2, also through Accelerate) and DeepSpeed (every ZeRO stage). The patched backward
-collects each block's parameters from ``layer.parameters()`` when a training forward starts and hands their
-gradients back to autograd itself. Under FSDP those are flattened or sharded (DTensor) parameters that the block's
-forward does not use directly, and ZeRO-3 partitions them; under DeepSpeed ZeRO-1/2 the engine owns gradient
-reduction through its own hooks. In every case Highway-BP would produce missing or wrong gradients, so it raises
+Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly) and DeepSpeed (every ZeRO
+stage: ZeRO-1/2 reduce gradients through the engine's own hooks on the parameters, ZeRO-3 partitions them; neither
+path is wired to the Highway backward). Highway-BP would produce missing or wrong gradients there, so it raises
 before the first step instead. ``check_distributed_support`` is called by ``HighwayCallback`` when the Trainer is
-built and again when training begins; ``patch_model``'s path can call it with the model alone.
+built and again when training begins; on an FSDP2 model it also makes the patch that the callback then applies run
+under FSDP2 (``hf_hwbp.fsdp.attach_when_patched``).
 """
 
 from __future__ import annotations
@@ -20,62 +21,81 @@ from typing import Any
 
 from torch import nn
 
+from .errors import HighwayBPError
+
 _WAYS_OUT = (
-    "Ways out: data parallelism with DDP (`torchrun`, or `accelerate launch` with distributed_type MULTI_GPU / "
-    "MULTI_CPU), layer parallelism with hf_hwbp.parallel, or plain backprop (use_highway_bp=False / no "
-    "HighwayCallback)."
+    "Ways out: FSDP2 (`accelerate launch` with distributed_type FSDP and fsdp_version: 2, or torch's fully_shard), "
+    "data parallelism with DDP (`torchrun`, or `accelerate launch` with distributed_type MULTI_GPU / MULTI_CPU), "
+    "layer parallelism with hf_hwbp.parallel, or plain backprop (use_highway_bp=False / no HighwayCallback)."
 )
 
 
-class UnsupportedDistributedSetupError(NotImplementedError):
-    """Highway-BP cannot run under this distributed back-end (FSDP or DeepSpeed)."""
+class UnsupportedDistributedSetupError(HighwayBPError, NotImplementedError):
+    """Highway-BP cannot run under this distributed back-end (FSDP1 or DeepSpeed)."""
 
 
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _accelerate_distributed_type() -> str | None:
-    """The distributed type of an already initialized Accelerate state (None when there is none)."""
+def _accelerate_distributed_type() -> tuple[str | None, int | None]:
+    """The distributed type of an already initialized Accelerate state and its FSDP version (None, None when there
+    is no state)."""
     try:
         from accelerate.state import AcceleratorState
     except ImportError:  # pragma: no cover - accelerate is a dependency
-        return None
+        return None, None
     if not AcceleratorState._shared_state:
-        return None
-    distributed_type = getattr(AcceleratorState(), "distributed_type", None)
-    return None if distributed_type is None else str(getattr(distributed_type, "value", distributed_type))
+        return None, None
+    state = AcceleratorState()
+    distributed_type = getattr(state, "distributed_type", None)
+    if distributed_type is None:
+        return None, None
+    plugin = getattr(state, "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None) if plugin is not None else None
+    return str(getattr(distributed_type, "value", distributed_type)), version
+
+
+def _fsdp_config_version(args: Any) -> int:
+    """The FSDP version TrainingArguments ask for (transformers defaults to 2 when the config does not say)."""
+    config = getattr(args, "fsdp_config", None) or {}
+    return int(config.get("version", config.get("fsdp_version", 2)))
 
 
 def detect_unsupported_backend(model: nn.Module | None = None, args: Any = None) -> str | None:
-    """The name of the unsupported back-end in use ("FSDP" or "DeepSpeed", with where it was seen), or None.
+    """The name of the unsupported back-end in use ("FSDP1" or "DeepSpeed", with where it was seen), or None.
 
     Looks at the training arguments (``fsdp``, ``deepspeed``), Accelerate's environment and state, and the model
-    (FSDP wrappers, flattened or DTensor parameters, ZeRO-3 partitioned parameters, a DeepSpeed engine).
+    (FSDP1 wrappers, flattened parameters, DTensor parameters that no FSDP2 unit owns, ZeRO-3 partitioned
+    parameters, a DeepSpeed engine). FSDP2 is supported and never named.
     """
     if args is not None:
         if getattr(args, "deepspeed", None):
             return "DeepSpeed (TrainingArguments.deepspeed)"
-        if getattr(args, "fsdp", None):
-            return "FSDP (TrainingArguments.fsdp)"
+        if getattr(args, "fsdp", None) and _fsdp_config_version(args) != 2:
+            return "FSDP1 (TrainingArguments.fsdp with fsdp_config version 1)"
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed (ACCELERATE_USE_DEEPSPEED, from `accelerate launch`)"
-    if _env_flag("ACCELERATE_USE_FSDP"):
-        return "FSDP (ACCELERATE_USE_FSDP, from `accelerate launch`)"
-    distributed_type = _accelerate_distributed_type()
-    if distributed_type in ("DEEPSPEED", "FSDP"):
-        name = "DeepSpeed" if distributed_type == "DEEPSPEED" else "FSDP"
-        return f"{name} (Accelerate distributed_type={distributed_type})"
+    if _env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
+        return "FSDP1 (ACCELERATE_USE_FSDP with FSDP_VERSION != 2, from `accelerate launch`)"
+    distributed_type, version = _accelerate_distributed_type()
+    if distributed_type == "DEEPSPEED":
+        return "DeepSpeed (Accelerate distributed_type=DEEPSPEED)"
+    if distributed_type == "FSDP" and version != 2:
+        return f"FSDP1 (Accelerate distributed_type=FSDP, fsdp_version={version})"
     if model is not None:
         return _detect_in_model(model)
     return None
 
 
 def _detect_in_model(model: nn.Module) -> str | None:
+    from .fsdp import fsdp2_owned
+
+    owned = fsdp2_owned(model)  # ids of the parameters (sharded or not) that FSDP2 units manage
     for module in model.modules():
         name = type(module).__name__
-        if name == "FullyShardedDataParallel" or name.startswith("FSDP"):  # FSDP1 wrapper, FSDP2's FSDPModule
-            return f"FSDP (module {name})"
+        if name == "FullyShardedDataParallel":
+            return f"FSDP1 (module {name})"
         if name == "DeepSpeedEngine":
             return "DeepSpeed (DeepSpeedEngine)"
     try:
@@ -84,23 +104,29 @@ def _detect_in_model(model: nn.Module) -> str | None:
         DTensor = ()  # noqa: N806
     for name, param in model.named_parameters():
         if getattr(param, "_is_flat_param", False) or type(param).__name__ == "FlatParameter":
-            return f"FSDP (flattened parameter {name})"
-        if isinstance(param, DTensor):
-            return f"FSDP or tensor parallelism (DTensor parameter {name})"
+            return f"FSDP1 (flattened parameter {name})"
+        if isinstance(param, DTensor) and id(param) not in owned:
+            return f"tensor parallelism (DTensor parameter {name} that no FSDP2 unit owns)"
         if hasattr(param, "ds_id") or hasattr(param, "ds_status"):
             return f"DeepSpeed ZeRO-3 (partitioned parameter {name})"
     return None
 
 
 def check_distributed_support(model: nn.Module | None = None, args: Any = None) -> None:
-    """Raise ``UnsupportedDistributedSetupError`` if FSDP or DeepSpeed is in use (see the module docstring)."""
+    """Raise ``UnsupportedDistributedSetupError`` if FSDP1 or DeepSpeed is in use (see the module docstring); on an
+    FSDP2 model, make the Highway-BP patch applied to it later run under FSDP2."""
     backend = detect_unsupported_backend(model, args)
     if backend is None:
+        if model is not None:
+            from .fsdp import attach_when_patched, is_fsdp2
+
+            if is_fsdp2(model):
+                attach_when_patched(model)
         return
     raise UnsupportedDistributedSetupError(
-        f"Highway-BP does not support {backend}. Its backward gathers each block's parameters from "
-        "layer.parameters() at forward time and returns their gradients itself; sharded, flattened or partitioned "
-        "parameters would get missing or wrong gradients. " + _WAYS_OUT
+        f"Highway-BP does not support {backend}. Its backward returns each block's parameter gradients itself; "
+        "flattened or partitioned parameters, or gradients reduced by DeepSpeed's own hooks, would get missing or "
+        "wrong gradients. " + _WAYS_OUT
     )
 
 

@@ -3,8 +3,8 @@
 - DDP (``distributed_type: MULTI_GPU``; on a CPU-only machine the worker's ``use_cpu=True`` makes Accelerate use
   MULTI_CPU with gloo): each rank's gradients after a Highway step equal single-process Highway-BP gradients on the
   concatenated batch, through raw Accelerate, ``HighwayTrainer`` and a plain ``Trainer`` with ``HighwayCallback``.
-- FSDP (``distributed_type: FSDP``, FSDP2): Highway-BP refuses it when the Trainer is built, with a message that
-  names FSDP and the ways out.
+- FSDP1 (``distributed_type: FSDP``, ``fsdp_version: 1``): Highway-BP refuses it when the Trainer is built, with a
+  message that names FSDP1 and the ways out (FSDP2 runs: tests/test_fsdp.py).
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ num_machines: 1
 machine_rank: 0
 mixed_precision: 'no'
 fsdp_config:
-  fsdp_version: 2
+  fsdp_version: 1
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_reshard_after_forward: true
+  fsdp_sharding_strategy: FULL_SHARD
+  fsdp_sync_module_states: false
+  fsdp_cpu_ram_efficient_loading: false
 """
 
 
@@ -125,5 +127,5 @@ def test_fsdp_is_refused_with_a_clear_message(tmp_path):
     for result in accelerate_launch(tmp_path, FSDP_CONFIG, "--mode", "refusal"):
         assert result["error"] == "UnsupportedDistributedSetupError", result
         message = result["message"]
-        assert "does not support FSDP" in message and "accelerate launch" in message, message
+        assert "does not support FSDP1" in message and "accelerate launch" in message, message
         assert "DDP" in message and "hf_hwbp.parallel" in message and "use_highway_bp=False" in message, message

@@ -1,6 +1,7 @@
-"""FSDP and DeepSpeed are refused before any training step, with a message naming the back-end and the ways out.
+"""FSDP1 and DeepSpeed are refused before any training step, with a message naming the back-end and the ways out;
+FSDP2 is not (its 2-process runs are in tests/test_fsdp.py).
 
-The real FSDP2 refusal under `accelerate launch` is in tests/test_ddp.py; DeepSpeed is not installed here, so its
+The real FSDP1 refusal under `accelerate launch` is in tests/test_ddp.py; DeepSpeed is not installed here, so its
 markers (TrainingArguments.deepspeed, ACCELERATE_USE_DEEPSPEED, ZeRO-3 partitioned parameters) are set by hand.
 """
 
@@ -16,7 +17,7 @@ from transformers import Trainer, TrainingArguments
 from hf_hwbp import HighwayCallback, UnsupportedDistributedSetupError, check_distributed_support
 from hf_hwbp.distributed_support import detect_unsupported_backend
 
-WAYS_OUT = ("DDP", "hf_hwbp.parallel", "use_highway_bp=False")
+WAYS_OUT = ("FSDP2", "DDP", "hf_hwbp.parallel", "use_highway_bp=False")
 
 
 def _assert_clear(err: pytest.ExceptionInfo, backend: str) -> None:
@@ -33,7 +34,7 @@ def test_single_process_and_ddp_models_are_supported():
 @pytest.mark.parametrize(
     "args, backend",
     [
-        (SimpleNamespace(fsdp=["full_shard"], deepspeed=None), "FSDP"),
+        (SimpleNamespace(fsdp=["full_shard"], fsdp_config={"version": 1}, deepspeed=None), "FSDP1"),
         (SimpleNamespace(fsdp=[], deepspeed="ds_config.json"), "DeepSpeed"),
         (SimpleNamespace(fsdp=True, deepspeed={"zero_optimization": {"stage": 2}}), "DeepSpeed"),
     ],
@@ -44,13 +45,24 @@ def test_training_arguments(args, backend):
     _assert_clear(err, backend)
 
 
-def test_fsdp_from_accelerate_launch_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
+def test_fsdp2_is_supported():
+    assert (
+        detect_unsupported_backend(None, SimpleNamespace(fsdp=["full_shard"], fsdp_config={}, deepspeed=None)) is None
+    )
+    args = SimpleNamespace(fsdp=["full_shard"], fsdp_config={"version": 2}, deepspeed=None)
+    assert detect_unsupported_backend(None, args) is None
+
+
+def test_fsdp1_from_accelerate_launch_is_refused_when_the_trainer_is_built(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for distributed_type FSDP
+    monkeypatch.setenv("FSDP_VERSION", "1")  # and for fsdp_version 1 (its default)
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
     with pytest.raises(UnsupportedDistributedSetupError) as err:
         Trainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(), callbacks=[HighwayCallback()])
-    _assert_clear(err, "FSDP")
+    _assert_clear(err, "FSDP1")
     assert "accelerate launch" in str(err.value)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert detect_unsupported_backend(tiny_gpt2()) is None
 
 
 def test_deepspeed_from_accelerate_launch(monkeypatch):
@@ -75,4 +87,4 @@ def test_partitioned_and_sharded_parameters():
     model.transformer.h[0].register_parameter("flat_param", flat)
     with pytest.raises(UnsupportedDistributedSetupError) as err:
         check_distributed_support(model)
-    _assert_clear(err, "FSDP")
+    _assert_clear(err, "FSDP1")
