@@ -60,7 +60,7 @@ def patch_model(
             return model
         existing.remove()
     model_type = getattr(getattr(target, "config", None), "model_type", None)
-    object.__setattr__(target, _ATTR, HighwayPatch(stacks, config, model_type))
+    object.__setattr__(target, _ATTR, HighwayPatch(stacks, config, model_type, root=target))
     logger.info(f"Highway-BP(k={config.k}) on {type(target).__name__}: {describe(stacks)}.")
     return model
 

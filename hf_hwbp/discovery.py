@@ -1,10 +1,21 @@
 """Where a model keeps its residual stack(s), found from its structure.
 
-A transformers 5.x model runs its repeated blocks from an ``nn.ModuleList`` of ``GradientCheckpointingLayer``s
-whose length is one of its config's layer counts (``num_hidden_layers``, ``n_layer``, ``encoder_layers``, ...).
-Every such list that does not sit inside another one is a stack; an encoder-decoder model has two, run one
-after the other. Models whose structure misleads this rule (the HF ResNet: stages of ``nn.Sequential`` whose
-first layer changes the shape) are listed in the ``model_patches`` registry.
+A residual stack (docs/algorithm.md) is a list of layers each of which maps the hidden state to one of the same
+shape, called once per forward of the model, in order, each on the output of the one before. A transformers 5.x
+model runs such blocks from an ``nn.ModuleList`` of ``GradientCheckpointingLayer``s whose length is one of its
+config's layer counts (``num_hidden_layers``, ``n_layer``, ``encoder_layers``, an entry of ``depths``, ...). The
+candidates are those lists, less what the structure shows is not a stack:
+
+- lists of containers (a ``ModuleList`` of ``ModuleList``s is never called itself);
+- per-operation lists: several sibling lists of the same length (XLM's ``attentions``, ``ffns``, ...) split one
+  layer over several lists;
+- lists whose layers convolve with a stride or change the channel count (an audio model's feature encoder);
+- a list whose layers each hold a candidate list (Swin's stages, whose inner blocks are the stacks, the
+  down-sampling between stages staying outside, as for ResNet).
+
+Every remaining list that does not sit inside another one is a stack; an encoder-decoder model has two, run one
+after the other. The rest of the definition is checked at run time, in the forward (``patching.py``). Models whose
+structure misleads these rules are listed in the ``model_patches`` registry (the HF ResNet; Reformer, refused).
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor, nn
+
+from .errors import UnsupportedModelError
 
 try:
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,9 +61,12 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
     Raises ValueError when there is none, naming ``layers=`` for stacks that discovery cannot see.
     """
-    from .model_patches import RESIDUAL_GATES, STACK_FINDERS
+    from .model_patches import REFUSED_MODEL_TYPES, RESIDUAL_GATES, STACK_FINDERS
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in REFUSED_MODEL_TYPES:
+        reason = REFUSED_MODEL_TYPES[model_type]
+        raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {reason}")
     finder = STACK_FINDERS.get(model_type)
     if finder is not None:
         gate = RESIDUAL_GATES[model_type](model) if model_type in RESIDUAL_GATES else None
@@ -58,7 +74,7 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     else:
         stacks = _discover(model)
     if not stacks:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Highway-BP found no residual stack in {type(model).__name__} (model_type={model_type!r}): no "
             "nn.ModuleList of transformers layers whose length is a layer count of the config. Pass the stack "
             "yourself: patch_model(model, k, layers=<nn.ModuleList of blocks h -> h + g(h)>)."
@@ -93,7 +109,7 @@ def check_stacks(model: nn.Module, stacks: Sequence[Stack]) -> None:
         for i, layer in enumerate(stack.layers):
             where = f"{stack.path}[{i}]"
             if id(layer) in seen:
-                raise ValueError(
+                raise UnsupportedModelError(
                     f"Highway-BP: the same module ({type(layer).__name__}) is both {seen[id(layer)]} and {where}. "
                     "Highway-BP needs blocks that are distinct modules (a layer reused at several depths, as in "
                     "ALBERT, is not a stack of blocks). Pass a stack of distinct layers with layers=, or train "
@@ -126,9 +142,10 @@ def _layer_counts(model: nn.Module) -> set[int]:
         for key, value in values.items():
             if isinstance(value, dict):
                 visit(value)
-            elif isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                if re.search(r"layer|depth", key):
-                    counts.add(value)
+            elif isinstance(key, str) and re.search(r"layer|depth", key):
+                for count in value if isinstance(value, (list, tuple)) else [value]:  # Swin's depths: per stage
+                    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                        counts.add(count)
 
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
     for config in configs.values():
@@ -136,19 +153,47 @@ def _layer_counts(model: nn.Module) -> set[int]:
     return counts
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
+def _changes_shape(layer: nn.Module) -> bool:
+    """A layer that convolves with a stride or changes the channel count as its own operation (an audio feature
+    encoder's conv layers): its output cannot have its input's shape."""
+    for child in layer.children():
+        if isinstance(child, nn.modules.conv._ConvNd):
+            if child.in_channels != child.out_channels or any(stride != 1 for stride in child.stride):
+                return True
+    return False
+
+
 def _discover(model: nn.Module) -> list[Stack]:
     counts = _layer_counts(model)
     lists = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len(module) in counts
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len(module) in counts
+        and not any(isinstance(x, _CONTAINERS) or _changes_shape(x) for x in module)
     ]
+    # Per-operation lists: a parent holding several candidate lists of one length splits each layer over them.
+    parents: dict[tuple[str, int], int] = {}
+    for name, module in lists:
+        key = (name.rpartition(".")[0], len(module))
+        parents[key] = parents.get(key, 0) + 1
+    lists = [(n, m) for n, m in lists if parents[(n.rpartition(".")[0], len(m))] == 1]
+
+    names = [n for n, _ in lists]
 
     def outermost(candidates):
         found: list[Stack] = []
         for name, module in candidates:
-            if not any(name.startswith(s.path + ".") for s in found):
-                found.append(Stack(name, tuple(module)))
+            if any(name.startswith(s.path + ".") for s in found):
+                continue
+            # Stages: every layer of the list holds a candidate list of its own; those inner lists are the stacks.
+            if all(any(n.startswith(f"{name}.{i}.") for n in names) for i in range(len(module))):
+                continue
+            found.append(Stack(name, tuple(module)))
         return found
 
     if GradientCheckpointingLayer is not None:

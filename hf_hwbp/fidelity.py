@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import logging
 
 from .api import exact_backprop, highway_state, unwrap_model
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -16,7 +19,9 @@ class FidelityReport:
     """Cosine similarity and relative error ||g_hw - g_exact|| / ||g_exact||, overall and per Highway block.
 
     ``per_block[j]`` covers the trainable parameters of Highway block j (0-based, bottom to top);
-    ``overall`` covers every trainable parameter of the model (blocks, embeddings and head).
+    ``overall`` covers every trainable parameter of the model (blocks, embeddings and head). ``highway_active`` is
+    False when the measured pass ran no Highway-BP (model in eval mode, inside ``exact_backprop``): both gradients
+    were then backprop's, and the perfect cosine says nothing about Highway-BP.
     """
 
     cosine: float
@@ -25,6 +30,7 @@ class FidelityReport:
     per_block_rel_error: list[float] = field(default_factory=list)
     k: int | None = None
     iterations: int | None = None
+    highway_active: bool = True
 
     def as_log_dict(self, prefix: str = "hwbp_fidelity/") -> dict[str, float]:
         logs = {f"{prefix}cosine": self.cosine, f"{prefix}rel_error": self.rel_error}
@@ -79,7 +85,15 @@ def measure_fidelity(
             exact = _grads_of(model, params, loss_fn)
     patch.last_iterations = previous_iterations
     cosine, rel = compare_gradients(_flat(highway, params), _flat(exact, params))
-    report = FidelityReport(cosine=cosine, rel_error=rel, k=patch.effective_k, iterations=iterations)
+    report = FidelityReport(
+        cosine=cosine, rel_error=rel, k=patch.effective_k, iterations=iterations, highway_active=iterations is not None
+    )
+    if not report.highway_active:
+        logger.warning(
+            "measure_fidelity: Highway-BP was not active in the measured pass (the model's stack is in eval mode, or "
+            "the pass ran inside exact_backprop), so both gradients are backprop's and the cosine of 1.0 says nothing "
+            "about Highway-BP. Call model.train() first."
+        )
     index = {id(p): i for i, p in enumerate(params)}
     for block in patch.block_parameters():
         ids = [index[id(p)] for p in block if id(p) in index]

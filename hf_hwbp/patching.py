@@ -3,15 +3,15 @@ r"""Puts the Highway-BP engine under a model's residual stacks with forward hook
 During a training forward (gradients enabled, some layer of the stack in training mode) the hooks cut the
 stack's autograd graph at every block boundary and route it through small autograd Functions:
 
-    h_0 -> block 1 -> y_1 --_BlockExit--> h_1 ~> leaf x_1 -> block 2 -> ... --_BlockExit--> h_L -> head
+    h_0 -> block 1 -> y_1 --_Exit--> h_1 ~> leaf x_1 -> block 2 -> ... --_Exit--> h_L -> head
      \--_StackEntry(h_0, *params, *side inputs)--> token_0 --> token_1 --> ... --> token_L
 
 Block 1 reads h_0 through ``_StackInput`` (an alias that the Highway backward never crosses) and block j >= 2
 a fresh leaf x_{j-1} holding h_{j-1}'s value, so each block's local graph ends at its own input, its parameters
 and its side inputs (tensors that require grad read besides the hidden state; each is replaced by a leaf).
-``_BlockExit`` hands on the value of y_j with no edge into block j's graph and stores the gradient that
-reaches h_j (d for the last block, e_j for the others); ``_SideExit`` does the same for side outputs (tensors
-computed inside a block that the loss may read: attention maps, router logits). ``_StackEntry`` returns only a
+``_Exit`` hands on the value of y_j with no edge into block j's graph and stores the gradient that reaches h_j
+(d for the last block, e_j for the others); it does the same for side outputs (tensors computed inside a block
+that the loss may read: attention maps, router logits). ``_StackEntry`` returns only a
 scalar token; the token chain makes autograd call every exit before the entry. The entry's backward
 (``record.py``) runs the engine on the recorded local graphs (after one VJP of the side outputs, which adds to
 the e_j and to the parameter gradients as docs/algorithm.md defines) and returns delta^(k)_0, the parameter
@@ -23,6 +23,12 @@ entry and exit nodes), never by the patch. Several training forwards can wait fo
 without gradients or in eval mode touches nothing; the memory of a forward is released exactly when autograd
 releases its graph (after its backward, or when the loss is dropped). The patch itself holds settings, hooks
 and, only while a stack's forward runs, that forward's bookkeeping; it deep-copies and pickles with the model.
+
+What is checked in the forward, before any gradient exists (docs/algorithm.md, "What is a residual stack"): each
+layer keeps the hidden state's shape (a list whose first layer does not, such as a convolutional feature encoder,
+is let go and trains with ordinary backprop), receives the output of the layer run before it, and runs once per
+forward of the model. Layers that LayerDrop skipped are left out of that forward's stack. Steps whose k reaches
+the number of blocks run the model's own backward (the same gradient, at backprop's cost).
 """
 
 from __future__ import annotations
@@ -33,19 +39,26 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import logging
 
 from . import routing
 from .config import HighwayConfig
-from .discovery import Stack
+from .discovery import Stack, describe
+from .errors import HighwayBPError
 from .record import (
-    _BlockExit,
+    IterationLog,
     _EngineFlag,
+    _Exit,
     _GroupInnerGuard,
-    _SideExit,
     _StackEntry,
     _StackInput,
     _StackRecord,
 )
+
+logger = logging.get_logger(__name__)
+
+# The default of ``HighwayPatch.exact_steps_by_autograd``: exact steps run the model's own backward.
+EXACT_STEPS_BY_AUTOGRAD = True
 
 _ATTR = "_hwbp_patch"
 
@@ -55,6 +68,8 @@ class _StackForward:
     """Bookkeeping of the forward a stack is running now; held by the patch until the stack's last layer ran."""
 
     next_layer: int = 0
+    active: bool = False  # recorded for Highway-BP (a training forward that is not an exact step)
+    input_shape: tuple | None = None  # (shape, dtype) of the running layer's hidden state
     record: _StackRecord | None = None
     token: Tensor | None = None
     last_exit: Tensor | None = None
@@ -89,6 +104,32 @@ class _PostHook(_PreHook):
         return self.patch._after_layer(self.stack_index, self.layer_index, output)
 
 
+class _RootHook:
+    """Forward pre-hook (+1) and hook (-1) of the patched model: which of its forwards a stack runs in (a stack run
+    twice in one forward is refused), and whether a training forward ran any layer of a stack through its hooks."""
+
+    def __init__(self, patch: HighwayPatch, step: int):
+        self.patch, self.step = patch, step
+
+    @torch._dynamo.disable
+    def __call__(self, module, *_):
+        patch = self.patch
+        if self.step > 0 and patch._root_depth == 0:
+            patch._root_calls += 1
+            patch._root_saw_layer = False
+            patch._root_trains = module.training and patch.enabled and patch._in_training_forward()
+        patch._root_depth = max(0, patch._root_depth + self.step)
+        if patch._root_depth == 0:  # a stack whose last layers LayerDrop skipped ends with the model's forward
+            patch._forwards = [None] * len(patch._forwards)
+            if self.step < 0 and patch._root_trains and not patch._root_saw_layer and patch.stacks:
+                raise HighwayBPError(
+                    f"Highway-BP: a training forward of {type(module).__name__} ran no layer of "
+                    f"{describe(patch.stacks)} through its module call (a model that calls layer.forward() directly "
+                    "bypasses the hooks Highway-BP needs), so Highway-BP would silently not apply. Train this model "
+                    "with ordinary backprop (unpatch_model(model)), or pass layers= with modules the model calls."
+                )
+
+
 def _checkpoint_kwargs(layer: nn.Module) -> dict | None:
     """The keyword arguments of a transformers layer's checkpointing (None when it does not checkpoint)."""
     if not getattr(layer, "gradient_checkpointing", False):
@@ -106,40 +147,61 @@ class HighwayPatch:
     """The Highway-BP state of one patched model: its stacks, settings and hooks.
 
     Read or change the settings between steps through ``config`` (or ``hf_hwbp.set_highway_k``); ``stacks`` says
-    what discovery found; ``last_iterations`` is the number of Highway iterations the last backward ran (the
-    largest over its stacks and forwards); ``recorded_forwards`` counts the stack forwards recorded so far.
+    what discovery found (less any list the first training forward showed is not a residual stack);
+    ``last_iterations`` is the number of Highway iterations the last backward ran (the largest over its stacks and
+    forwards; None when the last training step ran none); ``recorded_forwards`` counts the stack forwards recorded.
+
+    ``exact_steps_by_autograd`` (default True): a stack whose k reaches its number of blocks (with no ``tol``) is
+    trained with the model's own backward, the same gradient as Highway-BP(k = L) at backprop's cost; False runs
+    the Highway engine for it (the tests do, to check the engine's exactness against autograd).
     """
 
-    def __init__(self, stacks: list[Stack], config: HighwayConfig, model_type: str | None = None):
+    def __init__(
+        self, stacks: list[Stack], config: HighwayConfig, model_type: str | None = None, root: nn.Module | None = None
+    ):
         if not stacks:
             raise ValueError("Highway-BP needs at least one stack of layers.")
-        self.stacks = list(stacks)
+        self._stacks = list(stacks)
         self.config = config
         self.model_type = model_type
         self.enabled = True
-        self.last_iterations: int | None = None
-        self.last_block_grads: list[Tensor] | None = None
+        self.log = IterationLog()
         self.keep_block_grads = False
+        self.exact_steps_by_autograd = EXACT_STEPS_BY_AUTOGRAD
         self.recorded_forwards = 0  # stack forwards recorded for Highway-BP (one per stack per training forward)
-        self._forwards: list[_StackForward | None] = [None] * len(self.stacks)
-        self._graph_checked = [False] * len(self.stacks)
-        self._last_task: int | None = None
+        self._rejected: dict[int, str] = {}  # stack index -> why its first training forward showed it is no stack
+        self._forwards: list[_StackForward | None] = [None] * len(self._stacks)
+        self._graph_checked = [False] * len(self._stacks)
+        self._root_calls = 0  # forwards of the patched model (its outermost call)
+        self._root_depth = 0  # > 0 while the patched model's forward runs
+        self._run_roots: list[int | None] = [None] * len(self._stacks)  # the model forward of each stack's last run
+        self._root_trains = False  # the running forward of the patched model is a training forward
+        self._root_saw_layer = False  # ... and has run a layer of a stack through its hooks
+        self._warned_eval = False
         self._handles: list = []
-        for s, stack in enumerate(self.stacks):
+        for s, stack in enumerate(self._stacks):
             for i, layer in enumerate(stack.layers):
                 self._handles.append(
                     layer.register_forward_pre_hook(_PreHook(self, s, i), with_kwargs=True, prepend=True)
                 )
                 self._handles.append(layer.register_forward_hook(_PostHook(self, s, i), prepend=True))
+        if root is not None:
+            self._handles.append(root.register_forward_pre_hook(_RootHook(self, +1), prepend=True))
+            self._handles.append(root.register_forward_hook(_RootHook(self, -1), always_call=True))
 
     # A copy (deepcopy, pickle) keeps settings and hooks, and starts with no forward running.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_forwards"] = [None] * len(self.stacks)
-        state["_last_task"] = None
+        state["_forwards"] = [None] * len(self._stacks)
+        state["_root_depth"] = 0
         return state
 
     # ----- layout -----------------------------------------------------------------------------------------------
+    @property
+    def stacks(self) -> list[Stack]:
+        """The residual stacks Highway-BP runs on, in forward order."""
+        return [stack for s, stack in enumerate(self._stacks) if s not in self._rejected]
+
     @property
     def layers(self) -> tuple[nn.Module, ...]:
         """The layers of the first stack (the only one for most models)."""
@@ -163,6 +225,19 @@ class HighwayPatch:
         """k clamped to the number of blocks (iterations past it change nothing)."""
         return min(self.config.k, self.num_blocks)
 
+    @property
+    def last_iterations(self) -> int | None:
+        return self.log.last
+
+    @last_iterations.setter
+    def last_iterations(self, value: int | None) -> None:
+        self.log.last = value
+
+    @property
+    def last_block_grads(self) -> list[Tensor] | None:
+        """delta^(k)_1..L of the last stack backward (kept only while ``keep_block_grads`` is set)."""
+        return self.log.block_grads
+
     def block_parameters(self) -> list[list[Tensor]]:
         """The trainable parameters of each Highway block (group of layers), stack by stack, bottom to top."""
         g = self.config.group_size
@@ -176,52 +251,83 @@ class HighwayPatch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._forwards = [None] * len(self.stacks)
-
-    def _note_backward(self, iterations: int, block_grads: list[Tensor] | None) -> None:
-        task = torch._C._current_graph_task_id()
-        if task != self._last_task or self.last_iterations is None:
-            self.last_iterations = iterations
-        else:
-            self.last_iterations = max(self.last_iterations, iterations)
-        self._last_task = task
-        self.last_block_grads = block_grads
+        self._forwards = [None] * len(self._stacks)
 
     # ----- forward ----------------------------------------------------------------------------------------------
-    def _trains(self, stack: Stack) -> bool:
-        """Whether a forward of this stack starting now is a Highway training forward."""
-        return (
-            self.enabled
-            and torch.is_grad_enabled()
-            and torch._C._current_graph_task_id() == -1  # not a recomputation inside a backward
-            and any(layer.training for layer in stack.layers)
-        )
+    def _in_training_forward(self) -> bool:
+        """Gradients on, outside any backward (a checkpointed layer's recomputation runs inside one)."""
+        return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
+
+    def _exact_step(self, stack: Stack) -> bool:
+        """k reaches this stack's blocks and nothing stops the iterations early: the model's own backward gives the
+        same gradient at backprop's cost."""
+        return self.exact_steps_by_autograd and self.config.tol is None and self.config.k >= self._blocks_of(stack)
+
+    def _start_run(self, s: int, i: int) -> _StackForward:
+        """A forward of stack ``s`` begins at layer ``i`` (0, or later when LayerDrop skipped the first layers).
+        Returns its bookkeeping, ``active`` when Highway-BP records it. Every refusal here comes before any backward."""
+        stack = self._stacks[s]
+        root_call = self._root_calls if self._root_depth > 0 else None
+        fwd = self._forwards[s] = _StackForward(next_layer=i)
+        if not self._in_training_forward():
+            return fwd  # no gradient, or a checkpointed layer's recomputation: touches nothing
+        if not self.enabled:
+            self.log.forward_without_highway(None)  # inside exact_backprop(model): ordinary backprop
+            return fwd
+        if not any(layer.training for layer in stack.layers):
+            self._warn_eval(stack)
+            self.log.forward_without_highway(None)
+            return fwd
+        self._check_forward(stack)
+        if self._exact_step(stack):
+            self.log.forward_without_highway(self._blocks_of(stack))
+            return fwd
+        if root_call is not None and self._run_roots[s] == root_call:
+            raise HighwayBPError(
+                f"Highway-BP: {stack.path} ran a second time in one forward of the model (one group of layers shared "
+                "across depths, as ALBERT's, or a loop over the same layers). Highway-BP needs a stack whose layers "
+                "each run once per forward, in order. Train this model with ordinary backprop "
+                "(unpatch_model(model)), or pass layers= with a list whose layers run once each."
+            )
+        self._run_roots[s] = root_call
+        fwd.active = True
+        return fwd
+
+    def _warn_eval(self, stack: Stack) -> None:
+        if not self._warned_eval:
+            self._warned_eval = True
+            logger.warning(
+                f"Highway-BP: a forward with gradients enabled ran with {stack.path} in eval mode, so its backward is "
+                "ordinary backprop (Highway-BP trains a model in training mode only; from_pretrained returns models "
+                "in eval mode). Call model.train() before training. This is said once."
+            )
 
     def _before_layer(self, s: int, i: int, module: nn.Module, args: tuple, kwargs: dict):
-        stack = self.stacks[s]
-        if i == 0:
-            if not self._trains(stack):
-                return None  # a forward that does not train touches nothing
-            self._check_forward(stack)
-            fwd = self._forwards[s] = _StackForward()
-        else:
-            fwd = self._forwards[s]
-            if fwd is None or fwd.next_layer != i:
-                if not self._trains(stack):
-                    return None
-                raise RuntimeError(
-                    f"Highway-BP: layer {i} of {stack.path} ran in a training forward right after layer "
-                    f"{i - 2 if fwd is None else fwd.next_layer - 1}, not layer {i - 1}. Highway-BP needs every "
-                    "training forward to run the whole stack in order (no LayerDrop: set the model's layerdrop "
-                    "to 0); or call unpatch_model(model)."
-                )
+        self._root_saw_layer = True
+        if s in self._rejected:
+            return None
+        stack = self._stacks[s]
+        fwd = self._forwards[s]
+        if fwd is None or i < fwd.next_layer:
+            fwd = self._start_run(s, i)  # a new forward of the stack
+        if not fwd.active:
+            fwd.next_layer = i + 1
+            return None
+        skipped = i > fwd.next_layer  # LayerDrop: the layers between did not run in this forward
+        if skipped and self.config.group_size > 1:
+            raise HighwayBPError(
+                f"Highway-BP: layers {fwd.next_layer}..{i - 1} of {stack.path} were skipped in this training forward "
+                "(LayerDrop), which Highway-BP follows only with group_size=1 (each executed layer is a block). Set "
+                "group_size=1, or the model's layerdrop to 0."
+            )
         if module is not stack.layers[i]:
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: a copy of layer {i} of {stack.path} ran with the original's hooks (nn.DataParallel "
                 "replicates modules this way). Use DistributedDataParallel (one process per device) instead."
             )
         fwd.next_layer = i + 1
         hidden = routing.split_hidden(args, kwargs)
+        fwd.input_shape = (hidden.shape, hidden.dtype)
         checkpointing = _checkpoint_kwargs(module)
         if checkpointing is not None and checkpointing.get("preserve_rng_state") is False:
             fwd.rng_state = (hidden.device, _rng_state(hidden.device))
@@ -230,15 +336,15 @@ class HighwayPatch:
         if record is None:
             return self._maybe_start(s, i, fwd, hidden, args, kwargs)
         if routing.has_grad_inputs(args, kwargs):
-            args, kwargs = routing.swap_tensors(
+            args, kwargs = routing.replace_tensors(
                 args, kwargs, functools.partial(self._known_leaf, fwd, i, module), deep=False
             )
         if self._block_start(record, i):
             if hidden is not fwd.last_exit:
-                raise RuntimeError(
-                    f"Highway-BP: layer {i} of {stack.path} did not receive the output of layer {i - 1} unchanged. "
-                    "Highway-BP supports stacks whose layers feed each other directly; pass layers=<ModuleList> of "
-                    "such a stack, or call unpatch_model(model)."
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {stack.path} did not receive the output of the layer that ran before "
+                    "it unchanged. Highway-BP supports stacks whose layers feed each other directly; pass "
+                    "layers=<ModuleList> of such a stack, or call unpatch_model(model)."
                 )
             leaf = hidden.detach().requires_grad_(True)
             record.inputs.append(leaf)
@@ -248,14 +354,14 @@ class HighwayPatch:
 
     def _maybe_start(self, s: int, i: int, fwd: _StackForward, hidden: Tensor, args: tuple, kwargs: dict):
         """Start recording at the first layer whose block has something to train (or feeds something that does)."""
-        stack = self.stacks[s]
+        stack = self._stacks[s]
         found: list[tuple[str, Tensor]] = []
 
         def collect(name: str, tensor: Tensor) -> Tensor:
             found.append((name, tensor))
             return tensor
 
-        routing.swap_tensors(args, kwargs, collect, deep=True)
+        routing.replace_tensors(args, kwargs, collect, deep=True)
         g = self.config.group_size
         block_end = min((i // g + 1) * g, len(stack))
         params = _trainable(stack.layers[i:])
@@ -267,13 +373,12 @@ class HighwayPatch:
             if id(tensor) not in fwd.leaf_of:
                 fwd.leaf_of[id(tensor)] = _leaf(fwd, tensor)
         fwd.originals.extend(originals)
-        num_blocks = sum(1 for j in range(i, len(stack)) if j % g == g - 1 or j == len(stack) - 1)
         record = _StackRecord(
-            patch=self,
+            log=self.log,
+            keep_block_grads=self.keep_block_grads,
             stack=stack,
             config=copy.copy(self.config),
             first_layer=i,
-            num_blocks=num_blocks,
             flag=flag,
             params=params,
             side_leaves=[fwd.leaf_of[id(t)] for t in originals],
@@ -285,7 +390,7 @@ class HighwayPatch:
         fwd.record = record
         self.recorded_forwards += 1
         if originals:
-            args, kwargs = routing.swap_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
+            args, kwargs = routing.replace_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
         x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
         record.inputs.append(x0)
         fwd.block_starts.append(torch._C._autograd._get_sequence_nr())
@@ -321,18 +426,21 @@ class HighwayPatch:
 
     def _after_layer(self, s: int, i: int, output):
         fwd = self._forwards[s]
-        if fwd is None or fwd.next_layer != i + 1:
+        if s in self._rejected or fwd is None or fwd.next_layer != i + 1:
             return None
-        stack = self.stacks[s]
-        last_layer = i == len(stack) - 1
-        if last_layer:
+        stack = self._stacks[s]
+        if i == len(stack) - 1:
             self._forwards[s] = None  # the patch keeps nothing of a forward past its stack
+        if not fwd.active:
+            return None
+        hidden = routing.output_hidden(output)
+        if (hidden.shape, hidden.dtype) != fwd.input_shape:
+            return self._not_a_stack(s, i, fwd, hidden)
         if fwd.rng_state is not None:
             self._check_rng(stack, i, fwd)
         record = fwd.record
         if record is None:
             return None
-        hidden = routing.output_hidden(output)
         if not hidden.requires_grad and not record.outputs and self._block_end(record, i):
             fwd.record = fwd.token = None  # its trainable parameters did not take part: still the frozen prefix
             self.recorded_forwards -= 1
@@ -342,11 +450,38 @@ class HighwayPatch:
             return routing.with_output_hidden(output, _GroupInnerGuard.apply(record.flag, i, hidden))
         index = len(record.outputs)
         record.outputs.append(hidden)
-        exit_hidden, fwd.token = _BlockExit.apply(record, index, hidden.detach(), fwd.token)
+        exit_hidden, fwd.token = _Exit.apply(record, record.output_grads, index, hidden.detach(), fwd.token)
         fwd.last_exit = exit_hidden
-        if last_layer and not self._graph_checked[s]:
-            self._check_local_graphs(s, record, fwd)
+        if not self._graph_checked[s]:
+            self._check_local_graph(s, record, fwd, index)
+            self._graph_checked[s] = i == len(stack) - 1  # every block of one whole forward was checked
         return routing.with_output_hidden(output, exit_hidden)
+
+    def _not_a_stack(self, s: int, i: int, fwd: _StackForward, hidden: Tensor):
+        """Layer ``i`` changed the hidden state's shape: the list is not a residual stack (a convolutional feature
+        encoder, a stage that down-samples). Before anything was cut from the model's graph (the first layer, no
+        side input replaced), Highway-BP lets it go: the list trains with ordinary backprop. Later, it refuses."""
+        stack = self._stacks[s]
+        (shape, dtype), record = fwd.input_shape, fwd.record
+        what = f"layer {i} of {stack.path} maps a {tuple(shape)} state to a {tuple(hidden.shape)} one"
+        if dtype != hidden.dtype:
+            what += f" ({dtype} to {hidden.dtype})"
+        untouched = record is None or (not record.outputs and not fwd.originals and not record.side_outputs)
+        if not untouched:
+            raise HighwayBPError(
+                f"Highway-BP: {what}: the layers of a residual stack keep the hidden state's shape, so {stack.path} is "
+                "not one. Pass the model's residual stack(s) with patch_model(model, k, layers=...), or train it with "
+                "ordinary backprop (unpatch_model(model))."
+            )
+        self._rejected[s] = what
+        self._forwards[s] = None
+        if record is not None:
+            self.recorded_forwards -= 1
+        logger.warning(
+            f"Highway-BP: {what}, so it is not a residual stack: it trains with ordinary backprop. Highway-BP runs on "
+            f"{describe(self.stacks) if self.stacks else 'no stack'}."
+        )
+        return None
 
     def _cut_side_outputs(self, record: _StackRecord, fwd: _StackForward, output):
         block = len(record.outputs)
@@ -361,7 +496,8 @@ class HighwayPatch:
     @staticmethod
     def _side_exit(record: _StackRecord, fwd: _StackForward, block: int, tensor: Tensor) -> Tensor:
         record.side_outputs.append((block, tensor))
-        cut, fwd.token = _SideExit.apply(record, len(record.side_outputs) - 1, tensor.detach(), fwd.token)
+        index = len(record.side_outputs) - 1
+        cut, fwd.token = _Exit.apply(record, record.side_grads, index, tensor.detach(), fwd.token)
         fwd.cut_of[id(cut)] = len(record.side_outputs) - 1
         fwd.originals.append(cut)
         return cut
@@ -402,39 +538,39 @@ class HighwayPatch:
                 "checkpointing kwargs, or turn dropout off."
             )
 
-    def _check_local_graphs(self, s: int, record: _StackRecord, fwd: _StackForward) -> None:
-        """Once per stack: no block reads, without receiving it as an argument, a tensor that requires grad from
-        outside its layers (its gradient would be lost). Walks the recorded local graphs."""
-        stack = self.stacks[s]
+    def _check_local_graph(self, s: int, record: _StackRecord, fwd: _StackForward, block: int) -> None:
+        """Until one whole forward of the stack was checked, at each block's exit: the block reads no tensor that
+        requires grad from outside its layers without receiving it as an argument (its gradient would be lost).
+        Walks the block's recorded local graph; raises in the forward, before any gradient exists."""
+        stack = self._stacks[s]
         allowed = {id(p) for layer in stack.layers for p in layer.parameters()}
         allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
         allowed |= {id(z) for _, z in record.carried}
         stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
-        for block, (output, start) in enumerate(zip(record.outputs, fwd.block_starts)):
-            pending, seen = [output.grad_fn], {}
-            while pending:
-                node = pending.pop()
-                if node is None or id(node) in seen or id(node) in stops:
-                    continue
-                seen[id(node)] = node  # holding the node keeps its id unique during the walk
-                variable = getattr(node, "variable", None)
-                if variable is not None:
-                    if id(variable) not in allowed and isinstance(variable, nn.Parameter):
-                        raise RuntimeError(
-                            f"Highway-BP: block {block} of {stack.path} reads a parameter "
-                            f"({tuple(variable.shape)}) that is neither one of its layers' parameters nor passed to "
-                            "it as an argument, so its gradient cannot be routed. Pass it to the layer as an "
-                            "argument, or register it in the layer; or call unpatch_model(model)."
-                        )
-                    continue
-                if node._sequence_nr() < start:
-                    raise RuntimeError(
-                        f"Highway-BP: block {block} of {stack.path} reads a tensor that requires grad, computed "
-                        f"outside its layers ({node.name()}), without receiving it as an argument, so its gradient "
-                        "cannot be routed. Pass it to the layer as an argument; or call unpatch_model(model)."
+        start = fwd.block_starts[block]
+        pending, seen = [record.outputs[block].grad_fn], {}
+        while pending:
+            node = pending.pop()
+            if node is None or id(node) in seen or id(node) in stops:
+                continue
+            seen[id(node)] = node  # holding the node keeps its id unique during the walk
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                if id(variable) not in allowed and isinstance(variable, nn.Parameter):
+                    raise HighwayBPError(
+                        f"Highway-BP: block {block} of {stack.path} reads a parameter "
+                        f"({tuple(variable.shape)}) that is neither one of its layers' parameters nor passed to "
+                        "it as an argument, so its gradient cannot be routed. Pass it to the layer as an "
+                        "argument, or register it in the layer; or call unpatch_model(model)."
                     )
-                pending.extend(fn for fn, _ in node.next_functions)
-        self._graph_checked[s] = True
+                continue
+            if node._sequence_nr() < start:
+                raise HighwayBPError(
+                    f"Highway-BP: block {block} of {stack.path} reads a tensor that requires grad, computed "
+                    f"outside its layers ({node.name()}), without receiving it as an argument, so its gradient "
+                    "cannot be routed. Pass it to the layer as an argument; or call unpatch_model(model)."
+                )
+            pending.extend(fn for fn, _ in node.next_functions)
 
 
 def _reaches(tensor: Tensor, leaf: Tensor) -> bool:
@@ -465,7 +601,3 @@ def _trainable(layers) -> list[Tensor]:
             if p.requires_grad:
                 seen.setdefault(id(p), p)
     return list(seen.values())
-
-
-def get_patch(model: nn.Module) -> HighwayPatch | None:
-    return getattr(model, _ATTR, None)

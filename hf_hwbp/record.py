@@ -11,17 +11,13 @@ A record is held by its autograd graph (the entry and the exits), never by the p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .config import HighwayConfig
 from .discovery import Stack
-from .engine import highway_backward
-
-if TYPE_CHECKING:
-    from .patching import HighwayPatch
+from .engine import highway_iterations
 
 
 # ----- autograd Functions ---------------------------------------------------------------------------------------
@@ -67,12 +63,14 @@ class _StackEntry(torch.autograd.Function):
         return (None,) + grads
 
 
-class _BlockExit(torch.autograd.Function):
-    """Hands on a block's output value, cut from its graph; stores the gradient that reaches it."""
+class _Exit(torch.autograd.Function):
+    """Hands on a value cut from its block's graph (a block output, or a side output such as an attention map) and
+    chains the token; its backward stores the gradient that reaches the value in ``grads[index]`` (the record's
+    ``output_grads`` or ``side_grads``)."""
 
     @staticmethod
-    def forward(ctx, record, index: int, value: Tensor, token: Tensor):
-        ctx.record, ctx.index = record, index
+    def forward(ctx, record, grads: dict, index: int, value: Tensor, token: Tensor):
+        ctx.record, ctx.grads, ctx.index = record, grads, index
         ctx.set_materialize_grads(False)
         return value, token.new_zeros(())
 
@@ -80,29 +78,9 @@ class _BlockExit(torch.autograd.Function):
     def backward(ctx, grad, grad_token):
         _refuse_double_backward()
         if grad is not None:
-            ctx.record.output_grads[ctx.index] = grad
-        return None, None, None, _token_grad(ctx.record)
-
-
-class _SideExit(torch.autograd.Function):
-    """Hands on a side output's value, cut from its block's graph; stores the gradient the loss sends it."""
-
-    @staticmethod
-    def forward(ctx, record, index: int, value: Tensor, token: Tensor):
-        ctx.record, ctx.index = record, index
-        ctx.set_materialize_grads(False)
-        return value, token.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, grad, grad_token):
-        _refuse_double_backward()
-        if grad is not None:
-            ctx.record.side_grads[ctx.index] = grad
-        return None, None, None, _token_grad(ctx.record)
-
-
-def _token_grad(record) -> Tensor:
-    return torch.zeros((), dtype=record.token_dtype, device=record.token_device)
+            ctx.grads[ctx.index] = grad
+        record = ctx.record
+        return None, None, None, None, torch.zeros((), dtype=record.token_dtype, device=record.token_device)
 
 
 class _StackInput(torch.autograd.Function):
@@ -139,14 +117,45 @@ class _GroupInnerGuard(torch.autograd.Function):
 
 # ----- what one forward leaves for its backward ----------------------------------------------------------------
 @dataclass(eq=False)
+class IterationLog:
+    """How many Highway iterations the last backward ran: written by the records' backwards (and by forwards that
+    will run none), read through ``last_highway_iterations(model)``. Records hold this small object, not the patch,
+    so a held loss keeps no model alive; reading never consumes the value.
+
+    ``last`` is None when the last training step ran no Highway-BP (eval mode, ``exact_backprop``, disabled) and
+    the number of blocks when it was an exact step run as ordinary backprop (the same gradient as k = L).
+    """
+
+    last: int | None = None
+    block_grads: list[Tensor] | None = None  # delta^(k)_1..L of the last stack backward, when asked for
+    _writer: int | None = None  # the backward's graph task that wrote ``last`` (-2: a forward did)
+
+    def backward_ran(self, iterations: int, block_grads: list[Tensor] | None) -> None:
+        """A stack's Highway backward ran: the largest count over the stacks and forwards of one backward."""
+        task = torch._C._current_graph_task_id()
+        same_backward = task == self._writer and self.last is not None
+        self.last = max(self.last, iterations) if same_backward else iterations
+        self._writer = task
+        self.block_grads = block_grads
+
+    def forward_without_highway(self, iterations: int | None) -> None:
+        """A training forward whose backward runs no Highway iteration: ordinary backprop of an exact step
+        (``iterations`` = the stack's blocks) or no Highway-BP at all (None)."""
+        same_forward = self._writer == -2 and self.last is not None and iterations is not None
+        self.last = max(self.last, iterations) if same_forward else iterations
+        self._writer = -2
+        self.block_grads = None
+
+
+@dataclass(eq=False)
 class _StackRecord:
     """One training forward of one stack. Held by its autograd graph (entry and exits), never by the patch."""
 
-    patch: HighwayPatch
+    log: IterationLog  # where the backward reports its iterations
+    keep_block_grads: bool  # report delta^(k)_1..L too (fidelity metrics, tests)
     stack: Stack
     config: HighwayConfig  # the settings of this forward
     first_layer: int  # layers below it were frozen and fed nothing that requires grad: they are not recorded
-    num_blocks: int
     flag: _EngineFlag
     params: list[Tensor]
     side_leaves: list[Tensor]
@@ -172,11 +181,6 @@ def run_backward(record: _StackRecord) -> tuple:
     """Highway-BP(k) of one recorded stack forward: (grad of h_0, *grads of params, *grads of side inputs)."""
     _refuse_double_backward()
     stack = record.stack
-    if len(record.outputs) != record.num_blocks:
-        raise RuntimeError(
-            f"Highway-BP: the training forward ran {len(record.outputs)} of the {record.num_blocks} blocks of "
-            f"{stack.path}. Highway-BP needs the whole stack in every training forward."
-        )
     _refuse_unrouted(record)
     keep = _keep_graph()
     wrt = record.params + record.side_leaves
@@ -196,49 +200,32 @@ def run_backward(record: _StackRecord) -> tuple:
     try:
         if record.side_grads:
             direct, carried_direct = _route_side_outputs(record, extra, wrt, carried_leaves)
-        if keep or record.carried:
-            # The next backward needs the local graphs again, or carried tensors need them after the parameter VJP:
-            # run that VJP here, retaining the graphs.
-            result = highway_backward(
-                record.inputs,
-                record.outputs,
-                [],
-                d,
-                extra,
-                k=config.k,
-                tol=config.tol,
-                need_input_grad=record.input_requires_grad,
-                residual_gates=gates,
-                keep_block_grads=True,
+        delta, iterations = highway_iterations(
+            record.inputs,
+            record.outputs,
+            d,
+            extra,
+            k=config.k,
+            tol=config.tol,
+            need_input_grad=record.input_requires_grad,
+            residual_gates=gates,
+        )
+        input_grad = delta[0] if record.input_requires_grad else None
+        # One parameter VJP of every block with its delta^(k)_j. It keeps the local graphs when the next backward
+        # needs them again (retain_graph=True) or when carried tensors still need their sources' graphs.
+        targets = wrt + carried_leaves
+        grads = (
+            torch.autograd.grad(
+                record.outputs, targets, delta[1:], retain_graph=keep or bool(carried_leaves), allow_unused=True
             )
-            grads = (
-                torch.autograd.grad(
-                    record.outputs, wrt + carried_leaves, result.block_grads, retain_graph=True, allow_unused=True
-                )
-                if wrt or carried_leaves
-                else ()
-            )
-            if carried_leaves:
-                # A carried tensor's gradient: through the blocks that read it (the delta^(k) VJP above) and through
-                # the side outputs that read it (the side-output VJP before the engine).
-                carried_grads = [_add(g, s) for g, s in zip(grads[len(wrt) :], carried_direct)]
-                grads, result.input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], result, wrt)
-            if not record.patch.keep_block_grads:
-                result.block_grads = None
-        else:
-            result = highway_backward(
-                record.inputs,
-                record.outputs,
-                wrt,
-                d,
-                extra,
-                k=config.k,
-                tol=config.tol,
-                need_input_grad=record.input_requires_grad,
-                residual_gates=gates,
-                keep_block_grads=record.patch.keep_block_grads,
-            )
-            grads = result.param_grads
+            if targets
+            else ()
+        )
+        if carried_leaves:
+            # A carried tensor's gradient: through the blocks that read it (the VJP above) and through the side
+            # outputs that read it (the side-output VJP before the engine).
+            carried_grads = [_add(g, s) for g, s in zip(grads[len(wrt) :], carried_direct)]
+            grads, input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], input_grad, wrt)
     except RuntimeError as err:
         if "backward through the graph a second time" in str(err):
             raise RuntimeError(
@@ -252,7 +239,7 @@ def run_backward(record: _StackRecord) -> tuple:
     finally:
         record.flag.active = False
     grads = tuple(_add(g, extra_g) for g, extra_g in zip(grads, direct))
-    record.patch._note_backward(result.iterations, result.block_grads)
+    record.log.backward_ran(iterations, delta[1:] if record.keep_block_grads else None)
     record.retained = keep
     record.output_grads.clear()
     record.side_grads.clear()
@@ -260,7 +247,7 @@ def run_backward(record: _StackRecord) -> tuple:
         held_lists = (record.inputs, record.outputs, record.side_outputs, record.params, record.side_leaves)
         for held in held_lists + (record.carried,):
             held.clear()
-    return (result.input_grad,) + grads
+    return (input_grad,) + grads
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -298,19 +285,18 @@ def _route_side_outputs(
     return grads[position : position + len(wrt)], grads[position + len(wrt) :]
 
 
-def _route_carried(record: _StackRecord, carried_grads, grads, result, wrt: list[Tensor]) -> tuple:
+def _route_carried(record: _StackRecord, carried_grads, grads, input_grad, wrt: list[Tensor]) -> tuple:
     """A side output of block b that later blocks read is their side input: it gets sum_j (dg_j/dz)^T delta^(k)_j,
     then ordinary backprop into block b (its parameters; h_0 when b is the first block). Returns the parameter and
     side-input gradients and the stack input's gradient with that added."""
     pairs = [(record.side_outputs[side], g) for (side, _), g in zip(record.carried, carried_grads) if g is not None]
     if not pairs:
-        return grads, result.input_grad
+        return grads, input_grad
     blocks = sorted({block for (block, _), _ in pairs})
     inputs = [record.inputs[b] for b in blocks if b > 0 or record.input_requires_grad]
     below = torch.autograd.grad(
         [s for (_, s), _ in pairs], inputs + wrt, [g for _, g in pairs], retain_graph=True, allow_unused=True
     )
-    input_grad = result.input_grad
     for b, g in zip([b for b in blocks if b > 0 or record.input_requires_grad], below):
         if g is None:
             continue

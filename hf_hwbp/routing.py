@@ -2,7 +2,7 @@
 
 Side inputs are tensors that require grad and that a layer receives besides its hidden state: encoder states
 under cross-attention, a parameter that lives outside the stack, prefix-tuning keys and values held in a
-``Cache`` object. ``swap_tensors`` finds them (in arguments, tuples, lists, dicts, and, when ``deep``, inside
+``Cache`` object. ``replace_tensors`` finds them (in arguments, tuples, lists, dicts, and, when ``deep``, inside
 the attributes of plain objects such as caches) and puts a replacement in their place.
 
 Side outputs are tensors computed inside a layer that the loss may read besides its output: tensors returned
@@ -70,7 +70,7 @@ def argument_name(module: nn.Module, name: str) -> str:
 
 def has_grad_inputs(args: tuple, kwargs: dict) -> bool:
     """Whether a layer receives, besides its hidden state, a tensor that requires grad (directly, or in tuples,
-    lists and dicts: what ``swap_tensors`` visits without ``deep``). The quick test that lets most layers skip it."""
+    lists and dicts: what ``replace_tensors`` visits without ``deep``). The quick test that lets most layers skip it."""
     values = list(args[1:]) + [v for key, v in kwargs.items() if args or key != "hidden_states"]
     return any(_any_grad(value, 0) for value in values)
 
@@ -87,7 +87,7 @@ def _any_grad(value, depth: int) -> bool:
     return False
 
 
-def swap_tensors(args: tuple, kwargs: dict, replace: Replace, *, deep: bool) -> tuple[tuple, dict]:
+def replace_tensors(args: tuple, kwargs: dict, replace: Replace, *, deep: bool) -> tuple[tuple, dict]:
     """Call ``replace(name, t)`` on every tensor that requires grad among a layer's inputs, except its hidden
     state, and put what it returns in its place. Tuples and the top-level ``args``/``kwargs`` are rebuilt;
     lists, dicts and object attributes found with ``deep=True`` are updated in place (a cache keeps serving

@@ -20,6 +20,13 @@ StackFinder = Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
 STACK_FINDERS: dict[str, StackFinder] = {"resnet": resnet_stacks}
 RESIDUAL_GATES: dict[str, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {"resnet": resnet_residual_gate}
 
+# Models Highway-BP refuses at patch_model, with the reason and the way out (their structure looks like a stack).
+REFUSED_MODEL_TYPES: dict[str, str] = {
+    "reformer": "its layers run inside a reversible autograd Function with gradients disabled and are recomputed in "
+    "its backward, so no training forward of them can be recorded. Train it with ordinary backprop (do not patch "
+    "it).",
+}
+
 
 # The model types of the zoo in tests/test_zoo.py (exact at k >= L and equal to the independent reference below),
 # kept equal to it by a test. Discovery is not limited to them.
@@ -35,4 +42,11 @@ def supported_model_types() -> list[str]:
     return sorted(TESTED_MODEL_TYPES)
 
 
-__all__ = ["RESIDUAL_GATES", "STACK_FINDERS", "TESTED_MODEL_TYPES", "StackFinder", "supported_model_types"]
+__all__ = [
+    "REFUSED_MODEL_TYPES",
+    "RESIDUAL_GATES",
+    "STACK_FINDERS",
+    "TESTED_MODEL_TYPES",
+    "StackFinder",
+    "supported_model_types",
+]

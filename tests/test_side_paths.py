@@ -97,7 +97,7 @@ def test_frozen_bottom_layers_build_no_graph():
     loss = model(**ZOO["gpt2"].batch()).loss
     assert seen == [False]
     entry = [n for n in _nodes(loss) if "_StackEntry" in n.name()][0]
-    assert entry.record.first_layer == 1 and entry.record.num_blocks == L - 1
+    assert entry.record.first_layer == 1
     assert hf_hwbp.highway_state(model).recorded_forwards == 1
 
 
@@ -443,11 +443,33 @@ def test_a_tensor_handed_on_by_an_earlier_layer(from_hidden):
     assert "unpatch_model" in str(info.value)
 
 
-def test_skipped_layer_raises():
-    model = StashingModel(skip=1).double()
+@pytest.mark.parametrize("skip", [0, 1, L - 1], ids=["first", "middle", "last"])
+def test_layers_skipped_by_layerdrop_leave_the_stack_of_that_forward(skip):
+    """A forward that skips a layer (LayerDrop) runs Highway-BP over the layers it executed, in order."""
+    model = StashingModel(skip=skip).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    executed = [layer for i, layer in enumerate(model.layers) if i != skip]
+    exact = grads_of(model, lambda m: m(x))
     hf_hwbp.patch_model(model, k=1, layers=model.layers)
-    with pytest.raises(RuntimeError, match="layerdrop"):
+    with hf_hwbp.exact_backprop(model):
+        expected = reference_highway_grads(model, executed, lambda m: m(x), 1)
+    assert_close(grads_of(model, lambda m: m(x)), expected, 1e-12)
+    assert hf_hwbp.last_highway_iterations(model) == 1
+    hf_hwbp.set_highway_k(model, L - 1)  # the executed stack's depth: exact
+    assert_close(grads_of(model, lambda m: m(x)), exact, 1e-12)
+    model.skip = None  # the next forward runs every layer again
+    hf_hwbp.set_highway_k(model, L)
+    full = grads_of(model, lambda m: m(x))
+    with hf_hwbp.exact_backprop(model):
+        assert_close(full, grads_of(model, lambda m: m(x)), 1e-12)
+
+
+def test_layerdrop_with_groups_raises_before_any_gradient():
+    model = StashingModel(skip=1).double()
+    hf_hwbp.patch_model(model, k=1, layers=model.layers, group_size=2)
+    with pytest.raises(hf_hwbp.HighwayBPError, match="group_size=1"):
         model(torch.randn(4, 3, dtype=torch.float64))
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_same_module_twice_raises():
