@@ -145,7 +145,7 @@ def _highway_nodes(tensor: torch.Tensor) -> list:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if "_BlockExit" in node.name() or "_StackEntry" in node.name():
+        if "_Exit" in node.name() or "_StackEntry" in node.name():
             found.append(node)
         pending.extend(fn for fn, _ in node.next_functions)
     return found
