@@ -255,11 +255,12 @@ class RecordedStack:
         stats = self.scan_along.all_reduce(stats)
         return stats[0], stats[1]
 
-    def param_vjps(self, delta: list[Tensor], params: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
-        """(dg_j/dtheta)^T delta_j summed over the blocks, for ``params``, in one autograd call (frees the graphs)."""
-        if not params:
-            return ()
-        return torch.autograd.grad(self.outputs, list(params), delta[1:], allow_unused=True)
+
+def parameter_vjps(outputs: Sequence[Tensor], delta: list[Tensor], params: Sequence[Tensor]) -> tuple:
+    """(dg_j/dtheta)^T delta_j summed over the blocks, for ``params``, in one autograd call (frees the graphs)."""
+    if not params:
+        return ()
+    return torch.autograd.grad(list(outputs), list(params), delta[1:], allow_unused=True)
 
 
 def highway_iterations(
@@ -304,13 +305,12 @@ def highway_backward(
     call over all blocks, which frees each local graph as it goes, as ordinary backprop does. ``residual_gates``
     as in ``highway_iterations``.
     """
-    stack = RecordedStack(
-        inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
+    delta, iterations = highway_iterations(
+        inputs, outputs, d, extra_grads, k=k, tol=tol, need_input_grad=need_input_grad, residual_gates=residual_gates
     )
-    delta, iterations = run_recursion(stack, k, tol)
     return HighwayResult(
         input_grad=delta[0] if need_input_grad else None,
-        param_grads=stack.param_vjps(delta, params),
+        param_grads=parameter_vjps(outputs, delta, params),
         iterations=iterations,
         block_grads=delta[1:] if keep_block_grads else None,
     )
