@@ -31,6 +31,7 @@ The default run (675 steps) took 1.6 minutes on 2 busy CPU cores with ``OMP_NUM_
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -61,7 +62,7 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
-from hf_hwbp.examples.arguments import check_launch
+from hf_hwbp.examples.arguments import check_launch, log_model_to_build, user_gave
 from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,10 @@ EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # no model argument: a small ViT fr
     "eval_strategy": "epoch",
     "save_strategy": "no",
 }
+# Your images and no model: the same small ViT, its image size and channels taken from the data (see main).
+DATA_FOLLOWING_OVERRIDES = "patch_size=4,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"
+SCRATCH_CONV_IMAGE_SIZE = 32  # images fed to a from-scratch model whose config has no image size (ResNet)
+MAX_SCRATCH_IMAGE_SIZE = 64  # a from-scratch image size taken from the data is at most this (set image_size to choose)
 EMBEDDED_DATA_DEFAULTS: dict[str, Any] = {"train_val_split": 0.2}  # no data argument: the digits
 MODEL_KEYS = ("model_name_or_path", "config_name", "model_type")
 DATA_KEYS = ("dataset_name", "train_dir", "validation_dir")
@@ -100,9 +105,57 @@ def script_defaults(given: dict[str, Any]) -> dict[str, Any]:
     defaults = dict(SCRIPT_DEFAULTS)
     if all(given.get(key) is None for key in MODEL_KEYS):
         defaults.update(EMBEDDED_MODEL_DEFAULTS)
+        if any(given.get(key) is not None for key in DATA_KEYS):  # your images: size and channels from them
+            defaults["config_overrides"] = DATA_FOLLOWING_OVERRIDES
+        if user_gave(given, "save_steps", HighwayTrainingArguments):
+            defaults["save_strategy"] = "steps"
     if all(given.get(key) is None for key in DATA_KEYS):
         defaults.update(EMBEDDED_DATA_DEFAULTS)
     return defaults
+
+
+def apply_config_overrides(config, overrides: str) -> set[str]:
+    """``--config_overrides`` onto ``config``, list values included (``hidden_sizes=[32,64]``, which
+    ``update_from_string`` cannot read); returns the keys set."""
+    items, depth, current = [], 0, ""
+    for char in overrides:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    keys = set()
+    for item in filter(None, (i.strip() for i in items)):
+        if "=" not in item:
+            raise ValueError(f"--config_overrides: {item!r} is not key=value.")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if value.startswith("["):
+            if not hasattr(config, key):
+                raise ValueError(f"--config_overrides: {config.model_type} configs have no {key!r}.")
+            try:
+                setattr(config, key, json.loads(value))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--config_overrides: {key}={value} is not a list ({err}).") from None
+        else:
+            config.update_from_string(f"{key}={value}")
+        keys.add(key)
+    return keys
+
+
+def fit_config_to_images(config, image, given: set[str]) -> str:
+    """A from-scratch ``config``'s channels and image size from a training ``image``, except where given; says what."""
+    changed = []
+    if "num_channels" not in given and hasattr(config, "num_channels"):
+        config.num_channels = 1 if image.mode in ("L", "1", "I", "F") else 3
+        changed.append(f"num_channels={config.num_channels}")
+    if "image_size" not in given and hasattr(config, "image_size"):
+        patch = getattr(config, "patch_size", 1) or 1
+        side = min(min(image.size), MAX_SCRATCH_IMAGE_SIZE)
+        config.image_size = max(patch, side // patch * patch)
+        changed.append(f"image_size={config.image_size}")
+    return ",".join(changed)
 
 
 @dataclass
@@ -300,10 +353,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         check_highway_supported(model_args.model_type, training_args.use_highway_bp, "image-classification")
         config = CONFIG_MAPPING[model_args.model_type]()
-        logger.warning("You are instantiating a new config instance from scratch.")
-        if model_args.config_overrides is not None:
-            config.update_from_string(model_args.config_overrides)
+        given = apply_config_overrides(config, model_args.config_overrides or "")
+        if (
+            data_args.dataset_name is not None
+            or data_args.train_dir is not None
+            or data_args.validation_dir is not None
+        ):
+            fitted = fit_config_to_images(config, dataset[first_split][0][data_args.image_column_name], given)
+            if fitted:
+                logger.warning(
+                    f"From scratch on your images: {fitted} (from the first image; at most "
+                    f"{MAX_SCRATCH_IMAGE_SIZE} pixels). Choose them with --config_overrides."
+                )
         config.num_labels, config.label2id, config.id2label = len(labels), label2id, id2label
+        if not config.architectures:  # some types map to several classes (DeiT): take the plain classifier
+            classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
+            config.architectures = [classes[0] if isinstance(classes, (list, tuple)) else classes]
         if getattr(config, "patch_size", None) and getattr(config, "image_size", 0) % config.patch_size:
             raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}.")
     check_highway_supported(config.model_type, training_args.use_highway_bp, "image-classification")
@@ -314,8 +379,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     else:  # a model from scratch: a ViT image processor at its image size
         channels = getattr(config, "num_channels", 3)
+        size = getattr(config, "image_size", None) or SCRATCH_CONV_IMAGE_SIZE  # ResNet configs have no image size
         image_processor = ViTImageProcessor(
-            size={"height": config.image_size, "width": config.image_size},
+            size={"height": size, "width": size},
             image_mean=[0.5] * channels,
             image_std=[0.5] * channels,
         )
@@ -375,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             callbacks=[StepTimer()] if compare_args.compare_backprop else None,
         )
 
+    if not model_args.model_name_or_path:
+        log_model_to_build(AutoModelForImageClassification, config, logger, model_args.trust_remote_code)
     trainer = build_trainer(training_args, build_model())
     metrics: dict[str, float] = {}
 

@@ -316,12 +316,50 @@ def test_image_folders_are_shuffled_before_selecting(tmp_path, monkeypatch):
     assert len(RecordingTrainer.seen_labels) == 6 and set(RecordingTrainer.seen_labels) == {0, 1}
 
 
+TINY_IMAGE_MODELS = {
+    "deit": "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
+    "intermediate_size=32",
+    "dinov2": "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
+    "mlp_ratio=2",
+    "resnet": "num_channels=1,embedding_size=8,hidden_sizes=[8,16],depths=[2,2],layer_type=basic",  # list values
+}
+
+
+def test_every_advertised_image_model_type_trains_from_scratch(tmp_path):
+    from hf_hwbp.examples import highway_model_types
+
+    advertised = highway_model_types(run_image_classification_hwbp.MODEL_TYPES)
+    assert set(advertised) == {"vit", *TINY_IMAGE_MODELS}  # vit: the default runs above
+    steps = ["--max_steps", "1", "--max_train_samples", "16", "--max_eval_samples", "16", "--eval_strategy", "no"]
+    for model_type, overrides in TINY_IMAGE_MODELS.items():
+        out = tmp_path / model_type
+        argv = ["--output_dir", str(out), *QUIET, "--model_type", model_type, "--config_overrides", overrides, *steps]
+        assert math.isfinite(run_image_classification_hwbp.main(argv)["eval_loss"]), model_type
+        assert json.loads((out / "config.json").read_text())["model_type"] == model_type
+
+
+def test_image_recipe_follows_the_images(tmp_path, caplog):
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        folder = tmp_path / "images" / label
+        folder.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(torch.randint(0, 256, (13, 13, 3), dtype=torch.uint8).numpy()).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    argv = ["--output_dir", str(out), *QUIET, "--train_dir", str(tmp_path / "images"), "--train_val_split", "0.25"]
+    with caplog.at_level("WARNING"):
+        run_image_classification_hwbp.main([*argv, "--max_steps", "1", "--cache_dir", str(tmp_path / "cache")])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["num_channels"], config["image_size"]) == (3, 12)  # RGB 13 x 13 -> 3 channels, 12 (patches of 4)
+    assert "From scratch on your images: num_channels=3,image_size=12" in caplog.text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--train_dir", "no/such/folder"], "is not a folder"),
         (["--model_type", "vitt"], "Unknown --model_type 'vitt'"),
-        (["--model_type", "convnext"], "found no residual stack"),  # outside the zoo: patch_model's own error
         (["--hwbp_k", "-3"], "hwbp_k must be >= 0"),
         (["--config_overrides", "image_size=10,patch_size=4"], "not a multiple of patch_size"),
         (["--use_lora", "--lora_target_modules", "q_proj", "nope"], r"\[.nope.\] match no module"),

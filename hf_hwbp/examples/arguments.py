@@ -111,11 +111,13 @@ def log_model_to_build(model_class, config, logger, trust_remote_code: bool = Fa
         meta = model_class.from_config(config, trust_remote_code=trust_remote_code)
     n_params = sum({id(p): p.numel() for p in meta.parameters()}.values())
     layers = next(
-        (getattr(config, n) for n in ("n_layer", "num_hidden_layers", "num_layers") if hasattr(config, n)), "?"
+        (getattr(config, n) for n in ("n_layer", "num_hidden_layers", "num_layers") if hasattr(config, n)), None
     )
+    if layers is None and isinstance(getattr(config, "depths", None), list):  # ResNet-like: layers per stage
+        layers = sum(config.depths)
     logger.warning(
         f"Building a {config.model_type} model from scratch: {layers} layers, {n_params / 1e6:.2f}M parameters, "
-        f"{n_params * 4 / 2**20:.0f} MiB of float32 weights (about 4x that to train with Adam). Change it with "
+        f"{n_params * 4 / 2**20:.1f} MiB of float32 weights (about 4x that to train with Adam). Change it with "
         "--config_overrides."
     )
     return n_params

@@ -218,6 +218,7 @@ def write_comparison(
 
 # The Highway run a solid line, the backprop baseline dashed, in colours that stay apart where the curves overlap.
 _STYLES = ({"color": "tab:orange", "linestyle": "-"}, {"color": "tab:blue", "linestyle": "--"})
+_MARKERS = ({"marker": "o", "markersize": 4}, {"marker": "s", "markersize": 7, "fillstyle": "none"})  # both visible
 
 
 def _difference(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
@@ -236,19 +237,19 @@ def _plot_runs(plt, results: list[RunResult], title: str, path: str) -> None:
     highway, baseline = results[0], results[-1]
     for i, result in enumerate(results):
         if i == 0 or i == len(results) - 1:
-            style = _STYLES[0 if i == 0 else 1]
+            style, markers = _STYLES[0 if i == 0 else 1], _MARKERS[0 if i == 0 else 1]
         else:
-            style = {"color": f"C{i + 2}", "linestyle": ":"}
+            style, markers = {"color": f"C{i + 2}", "linestyle": ":"}, {"marker": "^", "markersize": 5}
         steps, losses = result.curve("loss")
         if steps:
             loss_ax.plot(steps, losses, linewidth=1.4, label=f"{result.name} train", **style)
         steps, losses = result.curve("eval_loss")
         if steps:
-            loss_ax.plot(steps, losses, marker="o", markersize=4, linewidth=1, label=f"{result.name} eval", **style)
+            loss_ax.plot(steps, losses, linewidth=1, label=f"{result.name} eval", **style, **markers)
         if has_accuracy:
             steps, accuracy = result.curve("eval_accuracy")
             if steps:
-                axes[2].plot(steps, accuracy, marker="o", markersize=4, label=f"{result.name} eval", **style)
+                axes[2].plot(steps, accuracy, label=f"{result.name} eval", **style, **markers)
     loss_ax.set(xlabel="optimizer step", ylabel="loss", title=title)
     for key, label, marker in (("loss", "train loss", None), ("eval_loss", "eval loss", "o")):
         steps, diff = _difference(highway.curve(key), baseline.curve(key))
