@@ -3,19 +3,21 @@
 Supported: one process, DDP (``torchrun``, ``accelerate launch`` with ``distributed_type: MULTI_GPU`` or
 ``MULTI_CPU``; each rank's Highway gradients are all-reduced like ordinary ones), FSDP2 (``fully_shard``, also
 ``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2``; see ``hf_hwbp.fsdp``: the Highway
-gradients reach FSDP's unsharded parameters and are reduce-scattered once per step) and the layer-parallel runner
-``hf_hwbp.parallel``.
+gradients reach FSDP's unsharded parameters and are reduce-scattered once per step), DeepSpeed ZeRO stages 0-2
+(the weights stay whole; the Highway gradients reach the parameters through autograd, where the engine's reduction
+hooks take them) and the layer-parallel runner ``hf_hwbp.parallel``.
 
-Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly) and DeepSpeed (every ZeRO
-stage: ZeRO-1/2 reduce gradients through the engine's own hooks on the parameters, ZeRO-3 partitions them; neither
-path is wired to the Highway backward). Highway-BP would produce missing or wrong gradients there, so it raises
-before the first step instead. ``check_distributed_support`` is called by ``HighwayCallback`` when the Trainer is
-built and again when training begins; on an FSDP2 model it also makes the patch that the callback then applies run
-under FSDP2 (``hf_hwbp.fsdp.attach_when_patched``).
+Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly), DeepSpeed ZeRO-3 (partitioned
+weights gathered by the engine's own module hooks, which wrap each block's input the way Highway-BP's cut cannot
+see through), and DeepSpeed whose ZeRO stage cannot be told. Highway-BP would produce missing or wrong gradients
+(or stop with a confusing error) there, so it raises before the first step instead. ``check_distributed_support``
+is called by ``HighwayCallback`` when the Trainer is built and again when training begins; on an FSDP2 model it
+also makes the patch that the callback then applies run under FSDP2 (``hf_hwbp.fsdp.attach_when_patched``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -26,12 +28,13 @@ from .errors import HighwayBPError
 _WAYS_OUT = (
     "Ways out: FSDP2 (`accelerate launch` with distributed_type FSDP and fsdp_version: 2, or torch's fully_shard), "
     "data parallelism with DDP (`torchrun`, or `accelerate launch` with distributed_type MULTI_GPU / MULTI_CPU), "
-    "layer parallelism with hf_hwbp.parallel, or plain backprop (use_highway_bp=False / no HighwayCallback)."
+    "DeepSpeed ZeRO stage 1 or 2, layer parallelism with hf_hwbp.parallel, or plain backprop "
+    "(use_highway_bp=False / no HighwayCallback)."
 )
 
 
 class UnsupportedDistributedSetupError(HighwayBPError, NotImplementedError):
-    """Highway-BP cannot run under this distributed back-end (FSDP1 or DeepSpeed)."""
+    """Highway-BP cannot run under this distributed back-end (FSDP1, DeepSpeed ZeRO-3)."""
 
 
 def _env_flag(name: str) -> bool:
@@ -56,6 +59,34 @@ def _accelerate_distributed_type() -> tuple[str | None, int | None]:
     return str(getattr(distributed_type, "value", distributed_type)), version
 
 
+def _zero_stage(config: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed config (a dict or the path of a JSON file); None when it cannot be told."""
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+    if not isinstance(config, dict):
+        return None
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    return stage if isinstance(stage, int) else None
+
+
+def _deepspeed_refusal(stage: int | None, where: str) -> str | None:
+    if stage is None:
+        return f"DeepSpeed with a ZeRO stage it cannot tell ({where})"
+    return f"DeepSpeed ZeRO-3 ({where})" if stage >= 3 else None
+
+
+def _accelerate_zero_stage() -> int | None:
+    from accelerate.state import AcceleratorState
+
+    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+    stage = getattr(plugin, "zero_stage", None)
+    return stage if isinstance(stage, int) else None
+
+
 def _fsdp_config_version(args: Any) -> int:
     """The FSDP version TrainingArguments ask for (transformers defaults to 2 when the config does not say)."""
     config = getattr(args, "fsdp_config", None) or {}
@@ -71,16 +102,25 @@ def detect_unsupported_backend(model: nn.Module | None = None, args: Any = None)
     """
     if args is not None:
         if getattr(args, "deepspeed", None):
-            return "DeepSpeed (TrainingArguments.deepspeed)"
+            refusal = _deepspeed_refusal(_zero_stage(args.deepspeed), "TrainingArguments.deepspeed")
+            if refusal is not None:
+                return refusal
         if getattr(args, "fsdp", None) and _fsdp_config_version(args) != 2:
             return "FSDP1 (TrainingArguments.fsdp with fsdp_config version 1)"
     if _env_flag("ACCELERATE_USE_DEEPSPEED"):
-        return "DeepSpeed (ACCELERATE_USE_DEEPSPEED, from `accelerate launch`)"
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip()
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+        stage = int(stage) if stage.isdigit() else (_zero_stage(config_file) if config_file != "none" else None)
+        refusal = _deepspeed_refusal(stage, "ACCELERATE_USE_DEEPSPEED, from `accelerate launch`")
+        if refusal is not None:
+            return refusal
     if _env_flag("ACCELERATE_USE_FSDP") and os.environ.get("FSDP_VERSION", "1").strip() != "2":
         return "FSDP1 (ACCELERATE_USE_FSDP with FSDP_VERSION != 2, from `accelerate launch`)"
     distributed_type, version = _accelerate_distributed_type()
     if distributed_type == "DEEPSPEED":
-        return "DeepSpeed (Accelerate distributed_type=DEEPSPEED)"
+        refusal = _deepspeed_refusal(_accelerate_zero_stage(), "Accelerate distributed_type=DEEPSPEED")
+        if refusal is not None:
+            return refusal
     if distributed_type == "FSDP" and version != 2:
         return f"FSDP1 (Accelerate distributed_type=FSDP, fsdp_version={version})"
     if model is not None:
@@ -97,7 +137,10 @@ def _detect_in_model(model: nn.Module) -> str | None:
         if name == "FullyShardedDataParallel":
             return f"FSDP1 (module {name})"
         if name == "DeepSpeedEngine":
-            return "DeepSpeed (DeepSpeedEngine)"
+            stage = getattr(module, "zero_optimization_stage", None)
+            refusal = _deepspeed_refusal(stage() if callable(stage) else None, "DeepSpeedEngine")
+            if refusal is not None:
+                return refusal
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
@@ -125,8 +168,7 @@ def check_distributed_support(model: nn.Module | None = None, args: Any = None) 
         return
     raise UnsupportedDistributedSetupError(
         f"Highway-BP does not support {backend}. Its backward returns each block's parameter gradients itself; "
-        "flattened or partitioned parameters, or gradients reduced by DeepSpeed's own hooks, would get missing or "
-        "wrong gradients. " + _WAYS_OUT
+        "flattened or partitioned parameters would get missing or wrong gradients. " + _WAYS_OUT
     )
 
 

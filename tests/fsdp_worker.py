@@ -17,6 +17,10 @@ Accelerate turns FSDP on only for accelerator devices (on CPU it falls back to M
 switches an initialized CPU state to FSDP with the plugin the launch config describes (``force_fsdp2_on_cpu``):
 Accelerate's own FSDP2 code (``fsdp2_prepare_model``, the Trainer's FSDP handling) then runs on gloo.
 
+With ``--mode deepspeed`` (launched as a DDP job; needs the ``deepspeed`` package) it runs DeepSpeed ZeRO-1 and
+ZeRO-2 instead (``deepspeed.initialize``, float32: DeepSpeed's CPU path), k = 1 and k = L, against the same
+single-process reference, and checks that ZeRO-3 is refused.
+
 Writes ``rank{r}.json`` into ``--out``.
 """
 
@@ -310,16 +314,62 @@ def trainer_parts(k: int, out: str) -> dict:
     return results
 
 
+def deepspeed_part() -> dict:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+
+    from hf_hwbp import UnsupportedDistributedSetupError, check_distributed_support
+
+    results = {}
+    for stage in (1, 2, 3):
+        for k in (1, N_LAYER) if stage < 3 else (1,):
+            model = patch_model(tiny_gpt2(torch.float32), k=k)
+            config = {
+                "train_micro_batch_size_per_gpu": ROWS // 2,
+                "gradient_accumulation_steps": 1,
+                "zero_optimization": {"stage": stage},
+                "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+                "zero_allow_untested_optimizer": True,
+            }
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+            if stage == 3:
+                try:
+                    check_distributed_support(engine)
+                except UnsupportedDistributedSetupError as err:
+                    results["zero3"] = {"error": type(err).__name__, "message": str(err)}
+                else:
+                    results["zero3"] = {"error": None, "message": ""}
+                continue
+            check_distributed_support(engine)  # ZeRO-1/2: supported
+            engine.train()
+            ids, labels = tensors(my_rows())
+            engine.backward(engine(input_ids=ids, labels=labels).loss)
+            grads = {_name(n): safe_get_full_grad(p).double() for n, p in engine.module.named_parameters()}
+            results[f"zero{stage},k={k}"] = {
+                "rel_error": rel_error(grads, reference(k, dtype=torch.float32)),
+                "rel_error_vs_exact": rel_error(grads, reference(None, dtype=torch.float32)),
+                "iterations": highway_state(engine.module).last_iterations,
+            }
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--k", type=int, default=1)
+    parser.add_argument("--mode", choices=["fsdp", "deepspeed"], default="fsdp")
     options = parser.parse_args()
     torch.set_num_threads(1)
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    results = {"raw": raw_part(), "accelerate": accelerate_part(options.k)}
-    results.update(trainer_parts(options.k, options.out))
+    if options.mode == "deepspeed":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        results = deepspeed_part()
+    else:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        results = {"raw": raw_part(), "accelerate": accelerate_part(options.k)}
+        results.update(trainer_parts(options.k, options.out))
     with open(os.path.join(options.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
     dist.barrier()

@@ -1,5 +1,5 @@
-"""FSDP1 and DeepSpeed are refused before any training step, with a message naming the back-end and the ways out;
-FSDP2 is not (its 2-process runs are in tests/test_fsdp.py).
+"""FSDP1 and DeepSpeed ZeRO-3 (or an unknown ZeRO stage) are refused before any training step, with a message
+naming the back-end and the ways out; FSDP2 and ZeRO-1/2 are not (their 2-process runs are in tests/test_fsdp.py).
 
 The real FSDP1 refusal under `accelerate launch` is in tests/test_ddp.py; DeepSpeed is not installed here, so its
 markers (TrainingArguments.deepspeed, ACCELERATE_USE_DEEPSPEED, ZeRO-3 partitioned parameters) are set by hand.
@@ -36,13 +36,24 @@ def test_single_process_and_ddp_models_are_supported():
     [
         (SimpleNamespace(fsdp=["full_shard"], fsdp_config={"version": 1}, deepspeed=None), "FSDP1"),
         (SimpleNamespace(fsdp=[], deepspeed="ds_config.json"), "DeepSpeed"),
-        (SimpleNamespace(fsdp=True, deepspeed={"zero_optimization": {"stage": 2}}), "DeepSpeed"),
+        (SimpleNamespace(fsdp=True, deepspeed={"zero_optimization": {"stage": 3}}), "DeepSpeed ZeRO-3"),
     ],
 )
 def test_training_arguments(args, backend):
     with pytest.raises(UnsupportedDistributedSetupError) as err:
         check_distributed_support(None, args)
     _assert_clear(err, backend)
+
+
+def test_deepspeed_zero_1_and_2_are_supported(monkeypatch):
+    for stage in (0, 1, 2):
+        args = SimpleNamespace(fsdp=[], deepspeed={"zero_optimization": {"stage": stage}})
+        assert detect_unsupported_backend(None, args) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert detect_unsupported_backend(tiny_gpt2()) is None
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert detect_unsupported_backend(tiny_gpt2()).startswith("DeepSpeed ZeRO-3")
 
 
 def test_fsdp2_is_supported():
@@ -67,7 +78,10 @@ def test_fsdp1_from_accelerate_launch_is_refused_when_the_trainer_is_built(tmp_p
 
 def test_deepspeed_from_accelerate_launch(monkeypatch):
     # With ACCELERATE_USE_DEEPSPEED set, TrainingArguments itself needs the deepspeed package (not installed here).
+    # Without a ZeRO stage (nor a config file that says it), Highway-BP cannot tell that the weights stay whole.
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     with pytest.raises(UnsupportedDistributedSetupError) as err:
         check_distributed_support(tiny_gpt2())
     _assert_clear(err, "DeepSpeed")

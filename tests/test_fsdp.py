@@ -7,6 +7,7 @@ compares the gathered sharded gradients with single-process ``patch_model`` grad
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from unittest import mock
 
@@ -85,3 +86,19 @@ def test_accelerate_and_trainers(results, part):
         for rank_results in results:
             r = rank_results[part]
             assert r["patched"] and r["attached"] and r["unpatched_after"] and r["logged_iterations"] == [K], r
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed package")
+def test_deepspeed_zero_1_and_2_match_single_process_and_zero_3_is_refused(tmp_path):
+    with mock.patch.object(test_ddp, "WORKER", Path(__file__).with_name("fsdp_worker.py")):
+        results = test_ddp.accelerate_launch(tmp_path, test_ddp.DDP_CONFIG, "--mode", "deepspeed")
+    for rank_results in results:
+        for stage in (1, 2):
+            for k in (1, N_LAYER):
+                r = rank_results[f"zero{stage},k={k}"]
+                # float32 (DeepSpeed's CPU path), two half batches reduced: rounding of float32 only
+                assert r["rel_error"] <= 1e-6 and r["iterations"] == k, (stage, k, r)
+                assert (r["rel_error_vs_exact"] > 1e-4) == (k < N_LAYER), (stage, k, r)
+        refusal = rank_results["zero3"]
+        assert refusal["error"] == "UnsupportedDistributedSetupError", refusal
+        assert "does not support DeepSpeed ZeRO-3" in refusal["message"], refusal
