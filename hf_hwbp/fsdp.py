@@ -165,13 +165,20 @@ def _skip_while_recording(patch, s: int, original):
     return register
 
 
+def _patch_of(model: nn.Module):
+    """The Highway-BP patch of ``model`` (inside any wrapper), or None."""
+    from .api import unwrap_model
+    from .patching import _ATTR as PATCH_ATTR
+
+    return getattr(unwrap_model(model), PATCH_ATTR, None)
+
+
 def attach(model: nn.Module) -> FSDPHighway | None:
     """Make the Highway-BP patch of ``model`` work under FSDP2 (no-op without FSDP2 or without a patch)."""
     from .api import unwrap_model
-    from .patching import get_patch
 
     target = unwrap_model(model)
-    patch = get_patch(target)
+    patch = _patch_of(target)
     if patch is None or not is_fsdp2(target):
         return None
     backend = getattr(patch, _ATTR, None)
@@ -183,10 +190,8 @@ def attach(model: nn.Module) -> FSDPHighway | None:
 
 
 def detach(model: nn.Module) -> None:
-    from .api import unwrap_model
-    from .patching import get_patch
 
-    patch = get_patch(unwrap_model(model))
+    patch = _patch_of(model)
     backend = getattr(patch, _ATTR, None) if patch is not None else None
     if backend is not None:
         backend.remove()
@@ -195,10 +200,8 @@ def detach(model: nn.Module) -> None:
 
 def is_attached(model: nn.Module) -> bool:
     """Whether ``model``'s Highway-BP patch runs under FSDP2 (``attach`` ran for the current patch)."""
-    from .api import unwrap_model
-    from .patching import get_patch
 
-    patch = get_patch(unwrap_model(model))
+    patch = _patch_of(model)
     return patch is not None and getattr(patch, _ATTR, None) is not None
 
 
@@ -210,10 +213,8 @@ class _AttachAtForward:
         self.model = model
 
     def __call__(self, module, args):
-        from .api import unwrap_model
-        from .patching import get_patch
 
-        patch = get_patch(unwrap_model(self.model))
+        patch = _patch_of(self.model)
         if patch is not None and getattr(patch, _ATTR, None) is None:
             attach(self.model)
 
