@@ -190,6 +190,23 @@ def _is_int(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
 
 
+def validate_k(k: Any, name: str = "k", *, allow_auto: bool = False, exact_from: str = "number of blocks") -> int | str:
+    """``k`` as an int >= 0 (or ``"auto"`` where ``allow_auto``), else the one error every k setting raises.
+
+    ``name`` is the setting as the user wrote it (``"hwbp_k"``, ``"k_max"``); ``exact_from`` says from which k on
+    Highway-BP is exact backprop (``"number of blocks"``, ``"T"`` for a recurrent layer over T time steps).
+    Raises ``TypeError`` for a non-int (bools refused), ``ValueError`` for k < 0.
+    """
+    if allow_auto and k == "auto":
+        return k
+    if not _is_int(k):
+        or_auto = " or 'auto'" if allow_auto else ""
+        raise TypeError(f"{name} must be an int >= 0 (the number of Highway iterations){or_auto}, got {k!r}.")
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0 (0 = residual path only, >= {exact_from} = exact backprop), got {k}.")
+    return int(k)
+
+
 def normalized_settings(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Check HighwayConfig settings (every field present) and return them normalized.
 
@@ -201,15 +218,7 @@ def normalized_settings(values: dict[str, Any], prefix: str = "") -> dict[str, A
         return prefix + field_name
 
     out = dict(values)
-    k = out["k"]
-    if k != "auto":
-        if not _is_int(k):
-            raise TypeError(f"{name('k')} must be an int >= 0 (the number of Highway iterations) or 'auto', got {k!r}.")
-        if k < 0:
-            raise ValueError(
-                f"{name('k')} must be >= 0 (0 = residual path only, >= number of blocks = exact backprop), got {k}."
-            )
-        out["k"] = int(k)
+    k = out["k"] = validate_k(out["k"], name("k"), allow_auto=True)
     tol = out["tol"]
     if tol is not None:
         if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
@@ -264,4 +273,12 @@ def normalized_settings(values: dict[str, Any], prefix: str = "") -> dict[str, A
     return out
 
 
-__all__ = ["AUTO_DEFAULT_TOL", "CONFIG_NAME", "ENGINE_FIELDS", "SCHEDULE_NAMES", "HighwayConfig", "normalized_settings"]
+__all__ = [
+    "AUTO_DEFAULT_TOL",
+    "CONFIG_NAME",
+    "ENGINE_FIELDS",
+    "SCHEDULE_NAMES",
+    "HighwayConfig",
+    "normalized_settings",
+    "validate_k",
+]

@@ -21,15 +21,7 @@ import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import SCHEDULE_NAMES
-
-
-def _check_k(k, what: str = "k") -> int:
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"{what} must be an int >= 0 (the number of Highway iterations), got {k!r}.")
-    if k < 0:
-        raise ValueError(f"{what} must be >= 0 (0 = residual path only, >= number of blocks = exact), got {k}.")
-    return int(k)
+from .config import SCHEDULE_NAMES, validate_k
 
 
 def _check_step(step) -> int:
@@ -56,7 +48,7 @@ class ConstantSchedule(KSchedule):
     k: int
 
     def __post_init__(self) -> None:
-        _check_k(self.k)
+        validate_k(self.k)
 
     def __call__(self, step: int) -> int:
         _check_step(step)
@@ -75,13 +67,13 @@ class StepSchedule(KSchedule):
     k_max: int | None = None
 
     def __post_init__(self) -> None:
-        _check_k(self.k)
+        validate_k(self.k)
         if isinstance(self.every, bool) or not isinstance(self.every, numbers.Integral) or self.every < 1:
             raise ValueError(
                 f"The 'step' schedule needs every >= 1 (optimizer steps per increase of k), got {self.every!r}."
             )
         if self.k_max is not None:
-            _check_k(self.k_max, "k_max")
+            validate_k(self.k_max, "k_max")
             if self.k_max < self.k:
                 raise ValueError(f"k_max ({self.k_max}) must be >= the starting k ({self.k}) for the 'step' schedule.")
 
@@ -114,9 +106,9 @@ class ExactLastSchedule(KSchedule):
             raise TypeError(
                 f"total_steps must be an int (the run's number of optimizer steps), got {self.total_steps!r}."
             )
-        _check_k(self.exact_k, "exact_k")
+        validate_k(self.exact_k, "exact_k")
         if not callable(self.base):
-            _check_k(self.base, "k")
+            validate_k(self.base, "k")
 
     def exact_at(self, step: int) -> bool:
         return _check_step(step) >= self.total_steps - self.last_steps
@@ -142,7 +134,7 @@ class CallableSchedule(KSchedule):
     def __call__(self, step: int) -> int:
         k = self.fn(_check_step(step))
         try:
-            return _check_k(k)
+            return validate_k(k)
         except (TypeError, ValueError) as err:
             raise type(err)(f"k_schedule({step}) returned {k!r}: {err}") from None
 
@@ -169,7 +161,7 @@ def build_schedule(
     ``total_steps`` (the run's number of optimizer steps) is needed by ``"exact_last"`` only; ``step_every`` and
     ``k_max`` by ``"step"`` only (``k_max=None`` = ``num_blocks``).
     """
-    _check_k(k)
+    validate_k(k)
     if name == "constant":
         return ConstantSchedule(k)
     if name == "step":

@@ -10,9 +10,28 @@ travel through host memory: a correctness setting, not a fast one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def in_place_collective(
+    collective: Callable[[Tensor], object], tensor: Tensor, group: dist.ProcessGroup | None = None
+) -> Tensor:
+    """Run ``collective(t)`` (an in-place call such as ``dist.all_reduce``) on ``tensor`` and return it.
+
+    gloo reads and writes host tensors only: with gloo and a CUDA tensor the call runs on a host copy that is copied
+    back. ``group`` is the process group the call uses (None: the default group), whose backend decides.
+    """
+    if tensor.is_cuda and dist.get_backend(group) == "gloo":
+        host = tensor.cpu()
+        collective(host)
+        tensor.copy_(host)
+    else:
+        collective(tensor)
+    return tensor
 
 
 class Comm:
@@ -55,11 +74,6 @@ class Comm:
         group = self.group if group is None else group
         n = dist.get_world_size(group)
         if n > 1:
-            if self._host_staging and tensor.is_cuda:
-                host = tensor.cpu()
-                dist.all_reduce(host, group=group)
-                tensor.copy_(host)
-            else:
-                dist.all_reduce(tensor, group=group)
+            in_place_collective(lambda t: dist.all_reduce(t, group=group), tensor, group)
             self.bytes_sent += tensor.numel() * tensor.element_size() * 2 * (n - 1) // n
         return tensor

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .comm import in_place_collective
 from .runner import LayerParallelHighway
 from .stages import build_stage
 
@@ -226,32 +227,17 @@ class LayerParallelTraining:
             )
         optimizer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
 
-    # ----- collectives (gloo with CUDA tensors goes through host memory) -----------------------------------------
-    def _staged(self, tensor: Tensor) -> bool:
-        return tensor.is_cuda and dist.get_backend() == "gloo"
-
+    # ----- collectives (gloo with CUDA tensors goes through host memory: in_place_collective) ---------------------
     def _broadcast(self, tensor: Tensor, stage: int) -> Tensor:
         if self.num_stages == 1:
             return tensor
         src = dist.get_global_rank(self.runner.comm.group, stage) if self.runner.comm.group is not None else stage
-        if self._staged(tensor):
-            host = tensor.cpu()
-            dist.broadcast(host, src=src)
-            tensor.copy_(host)
-        else:
-            dist.broadcast(tensor, src=src)
-        return tensor
+        return in_place_collective(lambda t: dist.broadcast(t, src=src), tensor)
 
     def _all_reduce(self, tensor: Tensor, op) -> Tensor:
         if self.num_stages == 1:
             return tensor
-        if self._staged(tensor):
-            host = tensor.cpu()
-            dist.all_reduce(host, op=op)
-            tensor.copy_(host)
-        else:
-            dist.all_reduce(tensor, op=op)
-        return tensor
+        return in_place_collective(lambda t: dist.all_reduce(t, op=op), tensor)
 
 
 __all__ = ["OPTIMIZER_FILE", "LayerParallelModel", "LayerParallelTraining"]
