@@ -1,4 +1,5 @@
-"""GPU checks of issue 11, point 5, in one run that writes whatever it finishes (each part fails alone).
+"""The GPU measurements (batched VJPs, per-layer GPU costs for the simulator, layer-parallel on one GPU), in one run
+that writes whatever it finishes (each part fails alone).
 
     python -m benchmarks.bench_gpu --out OUT_DIR [--quick]
 

@@ -11,7 +11,7 @@ Methods (benchmarks/_grad_policy.py): ``backprop``, ``k<N>`` (Highway-BP with N 
 by step), and prototypes of library features such as ``k<N>_exact_input`` (exact gradients for the parameters below
 the stack). For every (set-up, seed) all methods start from the same initial weights (built with that seed) and see
 the same batches in the same order; dropout is 0. The summary pairs every run with backprop on the same seed: gap
-per seed, mean ± sd, 95 % confidence interval, worst seed, and whether the issue's target (k = 1 within 3 %,
+per seed, mean ± sd, 95 % confidence interval, worst seed, and whether the target (k = 1 within 3 %,
 other Highway methods within 1 %, ViT accuracy within 1 point) holds on every seed.
 
 Each finished (set-up, method, seed) run is appended to ``<output_dir>/runs.jsonl`` at once (a cut-off run keeps
@@ -62,7 +62,8 @@ TASK_DEFAULTS = {
     # Llama (RoPE, no learned position embeddings; untied token embeddings) on the GPT-2 set-up.
     "llama": dict(model="llama", depth=6, hidden=128, heads=4, block_size=64, batch_size=8, steps=1500, lr=1e-3,
                   warmup=100, wd=0.01, eval_every=100),
-    # Benchmark set-ups of issue 10: 4x the tokens (or 2x the images) per step, shorter runs, 5+ seeds.
+    # Set-ups where backprop's own run-to-run spread is small: 4x the tokens (or 2x the images) per step, shorter
+    # runs, 5+ seeds.
     "gpt2_b32": dict(model="gpt2", depth=6, hidden=64, heads=4, block_size=32, batch_size=32, steps=300, lr=1e-3,
                      warmup=30, wd=0.01, eval_every=25),
     "llama_b32": dict(model="llama", depth=6, hidden=64, heads=4, block_size=32, batch_size=32, steps=300, lr=1e-3,
@@ -275,7 +276,8 @@ NOISE_PREFIXES = ("backprop_noise", "backprop_f64")
 
 
 def target_pct(method: str) -> float | None:
-    """The issue's target for a method's final validation loss gap: k = 1 within 3 %, other Highway methods 1 %."""
+    """The largest final validation-loss gap to backprop that counts as "as good as backprop": k = 1 within 3 %
+    (one iteration is a coarse approximation), other Highway methods within 1 %."""
     if method == "backprop" or method.startswith(NOISE_PREFIXES):
         return None
     return 3.0 if method == "k1" else 1.0

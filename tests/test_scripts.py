@@ -103,7 +103,7 @@ def test_help_shows_the_defaults_that_are_applied(script, argv, capsys, monkeypa
 def test_a_user_flag_beats_the_embedded_recipe(tmp_path):
     text = tmp_path / "my.txt"
     text.write_text("a line of text\n" * 50)
-    # The command: a file, 3 epochs, no model. The recipe's model and learning rate apply (they are
+    # A user's first command: a file, 3 epochs, no model. The recipe's model and learning rate apply (they are
     # defaults); its duration does not override the user's: epochs, no max_steps.
     model_args, data_args, training_args, *_ = run_clm_hwbp.parse_args(
         ["--train_file", str(text), "--num_train_epochs", "3"]
