@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 from transformers.utils import logging
 
-from .config import HighwayConfig
+from .config import ENGINE_FIELDS, HighwayConfig
 from .discovery import describe, find_stacks, stacks_from_layers
 from .patching import _ATTR, HighwayPatch
 
@@ -30,7 +30,11 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def patch_model(
-    model: nn.Module, k: int = 2, *, layers: nn.Module | Sequence[nn.Module] | None = None, **options
+    model: nn.Module,
+    k: int | HighwayConfig = 2,
+    *,
+    layers: nn.Module | Sequence[nn.Module] | None = None,
+    **options,
 ) -> nn.Module:
     """Replace the backward pass of ``model``'s residual stack(s) with Highway-BP(k), in place.
 
@@ -38,7 +42,9 @@ def patch_model(
         model: a transformers model (its stacks are found from its structure: decoder, encoder, vision and MoE
             layer lists, both stacks of an encoder-decoder, the stages of a ResNet), a PEFT model wrapping one,
             or any module when ``layers`` is given.
-        k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop.
+        k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop. Or a
+            ``HighwayConfig`` (as PEFT's ``get_peft_model(model, config)``): its ``k``, ``tol`` and ``group_size``
+            apply (its training settings are read by HighwayCallback / HighwayTrainer); no keywords beside it.
         layers: the stack yourself, when discovery cannot see it: an ``nn.ModuleList`` (or ``nn.Sequential``) of
             residual blocks, or a list of them for several stacks in forward order. Each block must take the
             hidden state as its first argument (or ``hidden_states=``) and return it (alone or first in a tuple).
@@ -47,6 +53,14 @@ def patch_model(
     Patching again updates the settings (it never stacks two patches). What was found is in
     ``highway_state(model).stacks`` and logged once. Returns ``model``.
     """
+    if isinstance(k, HighwayConfig):
+        if options:
+            raise TypeError(
+                f"patch_model got a HighwayConfig and the keyword(s) {sorted(options)}: pass one or the other, "
+                f"e.g. patch_model(model, config.updated({', '.join(f'{n}=...' for n in sorted(options))}))."
+            )
+        options = {name: getattr(k, name) for name in ENGINE_FIELDS}
+        k = options.pop("k")
     config = HighwayConfig.from_options(k=k, **options)
     target = unwrap_model(model)
     existing: HighwayPatch | None = getattr(target, _ATTR, None)

@@ -101,3 +101,29 @@ def test_bad_hwbp_config(tmp_path):
         HighwayTrainingArguments(**common, hwbp_config={"steps": 3})
     with pytest.raises(ValueError, match="hwbp_k must be >= 0"):
         HighwayTrainingArguments(**common, hwbp_config={"k": 2}, hwbp_k="-1")
+
+
+def test_patch_model_takes_a_config_as_peft_takes_its_own():
+    """patch_model(model, HighwayConfig(...)) is patch_model(model, k=..., tol=..., group_size=...); not both."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import hf_hwbp
+
+    def grads(patch) -> list:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=16, n_head=2, vocab_size=30, n_positions=8)).double()
+        patch(model)
+        ids = torch.arange(12).remainder(30).reshape(2, 6)
+        model(ids, labels=ids).loss.backward()
+        return model, [p.grad for p in model.parameters()]
+
+    config = HighwayConfig(k=1, group_size=2, k_schedule="exact_last", exact_last_steps=5)
+    by_config, g1 = grads(lambda m: hf_hwbp.patch_model(m, config))
+    _, g2 = grads(lambda m: hf_hwbp.patch_model(m, k=1, group_size=2))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert hf_hwbp.get_highway_config(by_config) == HighwayConfig(k=1, group_size=2)  # the engine fields
+    with pytest.raises(TypeError, match=r"a HighwayConfig and the keyword\(s\) \['tol'\].*config.updated\(tol=...\)"):
+        hf_hwbp.patch_model(by_config, config, tol=1e-3)
+    with pytest.raises(ValueError, match="k='auto' is a training setting"):
+        hf_hwbp.patch_model(by_config, HighwayConfig(k="auto"))
