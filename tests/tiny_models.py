@@ -552,12 +552,7 @@ ZOO: dict[str, ZooEntry] = {
 
 
 # Entries the library does not run right yet; strict: when it does, the XPASS fails and the mark must go.
-ZOO_PENDING = {
-    "swin": "discovery takes the stages (SwinStage changes the shape), not the blocks inside each stage",
-    "swinv2": "discovery takes the stages (Swinv2Stage changes the shape), not the blocks inside each stage",
-    "wav2vec2": "discovery takes the convolutional feature encoder (conv_layers change the length) as a stack",
-    "hubert": "discovery takes the convolutional feature encoder (conv_layers change the length) as a stack",
-}
+ZOO_PENDING: dict[str, str] = {}
 
 # Models Highway-BP must refuse, before any gradient exists, with a message that names a way out.
 WAY_OUT = r"layers=|unpatch_model|ordinary backprop|do not patch|layerdrop"
@@ -602,30 +597,13 @@ REFUSED = {
     ),
     # one layer shared by every depth
     "albert": ZooEntry("albert", "AlbertForMaskedLM", dict(_ENC, embedding_size=16), "mlm"),
-    # stages of blocks whose first block (or a layer between them) changes the shape: no stack discovery sees
-    "convnext": ZooEntry(
-        "convnext", "ConvNextForImageClassification",
-        dict(num_stages=2, hidden_sizes=[8, 16], depths=[3, 3], num_labels=5, patch_size=2), "vision",
-    ),
-    "regnet": ZooEntry(
-        "regnet", "RegNetForImageClassification",
-        dict(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 3], groups_width=8, num_labels=5), "vision",
-    ),
     # position embeddings added between the layers
     "yolos": ZooEntry("yolos", "YolosModel", dict(_TEXT, image_size=[16, 16], patch_size=4, num_detection_tokens=2,
                                                     num_channels=3), "image"),
 }  # fmt: skip
 REFUSAL_PENDING = {
-    "reformer": "the reversible layers never run a training forward: Highway-BP is silently never applied",
-    "squeezebert": "layer.forward() bypasses the hooks: Highway-BP is silently never applied",
-    "xlm": "discovery takes the per-operation lists; the in-place mask fails in torch, not with a refusal",
-    "albert-group-twice": "fails in the backward after gradients exist ('graph a second time')",
     "funnel": "the decoder's refusal is a RuntimeError, not HighwayBPError",
     "pegasus_x": "the refusal is a RuntimeError, not HighwayBPError",
-    "yolos": "the refusal is a RuntimeError, not HighwayBPError",
-    "albert": "the refusal is a ValueError, not HighwayBPError",
-    "convnext": "the refusal is a ValueError, not HighwayBPError",
-    "regnet": "the refusal is a ValueError, not HighwayBPError",
 }
 
 

@@ -6,7 +6,8 @@ every pass). Not part of pytest: it prints, and writes, a markdown table of what
 For each case: unpatched autograd gradients; ``patch_model``; then k = L against autograd and k = 1, 2 against the
 independent reference (tests/reference.py). The verdicts:
 
-- exact: k = L equals autograd and k = 1, 2 equal the reference (relative errors in the table).
+- exact: k = L equals autograd and k = 1, 2 equal the reference (relative errors in the table). The Highway engine
+  runs at k = L too (as in the test suite; users get the model's own backward there unless the step is not exact).
 - refused: an error raised before any ``.grad`` exists (at ``patch_model`` or in the forward); its first line shown.
 - crash after grad: an error raised after some ``.grad`` was written.
 - no-op: the backward ran but ``last_highway_iterations`` is None (Highway-BP never applied).
@@ -31,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -628,7 +630,8 @@ def survey(name: str, entry: ZooEntry) -> Row:
         try:
             got = loss_and_grads(entry, model, batch)
         except Exception as e:  # noqa: BLE001
-            row.verdict, row.message = f"crash at k={k}", _first_line(e)
+            row.verdict = f"crash after grad (k={k})" if _any_grad(model) else f"refused (forward, k={k})"
+            row.message = _first_line(e)
             return row
         errs.append((_rel(got, expected), _rel(expected, exact)))
     row.err_k = tuple(errs)
@@ -650,6 +653,7 @@ def survey_layerdrop(name: str, entry: ZooEntry, seeds: int = 30) -> Row:
 
         def loss_fn(m, seed=seed, batch=batch):
             torch.manual_seed(1000 + seed)
+            np.random.seed(seed)  # SpecAugment's masks
             out = m(**batch)
             return out.loss if getattr(out, "loss", None) is not None else (out[0] ** 2).mean()
 
@@ -733,7 +737,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--no-zoo", action="store_true", help="skip the tested zoo's own entries")
     parser.add_argument("--seeds", type=int, default=30, help="seeds of the LayerDrop cases")
+    parser.add_argument(
+        "--autograd-exact-steps",
+        action="store_true",
+        help="keep the users' default (k >= L runs the model's own backward); by default the survey runs the "
+        "Highway engine at k = L too, as the test suite does, so that k = L checks the engine",
+    )
     args = parser.parse_args(argv)
+    from hf_hwbp import patching
+
+    if not args.autograd_exact_steps and hasattr(patching, "EXACT_STEPS_BY_AUTOGRAD"):
+        patching.EXACT_STEPS_BY_AUTOGRAD = False
     torch.set_num_threads(1)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cases = {} if args.no_zoo else dict(ZOO)
