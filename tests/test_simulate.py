@@ -240,3 +240,13 @@ def test_gpu_script_runs_its_cpu_check(tmp_path):
 
     result = json.loads((tmp_path / "batched_correctness.json").read_text())
     assert all(v["param_rel_err"] < 1e-5 for k, v in result.items() if k != "seconds")
+
+
+def test_task_kind_is_an_enum_that_still_compares_with_its_letter():
+    from hf_hwbp.parallel.graph import Task, TaskKind
+
+    task = Task("V", 1, 0, 2)
+    assert task.kind is TaskKind.V and task.kind == "V" and str(task) == "V(1,0,2)"
+    assert task == Task(TaskKind.V, 1, 0, 2) and hash(task) == hash(Task(TaskKind.V, 1, 0, 2))
+    with pytest.raises(ValueError):
+        Task("X", 0, 0)

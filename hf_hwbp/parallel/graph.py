@@ -26,19 +26,40 @@ gradient) + ``W(v, m)`` (weight gradient, waits for ``I(v, m)`` only). Multi-sta
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class TaskKind(str, Enum):
+    """What a task computes (the letters of the module docstring); a ``str`` enum, so ``kind == "F"`` holds."""
+
+    F = "F"  # forward of a stage
+    H = "H"  # head, loss and their backward (Highway-BP, last stage)
+    V = "V"  # input-VJPs of a stage's blocks for one Highway iteration
+    R = "R"  # the scan of one Highway iteration
+    W = "W"  # parameter VJPs (Highway-BP) or weight gradient (zero-bubble backprop)
+    E = "E"  # the embeddings' backward (Highway-BP, first stage)
+    B = "B"  # full backward of a stage (pipeline backprop)
+    I = "I"  # noqa: E741 (the schedules' letter) input gradient of a stage (zero-bubble backprop)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True, order=True)
 class Task:
     """One unit of work of one (virtual) stage on one micro-batch.
 
-    ``index`` is the Highway iteration n for V and R, the local block for a Highway W, 0 otherwise.
+    ``index`` is the Highway iteration n for V and R, the local block for a Highway W, 0 otherwise. ``kind`` may be
+    given as its letter; it is stored as a ``TaskKind`` (an unknown letter raises ``ValueError``).
     """
 
-    kind: str
+    kind: TaskKind
     stage: int
     mb: int
     index: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", TaskKind(self.kind))
 
     def __str__(self) -> str:
         extra = f",{self.index}" if self.kind in ("V", "R") or (self.kind == "W" and self.index) else ""
