@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
+
 CAUSAL, SLIDING, BIDIRECTIONAL = "full_attention", "sliding_attention", "bidirectional"
 
 
@@ -82,7 +84,9 @@ def _lm_logits(head: Mapping[str, nn.Module], h: Tensor) -> Tensor:
 
 def _check_gpt2(model: nn.Module) -> None:
     if getattr(model.config, "add_cross_attention", False):
-        raise ValueError("Layer-parallel GPT-2 with cross-attention (add_cross_attention=True) is not supported.")
+        raise UnsupportedModelError(
+            "Layer-parallel GPT-2 with cross-attention (add_cross_attention=True) is not supported."
+        )
 
 
 GPT2_RECIPE = StageRecipe(
@@ -154,7 +158,7 @@ def _vit_loss(loss_function, config, logits: Tensor, labels: Tensor, num_items_i
             "single_label_classification",
         )
     ):
-        raise ValueError(
+        raise UnsupportedModelError(
             "Layer-parallel ViT trains single-label classification only (integer labels, num_labels >= 2): the "
             "regression and multi-label losses of transformers average each call, so micro-batches and gradient "
             f"accumulation would not add up to the batch's loss (problem_type={config.problem_type!r})."
@@ -164,7 +168,7 @@ def _vit_loss(loss_function, config, logits: Tensor, labels: Tensor, num_items_i
 
 def _check_vit(model: nn.Module) -> None:
     if getattr(model.vit, "pooler", None) is not None:
-        raise ValueError("Layer-parallel ViT supports ViTForImageClassification (no pooler layer).")
+        raise UnsupportedModelError("Layer-parallel ViT supports ViTForImageClassification (no pooler layer).")
 
 
 VIT_RECIPE = StageRecipe(
@@ -215,13 +219,13 @@ def recipe_for(model: nn.Module) -> StageRecipe:
     entry = RECIPES.get(model_type)
     supported = ", ".join(supported_models())
     if entry is None:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Layer-parallel Highway-BP has no stage recipe for model_type={model_type!r} ({type(model).__name__}). "
             f"Supported: {supported}. Train other models with the single-process or DDP path (no layer_parallel)."
         )
     class_name, recipe = entry
     if all(cls.__name__ != class_name for cls in type(model).__mro__):
-        raise ValueError(
+        raise UnsupportedModelError(
             f"Layer-parallel Highway-BP cuts {class_name} into stages, not {type(model).__name__} (its head and loss "
             f"differ). Supported: {supported}."
         )

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..config import HighwayConfig
+from ..errors import HighwayBPError
 from .arch import get_module
 from .comm import Comm
 from .graph import HighwayShape, StepGraph, Task, backprop_graph, highway_graph
@@ -106,7 +107,7 @@ class LayerParallelHighway:
         process_group: dist.ProcessGroup | None = None,
     ):
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
+            raise HighwayBPError(
                 "LayerParallelHighway needs torch.distributed: launch with torchrun and call "
                 "torch.distributed.init_process_group('gloo' or 'nccl') first."
             )

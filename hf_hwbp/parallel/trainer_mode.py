@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import HighwayBPError
 from .comm import in_place_collective
 from .runner import LayerParallelHighway
 from .stages import build_stage
@@ -78,7 +79,7 @@ class LayerParallelTraining:
         scan: str = "chain",
     ):
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError(
+            raise HighwayBPError(
                 "layer_parallel trains one pipeline stage per process: launch the script with "
                 "`torchrun --nproc_per_node <stages> ...` or `accelerate launch --num_processes <stages> ...`."
             )
@@ -163,7 +164,7 @@ class LayerParallelTraining:
         both = torch.cat([check, -check])
         self._all_reduce(both, dist.ReduceOp.MAX)
         if not torch.equal(both[: len(check)], -both[len(check) :]):
-            raise RuntimeError(
+            raise HighwayBPError(
                 "Layer-parallel training needs the same batch on every rank, and the ranks got different ones: the "
                 "training data loader shards or shuffles per process. Use a map-style dataset (with __len__) and the "
                 "Trainer's own sampler, or seed your sampler identically on every rank."
