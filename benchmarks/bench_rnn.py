@@ -1,6 +1,7 @@
-"""Training-step time and peak memory of ``HighwayGRU`` (Highway-BP(k) through time) against ``torch.nn.GRU``.
+"""Training-step time and peak memory of ``HighwayGRU`` / ``HighwayLSTM`` (Highway-BP(k) through time) against
+``torch.nn.GRU`` / ``torch.nn.LSTM`` (``--cell gru``, the default, or ``--cell lstm``).
 
-One step = forward + backward of a GRU layer (same weights) on x [T, B, H] that requires grad (as under an
+One step = forward + backward of a GRU (or LSTM) layer (same weights) on x [T, B, H] that requires grad (as under an
 embedding or another layer), with a loss on every step's output. Methods are interleaved round-robin (every round
 runs each method once, so machine load hits all alike); the median over rounds is reported, with the ratio to
 ``nn.GRU`` measured in the same run. Peak memory: on CPU the peak resident-set growth of one step (after a warm-up
@@ -13,6 +14,8 @@ GPU (against cuDNN; one command, a couple of minutes on an H100, results in the 
     python -m benchmarks.bench_rnn --device cuda --output_dir results/rnn/step_cuda --tag h100
 Summary of everything in a folder:
     python -m benchmarks.bench_rnn --summarize_only --output_dir results/rnn/step_cpu
+LSTM (CPU):
+    python -m benchmarks.bench_rnn --cell lstm --ks 0 1 2 --output_dir results/rnn/lstm/step_cpu --tag lstm
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ import torch
 from torch import nn
 
 from benchmarks._bench_common import append_jsonl, read_jsonl, set_threads
-from hf_hwbp.rnn import HighwayGRU
+from hf_hwbp.rnn import HighwayGRU, HighwayLSTM
 
 
 @dataclass
 class BenchArguments:
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda (compares against cuDNN's GRU)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (compares against cuDNN's GRU / LSTM)"})
+    cell: str = field(default="gru", metadata={"help": "gru (HighwayGRU vs nn.GRU) or lstm (HighwayLSTM vs nn.LSTM)"})
     seq_lens: list[int] = field(default_factory=lambda: [256, 1024, 4096])
     batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 256])
@@ -51,19 +55,27 @@ class BenchArguments:
     memory_probe: str = field(default="", metadata={"help": "internal: 'T,B,H,method' (one step in this process)"})
 
 
-def method_names(ks: list[int]) -> list[str]:
-    return ["nn.GRU"] + [f"k={k}" for k in ks]
+def baseline(cell: str) -> str:
+    """The torch module a cell is measured against: its method name."""
+    return {"gru": "nn.GRU", "lstm": "nn.LSTM"}[cell]
 
 
-def build(method: str, hidden: int, device: str, dtype: torch.dtype, seed: int = 0) -> nn.GRU:
+def method_names(ks: list[int], cell: str = "gru") -> list[str]:
+    return [baseline(cell)] + [f"k={k}" for k in ks]
+
+
+def build(method: str, hidden: int, device: str, dtype: torch.dtype, seed: int = 0, cell: str = "gru") -> nn.RNNBase:
     torch.manual_seed(seed)
+    if cell == "lstm":
+        lstm = nn.LSTM(hidden, hidden, device=device, dtype=dtype)
+        return lstm if method == "nn.LSTM" else HighwayLSTM.from_lstm(lstm, k=int(method.split("=")[1]))
     gru = nn.GRU(hidden, hidden, device=device, dtype=dtype)
     if method == "nn.GRU":
         return gru
     return HighwayGRU.from_gru(gru, k=int(method.split("=")[1]))
 
 
-def make_step(module: nn.GRU, steps: int, batch: int, hidden: int, device: str, dtype: torch.dtype):
+def make_step(module: nn.RNNBase, steps: int, batch: int, hidden: int, device: str, dtype: torch.dtype):
     """A closure running one forward + backward (loss on every step's output), like a training step."""
     gen = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, generator=gen).requires_grad_(True)
@@ -78,12 +90,13 @@ def make_step(module: nn.GRU, steps: int, batch: int, hidden: int, device: str, 
     return step
 
 
-def gradient_check(device: str) -> dict:
-    """Relative error of HighwayGRU(k = T) against nn.GRU's autograd on this device (float64 and float32)."""
+def gradient_check(device: str, cell: str = "gru") -> dict:
+    """Relative error of HighwayGRU / HighwayLSTM (k = T) against torch's autograd on this device (float64, float32)."""
     found = {}
     for dtype in (torch.float64, torch.float32):
         steps, batch, hidden = 50, 4, 16
-        reference, highway = build("nn.GRU", hidden, device, dtype), build(f"k={steps}", hidden, device, dtype)
+        reference = build(baseline(cell), hidden, device, dtype, cell=cell)
+        highway = build(f"k={steps}", hidden, device, dtype, cell=cell)
         grads = []
         for module in (reference, highway):
             step = make_step(module, steps, batch, hidden, device, dtype)
@@ -94,9 +107,9 @@ def gradient_check(device: str) -> dict:
 
 
 def time_config(args: BenchArguments, steps: int, batch: int, hidden: int, dtype: torch.dtype) -> dict:
-    methods = method_names(args.ks)
-    closures = {m: make_step(build(m, hidden, args.device, dtype), steps, batch, hidden, args.device, dtype)
-                for m in methods}  # fmt: skip
+    methods = method_names(args.ks, args.cell)
+    closures = {m: make_step(build(m, hidden, args.device, dtype, cell=args.cell), steps, batch, hidden, args.device,
+                             dtype) for m in methods}  # fmt: skip
     cuda = args.device == "cuda"
     times: dict[str, list[float]] = {m: [] for m in methods}
     for round_index in range(args.rounds + 1):
@@ -122,8 +135,8 @@ def time_config(args: BenchArguments, steps: int, batch: int, hidden: int, dtype
 def peak_memory(args: BenchArguments, steps: int, batch: int, hidden: int, method: str) -> float:
     """Peak memory (MiB) of one training step above what was allocated before it."""
     if args.device == "cuda":
-        step = make_step(build(method, hidden, "cuda", getattr(torch, args.dtype)), steps, batch, hidden, "cuda",
-                         getattr(torch, args.dtype))  # fmt: skip
+        step = make_step(build(method, hidden, "cuda", getattr(torch, args.dtype), cell=args.cell), steps, batch,
+                         hidden, "cuda", getattr(torch, args.dtype))  # fmt: skip
         step()  # lazy initialisations (cuDNN plans) happen once
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -133,7 +146,7 @@ def peak_memory(args: BenchArguments, steps: int, batch: int, hidden: int, metho
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     probe = f"{steps},{batch},{hidden},{method}"
     command = [sys.executable, "-m", "benchmarks.bench_rnn", "--memory_probe", probe, "--dtype", args.dtype]
-    command += ["--threads", str(args.threads)]
+    command += ["--threads", str(args.threads), "--cell", args.cell]
     # Fixed mmap threshold: every block >= 128 KiB is its own mapping, returned to the OS when freed.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     root = Path(__file__).resolve().parents[1]  # `-m benchmarks.bench_rnn` runs from the repository root
@@ -146,7 +159,8 @@ def run_memory_probe(args: BenchArguments) -> None:
     mark (Linux: ``/proc/self/clear_refs``) and print how far one more step raises it above the current RSS (MiB)."""
     steps, batch, hidden, method = args.memory_probe.split(",")
     dtype = getattr(torch, args.dtype)
-    step = make_step(build(method, int(hidden), "cpu", dtype), int(steps), int(batch), int(hidden), "cpu", dtype)
+    module = build(method, int(hidden), "cpu", dtype, cell=args.cell)
+    step = make_step(module, int(steps), int(batch), int(hidden), "cpu", dtype)
     step()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -175,16 +189,18 @@ def summarize(out: Path) -> str:
         key = (r["T"], r["B"], r["H"], r.get("threads"))
         if "median_s" in r and (key not in latest or load(r) <= load(latest[key])):
             latest[key] = r
+    rows = list(latest.values())
+    reference = next(iter(rows[0]["median_s"])) if rows else "nn.GRU"  # the baseline is every row's first method
     lines = [
-        "| threads | T | B | H | method | median step (ms) | ratio to nn.GRU | peak MiB | peak ratio | load |",
+        f"| threads | T | B | H | method | median step (ms) | ratio to {reference} | peak MiB | peak ratio | load |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for _, row in sorted(latest.items()):
-        base = row["median_s"]["nn.GRU"]
+        base = row["median_s"][reference]
         mem = row.get("peak_mib") or {}
         for method, value in row["median_s"].items():
             peak = mem.get(method)
-            peak_ratio = f"{peak / mem['nn.GRU']:.2f}x" if peak is not None and mem.get("nn.GRU") else "n/a"
+            peak_ratio = f"{peak / mem[reference]:.2f}x" if peak is not None and mem.get(reference) else "n/a"
             lines.append(
                 f"| {row.get('threads')} | {row['T']} | {row['B']} | {row['H']} | {method} | "
                 f"{value * 1000:.1f} | {value / base:.2f}x | "
@@ -201,16 +217,21 @@ def compact_table(rows) -> str:
     rows = sorted(rows, key=lambda r: (r.get("threads") or 0, r["T"], r["B"], r["H"]))
     if not rows:
         return ""
-    methods = [m for m in rows[0]["median_s"] if m != "nn.GRU"]
-    head = "| threads | T | B | H | nn.GRU (ms) | " + " | ".join(methods) + " | peak memory k=1 / nn.GRU | load |"
+    reference = next(iter(rows[0]["median_s"]))  # nn.GRU or nn.LSTM: every row's first method
+    methods = [m for m in rows[0]["median_s"] if m != reference]
+    head = (
+        f"| threads | T | B | H | {reference} (ms) | "
+        + " | ".join(methods)
+        + f" | peak memory k=1 / {reference} | load |"
+    )
     lines = [head, "|" + "---:|" * (7 + len(methods))]
     for row in rows:
-        base = row["median_s"]["nn.GRU"]
+        base = row["median_s"][reference]
         mem = row.get("peak_mib") or {}
-        peak = f"{mem['k=1'] / mem['nn.GRU']:.2f}x" if mem.get("k=1") and mem.get("nn.GRU") else "n/a"
+        peak = f"{mem['k=1'] / mem[reference]:.2f}x" if mem.get("k=1") and mem.get(reference) else "n/a"
         fastest = {m: min(v) for m, v in row.get("all_s", {}).items()}
         ratios = " | ".join(
-            f"{row['median_s'][m] / base:.2f}x" + (f" ({fastest[m] / fastest['nn.GRU']:.2f}x)" if fastest else "")
+            f"{row['median_s'][m] / base:.2f}x" + (f" ({fastest[m] / fastest[reference]:.2f}x)" if fastest else "")
             for m in methods
             if m in row["median_s"]
         )
@@ -225,6 +246,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
+    if args.cell not in ("gru", "lstm"):
+        raise SystemExit(f"--cell must be gru or lstm, got {args.cell!r}.")
     if args.memory_probe:
         set_threads(args.threads)
         run_memory_probe(args)
@@ -245,7 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "cudnn": torch.backends.cudnn.version() if args.device == "cuda" else None,
     }
     if args.check:
-        check = {"check": gradient_check(args.device), "tag": args.tag, **note}
+        check = {"check": gradient_check(args.device, args.cell), "cell": args.cell, "tag": args.tag, **note}
         append_jsonl(out / "checks.jsonl", check)
         print("gradient check (relative error at k = T):", json.dumps(check["check"]), flush=True)
     records = []
@@ -253,14 +276,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for batch in args.batch_sizes:
             for hidden in args.hidden_sizes:
                 load_before = open("/proc/loadavg").read().split()[:3]
-                record = {"T": steps, "B": batch, "H": hidden, "dtype": args.dtype, "tag": args.tag,
+                record = {"T": steps, "B": batch, "H": hidden, "dtype": args.dtype, "tag": args.tag, "cell": args.cell,
                           "rounds": args.rounds, "loadavg_before": load_before, **note}  # fmt: skip
                 try:
                     record.update(time_config(args, steps, batch, hidden, dtype))
                     record["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
                     if args.memory:
                         record["peak_mib"] = {
-                            m: peak_memory(args, steps, batch, hidden, m) for m in method_names(args.ks)
+                            m: peak_memory(args, steps, batch, hidden, m) for m in method_names(args.ks, args.cell)
                         }
                 except (RuntimeError, subprocess.CalledProcessError) as error:  # e.g. out of memory: keep the rest
                     record["error"] = repr(error)
@@ -271,9 +294,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     continue
                 append_jsonl(out / "runs.jsonl", record)
                 records.append(record)
-                base = record["median_s"]["nn.GRU"]
+                reference = baseline(args.cell)
+                base = record["median_s"][reference]
                 ratios = ", ".join(f"{m} {v / base:.2f}x" for m, v in record["median_s"].items())
-                print(f"T={steps} B={batch} H={hidden}: nn.GRU {base * 1000:.1f} ms; {ratios}", flush=True)
+                print(f"T={steps} B={batch} H={hidden}: {reference} {base * 1000:.1f} ms; {ratios}", flush=True)
     print(summarize(out))
     return records
 

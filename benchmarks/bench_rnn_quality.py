@@ -1,4 +1,4 @@
-"""Learning quality of ``HighwayGRU`` (Highway-BP through time) against backprop through time.
+"""Learning quality of ``HighwayGRU`` / ``HighwayLSTM`` (Highway-BP through time) against backprop through time.
 
 Tasks (both offline):
   digits  scikit-learn's digits, 8x8 upsampled to 16x16, read pixel by pixel (T = 256, one input per step); a
@@ -6,7 +6,8 @@ Tasks (both offline):
   charlm  character-level language model on the Python reference manual shipped with Python
           (``pydoc_data.topics``), sequences of T = 256 characters, a loss on every step's output.
 
-Methods: ``backprop`` (``torch.nn.GRU``) and ``k<N>`` (``HighwayGRU`` with N iterations). For every (task, seed) all
+Methods: ``backprop`` (``torch.nn.GRU``) and ``k<N>`` (``HighwayGRU`` with N iterations); with ``--cell lstm``
+``torch.nn.LSTM`` and ``HighwayLSTM``. For every (task, seed) all
 methods start from the same weights and see the same batches in the same order. Every finished run is appended to
 ``<output_dir>/runs.jsonl`` (``--resume`` skips finished runs); the validation metric is recorded every
 ``eval_every`` steps, so the step at which a method reaches backprop's final metric can be read off.
@@ -19,6 +20,7 @@ Examples:
     python -m benchmarks.bench_rnn_quality --tasks digits --seeds 0 1 2 --output_dir results/rnn/quality
     python -m benchmarks.bench_rnn_quality --tasks digits charlm --timing_rounds 7 --output_dir results/rnn/quality
     python -m benchmarks.bench_rnn_quality --summarize_only --output_dir results/rnn/quality
+    python -m benchmarks.bench_rnn_quality --cell lstm --methods backprop k1 k2 --output_dir results/rnn/lstm/quality
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks._bench_common import append_jsonl, batch_order, digits_data, machine_note, read_jsonl, set_threads
-from hf_hwbp.rnn import HighwayGRU
+from hf_hwbp.rnn import HighwayGRU, HighwayLSTM
 
 TASKS = ("digits", "charlm")
 
@@ -43,6 +45,7 @@ TASKS = ("digits", "charlm")
 @dataclass
 class QualityArguments:
     tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "digits and/or charlm"})
+    cell: str = field(default="gru", metadata={"help": "gru (nn.GRU / HighwayGRU) or lstm (nn.LSTM / HighwayLSTM)"})
     methods: list[str] = field(
         default_factory=lambda: ["backprop", "k0", "k1", "k2"], metadata={"help": "backprop and k<N>"}
     )
@@ -106,24 +109,31 @@ def load_task_data(task: str, seq_len: int = 256):
 
 # ----- model ---------------------------------------------------------------------------------------------------
 class RecurrentModel(nn.Module):
-    """Embedding or scalar input -> one GRU layer (batch first) -> head on every step (charlm) or the last (digits)."""
+    """Embedding or scalar input -> one GRU or LSTM layer (batch first) -> head on every step (charlm) or the last
+    (digits)."""
 
-    def __init__(self, task: str, hidden_size: int, vocab_size: int | None):
+    def __init__(self, task: str, hidden_size: int, vocab_size: int | None, cell: str = "gru"):
         super().__init__()
         self.task = task
         if vocab_size is None:
             self.embed, input_size, out = None, 1, 10
         else:
             self.embed, input_size, out = nn.Embedding(vocab_size, 64), 64, vocab_size
-        self.rnn: nn.GRU = nn.GRU(input_size, hidden_size, batch_first=True)
+        self.cell = cell
+        self.rnn: nn.RNNBase = (nn.LSTM if cell == "lstm" else nn.GRU)(input_size, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, out)
 
     def use_highway(self, k: int) -> None:
-        self.rnn = HighwayGRU.from_gru(self.rnn, k=k)
+        if self.cell == "lstm":
+            self.rnn = HighwayLSTM.from_lstm(self.rnn, k=k)
+        else:
+            self.rnn = HighwayGRU.from_gru(self.rnn, k=k)
 
     def loss_and_logits(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = inputs if self.embed is None else self.embed(inputs)
         outputs, last = self.rnn(x)
+        if self.cell == "lstm":
+            last = last[0]  # (h_n, c_n): the head reads h_n
         if self.task == "digits":
             logits = self.head(last[-1])
             return F.cross_entropy(logits, targets), logits
@@ -131,9 +141,11 @@ class RecurrentModel(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten()), logits
 
 
-def build(task: str, spec: TaskSpec, method: str, seed: int, vocab_size: int | None) -> RecurrentModel:
+def build(
+    task: str, spec: TaskSpec, method: str, seed: int, vocab_size: int | None, cell: str = "gru"
+) -> RecurrentModel:
     torch.manual_seed(seed)
-    model = RecurrentModel(task, spec.hidden_size, vocab_size).float()  # whatever the default dtype is
+    model = RecurrentModel(task, spec.hidden_size, vocab_size, cell).float()  # whatever the default dtype is
     if method != "backprop":
         model.use_highway(int(method[1:]))
     return model
@@ -161,7 +173,7 @@ def lr_at(step: int, total: int, warmup: int = 100) -> float:
 
 def train_one(task: str, spec: TaskSpec, method: str, seed: int, data, args: QualityArguments) -> dict:
     x_train, y_train, x_val, y_val, vocab = data
-    model = build(task, spec, method, seed, vocab)
+    model = build(task, spec, method, seed, vocab, args.cell)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, spec.steps))
     curve, losses = [], []
@@ -182,6 +194,7 @@ def train_one(task: str, spec: TaskSpec, method: str, seed: int, data, args: Qua
                 break
     return {
         "task": task,
+        "cell": args.cell,
         "method": method,
         "seed": seed,
         "hidden_size": spec.hidden_size,
@@ -199,7 +212,7 @@ def train_one(task: str, spec: TaskSpec, method: str, seed: int, data, args: Qua
 def time_steps(task: str, spec: TaskSpec, data, args: QualityArguments) -> dict:
     """Median training-step time of every method on this task's model and batch shape, interleaved."""
     x_train, y_train, _, _, vocab = data
-    models = {m: build(task, spec, m, 0, vocab) for m in args.methods}
+    models = {m: build(task, spec, m, 0, vocab, args.cell) for m in args.methods}
     idx = torch.arange(args.batch_size)
     times: dict[str, list[float]] = {m: [] for m in args.methods}
     for round_index in range(args.timing_rounds + 1):
@@ -212,6 +225,7 @@ def time_steps(task: str, spec: TaskSpec, data, args: QualityArguments) -> dict:
                 times[method].append(time.perf_counter() - begin)
     return {
         "task": task,
+        "cell": args.cell,
         "hidden_size": spec.hidden_size,
         "batch_size": args.batch_size,
         "median_step_s": {m: statistics.median(v) for m, v in times.items()},
@@ -305,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary = summarize(out)
         print((out / "summary.md").read_text())
         return summary
+    if args.cell not in ("gru", "lstm"):
+        raise ValueError(f"--cell must be gru or lstm, got {args.cell!r}.")
     set_threads(args.threads)
     for task in args.tasks:
         if task not in TASK_SPECS:

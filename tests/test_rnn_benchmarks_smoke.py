@@ -56,3 +56,30 @@ def test_bench_rnn_smoke(tmp_path):
     bench.main(args + ["--threads", "1", "--memory", "false", "--check", "false", "--output_dir", str(tmp_path)])
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "summary.md").read_text().count("| 1 | 6 | 2 | 4 | k=6 |") == 1
+
+
+def test_bench_rnn_lstm_smoke(tmp_path):
+    bench = _load("bench_rnn")
+    args = ["--cell", "lstm", "--seq_lens", "6", "--batch_sizes", "2", "--hidden_sizes", "4", "--ks", "1", "6"]
+    # no memory probes here (each is a fresh process): the GRU smoke test covers them
+    (record,) = bench.main(
+        args + ["--rounds", "1", "--threads", "1", "--memory", "false", "--output_dir", str(tmp_path)]
+    )
+    assert record["cell"] == "lstm" and set(record["median_s"]) == {"nn.LSTM", "k=1", "k=6"}
+    check = json.loads((tmp_path / "checks.jsonl").read_text())["check"]
+    assert check["torch.float64"] < 1e-12 and check["torch.float32"] < 1e-4  # HighwayLSTM(k = T) is exact
+    table = (tmp_path / "summary.md").read_text()
+    assert "ratio to nn.LSTM" in table and "| 1 | 6 | 2 | 4 | k=1 |" in table
+
+
+def test_bench_rnn_quality_lstm_smoke(tmp_path):
+    bench = _load("bench_rnn_quality")
+    common = ["--cell", "lstm", "--output_dir", str(tmp_path), "--hidden_size", "8", "--batch_size", "4"]
+    summary = bench.main(
+        ["--tasks", "charlm", "--methods", "backprop", "k1", "--max_steps", "2", "--eval_every", "2", "--seeds", "0"]
+        + common
+    )
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert {(r["cell"], r["method"]) for r in runs} == {("lstm", "backprop"), ("lstm", "k1")}
+    assert math.isfinite(summary["charlm"]["k1"]["final"][0])
+    assert runs[0]["curve"][-1]["val"] != runs[1]["curve"][-1]["val"]  # k1 really trained with Highway-BP
