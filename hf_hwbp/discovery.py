@@ -118,12 +118,12 @@ def check_stacks(model: nn.Module, stacks: Sequence[Stack]) -> None:
             seen[id(layer)] = where
         devices = {p.device for layer in stack.layers for p in layer.parameters()}
         if any(d.type == "meta" for d in devices):
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"Highway-BP: parameters of {stack.path} are on the meta device (not loaded, or offloaded by a "
                 "device_map). Load the model's weights on one device before patch_model."
             )
         if len(devices) > 1:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"Highway-BP: {stack.path} spans several devices ({', '.join(sorted(map(str, devices)))}), e.g. "
                 "from device_map='auto'. Highway-BP runs each stack's backward on one device: load the model on "
                 "one device (device_map={'': 0}), or split it into stages with hf_hwbp.parallel."
@@ -183,7 +183,8 @@ def _discover(model: nn.Module) -> list[Stack]:
         parents[key] = parents.get(key, 0) + 1
     lists = [(n, m) for n, m in lists if parents[(n.rpartition(".")[0], len(m))] == 1]
 
-    names = [n for n, _ in lists]
+    # Lists of one repeated layer (T5's per-block `layer` list mixes attention and feed-forward: not a stage's blocks).
+    names = [n for n, m in lists if len({type(x) for x in m}) == 1]
 
     def outermost(candidates):
         found: list[Stack] = []

@@ -44,7 +44,7 @@ from transformers.utils import logging
 from . import routing
 from .config import HighwayConfig
 from .discovery import Stack, describe
-from .errors import HighwayBPError
+from .errors import HighwayBPError, UnsupportedModelError
 from .record import (
     IterationLog,
     _EngineFlag,
@@ -406,7 +406,7 @@ class HighwayPatch:
         if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
             block, original = fwd.record.side_outputs[side]
             if block > 0 and _reaches(original, fwd.record.inputs[block]):
-                raise RuntimeError(
+                raise HighwayBPError(
                     f"Highway-BP: layer {i} of {fwd.record.stack.path} reads a tensor that an earlier layer returned "
                     f"and that depends on that layer's hidden state "
                     f"(`{routing.argument_name(module, name)}`): its gradient would feed the Highway iteration it "
@@ -416,7 +416,7 @@ class HighwayPatch:
             fwd.record.carried.append((side, leaf))
             return leaf
         argument = routing.argument_name(module, name)
-        raise RuntimeError(
+        raise HighwayBPError(
             f"Highway-BP: layer {i} of {fwd.record.stack.path} receives `{argument}`, a tensor that requires grad that "
             f"layer {fwd.record.first_layer} did not receive and that no earlier layer returned. Highway-BP routes "
             "the side inputs that the stack's first layer receives too (encoder states, prefix keys and values, "
@@ -512,14 +512,14 @@ class HighwayPatch:
     # ----- checks -----------------------------------------------------------------------------------------------
     def _check_forward(self, stack: Stack) -> None:
         if stack.residual_gate is not None and self.config.group_size > 1:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"Highway-BP: the layers of {stack.path} have a gated residual path (act(h + g(h))), which is defined "
                 "per layer: group_size must be 1 for this model (set_highway_config(model, group_size=1))."
             )
         for layer in stack.layers:
             kwargs = _checkpoint_kwargs(layer)
             if kwargs is not None and kwargs.get("use_reentrant") is not False:
-                raise RuntimeError(
+                raise HighwayBPError(
                     "Highway-BP supports activation checkpointing only in its non-reentrant form (each Highway "
                     "iteration then recomputes the layer, as backprop's single sweep does): reentrant checkpointing "
                     "accumulates parameter gradients behind autograd's back. Call "
@@ -531,7 +531,7 @@ class HighwayPatch:
     def _check_rng(self, stack: Stack, i: int, fwd: _StackForward) -> None:
         (device, before), fwd.rng_state = fwd.rng_state, None
         if not torch.equal(before, _rng_state(device)):
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: layer {i} of {stack.path} draws random numbers (dropout) and is checkpointed with "
                 "preserve_rng_state=False: each of the k + 1 Highway sweeps would recompute it with new dropout "
                 "masks, none of them the forward's. Keep preserve_rng_state=True (the default) in the "

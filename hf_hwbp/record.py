@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .batched import batched_stack
 from .config import HighwayConfig
 from .discovery import Stack
-from .engine import highway_iterations
+from .engine import highway_iterations, run_recursion
+from .errors import HighwayBPError
 
 
 # ----- autograd Functions ---------------------------------------------------------------------------------------
@@ -32,7 +34,7 @@ class _EngineFlag:
 
 def _refuse_double_backward() -> None:
     if torch.is_grad_enabled():
-        raise RuntimeError(
+        raise HighwayBPError(
             "Highway-BP does not support create_graph=True (double backward, e.g. gradient penalties or "
             "Hessian-vector products) through a patched stack. Run that computation inside "
             "`with hf_hwbp.exact_backprop(model):` (ordinary backprop), or unpatch_model(model)."
@@ -107,7 +109,7 @@ class _GroupInnerGuard(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         if not ctx.flag.active:
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: the loss reads the hidden state after layer {ctx.layer_index}, which lies inside a "
                 "group of layers (group_size > 1). Only hidden states at group boundaries can carry a loss: use "
                 "group_size=1, or leave that hidden state out of the loss."
@@ -200,27 +202,32 @@ def run_backward(record: _StackRecord) -> tuple:
     try:
         if record.side_grads:
             direct, carried_direct = _route_side_outputs(record, extra, wrt, carried_leaves)
-        delta, iterations = highway_iterations(
-            record.inputs,
-            record.outputs,
-            d,
-            extra,
-            k=config.k,
-            tol=config.tol,
-            need_input_grad=record.input_requires_grad,
-            residual_gates=gates,
-        )
+        stacked = batched_stack(record, d, extra)  # None: the sequential engine on the recorded graphs
+        if stacked is not None:
+            delta, iterations = run_recursion(stacked, config.k, config.tol)
+        else:
+            delta, iterations = highway_iterations(
+                record.inputs,
+                record.outputs,
+                d,
+                extra,
+                k=config.k,
+                tol=config.tol,
+                need_input_grad=record.input_requires_grad,
+                residual_gates=gates,
+            )
         input_grad = delta[0] if record.input_requires_grad else None
         # One parameter VJP of every block with its delta^(k)_j. It keeps the local graphs when the next backward
         # needs them again (retain_graph=True) or when carried tensors still need their sources' graphs.
         targets = wrt + carried_leaves
-        grads = (
-            torch.autograd.grad(
+        if stacked is not None:
+            grads = tuple(stacked.param_grads(delta, targets))
+        elif targets:
+            grads = torch.autograd.grad(
                 record.outputs, targets, delta[1:], retain_graph=keep or bool(carried_leaves), allow_unused=True
             )
-            if targets
-            else ()
-        )
+        else:
+            grads = ()
         if carried_leaves:
             # A carried tensor's gradient: through the blocks that read it (the VJP above) and through the side
             # outputs that read it (the side-output VJP before the engine).
@@ -228,7 +235,7 @@ def run_backward(record: _StackRecord) -> tuple:
             grads, input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], input_grad, wrt)
     except RuntimeError as err:
         if "backward through the graph a second time" in str(err):
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: the graph of a block of {stack.path} was already consumed when the Highway backward "
                 "started: the loss reads a tensor computed inside a layer by a path Highway-BP does not route "
                 "(it routes the layer output, hidden states, and what transformers' output capturing collects: "
@@ -239,7 +246,7 @@ def run_backward(record: _StackRecord) -> tuple:
     finally:
         record.flag.active = False
     grads = tuple(_add(g, extra_g) for g, extra_g in zip(grads, direct))
-    record.log.backward_ran(iterations, delta[1:] if record.keep_block_grads else None)
+    record.log.backward_ran(iterations, list(delta[1:]) if record.keep_block_grads else None)
     record.retained = keep
     record.output_grads.clear()
     record.side_grads.clear()
@@ -301,7 +308,7 @@ def _route_carried(record: _StackRecord, carried_grads, grads, input_grad, wrt: 
         if g is None:
             continue
         if b > 0:
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: block {b} of {record.stack.path} returns a tensor that the blocks above it read and "
                 "that depends on its hidden state: its gradient would feed the Highway iteration it depends on. "
                 "Train this model with ordinary backprop (unpatch_model(model))."
@@ -319,7 +326,7 @@ def _refuse_unrouted(record: _StackRecord) -> None:
                 if position < len(record.inputs) - 1
                 else f"a side input of {record.stack.path}"
             )
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: a gradient reached {where} through a block's graph, outside the Highway backward: "
                 "the loss reads a tensor computed inside a layer that Highway-BP does not route (it routes the "
                 "layer output, hidden states, and what transformers' output capturing collects: attentions, "

@@ -31,9 +31,14 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
 # The model types of the zoo in tests/test_zoo.py (exact at k >= L and equal to the independent reference below),
 # kept equal to it by a test. Discovery is not limited to them.
 TESTED_MODEL_TYPES = (
-    "bart", "bert", "deit", "dinov2", "distilbert", "electra", "falcon", "gemma", "gemma2", "gpt2", "gpt_neox",
-    "granite", "llama", "mistral", "mixtral", "olmo", "olmo2", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
-    "qwen3_moe", "resnet", "roberta", "stablelm", "starcoder2", "t5", "vit",
+    "albert", "audio-spectrogram-transformer", "bart", "beit", "bert", "big_bird", "biogpt", "blenderbot",
+    "clip_vision_model", "codegen", "cohere", "convbert", "deberta-v2", "deit", "dinov2", "distilbert", "electra",
+    "esm", "falcon", "gemma", "gemma2", "gemma3_text", "glm", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj",
+    "granite", "hubert", "ijepa", "layoutlm", "led", "llama", "longformer", "longt5", "mamba", "marian", "mistral",
+    "mixtral", "mpnet", "mpt", "mt5", "olmo", "olmo2", "olmoe", "openai-gpt", "opt", "pegasus", "persimmon", "phi",
+    "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "resnet", "roberta", "roformer", "rwkv",
+    "siglip_vision_model", "stablelm", "starcoder2", "swin", "swinv2", "switch_transformers", "t5", "umt5", "vit",
+    "vit_msn", "vitdet", "wav2vec2", "whisper", "xlm-roberta", "xlnet",
 )  # fmt: skip
 
 

@@ -142,7 +142,6 @@ def _executed(model: torch.nn.Module, stacks, run) -> list[list[torch.nn.Module]
     return [[m for m in ran if any(m is layer for layer in s)] for s in stacks]
 
 
-@pytest.mark.xfail(strict=True, reason="a forward that skips a layer is refused (sometimes after gradients exist)")
 def test_layerdrop_runs_over_the_executed_layers_or_is_refused_at_patch_time():
     """m2m_100 with LayerDrop: either patch_model refuses it, or each seed's run is exact at k = L and equals the
     reference on the layers the forward ran at k = 1."""
@@ -178,11 +177,14 @@ def test_layerdrop_runs_over_the_executed_layers_or_is_refused_at_patch_time():
         model.zero_grad(set_to_none=True)
         loss_fn(model).backward()
         got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        # When LayerDrop skips every decoder layer the encoder output is unused: autograd leaves its grads None,
+        # the reference writes zeros.
+        assert all(not expected[n].any() for n in expected.keys() - got.keys())
+        got.update({n: torch.zeros_like(expected[n]) for n in expected.keys() - got.keys()})
         assert max_relative_error(got, expected) <= RTOL[entry.dtype]
     assert dropped > 0  # the seeds really dropped layers
 
 
-@pytest.mark.xfail(strict=True, reason="TESTED_MODEL_TYPES in model_patches still lists the zoo before it grew")
 def test_tested_model_types_are_the_zoo():
     """supported_model_types() names exactly the model types the zoo checks exact."""
     exact = {entry.model_type for name, entry in ZOO.items() if name not in ZOO_PENDING}
