@@ -8,6 +8,11 @@ set before the step.
 
     python -m benchmarks.bench_step                      # GPT-2 and Llama, k = 0 1 2 4, 7 rounds
     python -m benchmarks.bench_step --models gpt2 --rounds 3 --ks 0 2
+    python -m benchmarks.bench_step --ks 1 2 --exact --output_dir results/step/exact_steps
+
+``--exact`` adds the steps whose gradient is exact: "exact" (k = L, run as the model's own backward, the default),
+"exact-engine" (k = L through the Highway engine, as before exact steps went to autograd) and "auto" (k = 'auto':
+up to L iterations with the adaptive stop at its default tolerance).
 
 Cost model (docs/algorithm.md): backprop costs F + B, Highway-BP(k) costs F + k * B_in + B_par. F and B are
 measured here (forward alone; step minus forward); B_par ~ B and B_in ~ B / 2 (an input-only sweep skips
@@ -29,6 +34,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_hwbp
+from hf_hwbp.config import AUTO_DEFAULT_TOL
 
 MODELS = {
     "gpt2": lambda: GPT2LMHeadModel(
@@ -90,20 +96,31 @@ def measure_step(model, batch) -> tuple[float, float, float]:
     return step, forward, peak
 
 
-def bench_model(name: str, ks: list[int], rounds: int, batch_size: int, seq_len: int, seed: int) -> list[dict]:
+def bench_model(
+    name: str, ks: list[int], rounds: int, batch_size: int, seq_len: int, seed: int, exact: bool = False
+) -> list[dict]:
     torch.manual_seed(seed)
     model = MODELS[name]().train()
     num_layers = model.config.num_hidden_layers
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len))
     batch = {"input_ids": ids, "labels": ids}
-    methods = ["backprop"] + [f"k={k}" for k in ks]
+    methods = ["backprop"] + [f"k={k}" for k in ks] + (["exact", "exact-engine", "auto"] if exact else [])
+    iterations: dict[str, list[int | None]] = {m: [] for m in methods}
 
     def run(method: str):
         if method == "backprop":
             hf_hwbp.unpatch_model(model)
+        elif method in ("exact", "exact-engine"):
+            hf_hwbp.patch_model(model, k=num_layers)
+            hf_hwbp.highway_state(model).exact_steps_by_autograd = method == "exact"
+        elif method == "auto":
+            hf_hwbp.patch_model(model, k=num_layers, tol=AUTO_DEFAULT_TOL)  # what k='auto' resolves to
         else:
             hf_hwbp.patch_model(model, k=int(method[2:]))
-        return measure_step(model, batch)
+        sample = measure_step(model, batch)
+        if method != "backprop":
+            iterations[method].append(hf_hwbp.last_highway_iterations(model))
+        return sample
 
     for method in methods:  # warm-up: allocator, kernels, lazy init
         run(method)
@@ -122,9 +139,9 @@ def bench_model(name: str, ks: list[int], rounds: int, batch_size: int, seq_len:
     for method in methods:
         step = statistics.median(s[0] for s in samples[method])
         peak = statistics.median(s[2] for s in samples[method])
-        k = 0 if method == "backprop" else int(method[2:])
-        k_eff = min(k, num_layers)
-        model_ratio = 1.0 if method == "backprop" else (bp_fwd + k_eff * backward / 2 + backward) / bp_step
+        ran = [i for i in iterations[method] if i is not None]
+        k_eff = statistics.median(ran) if ran else 0
+        model_ratio = 1.0 if method in ("backprop", "exact") else (bp_fwd + k_eff * backward / 2 + backward) / bp_step
         rows.append(
             dict(
                 model=name,
@@ -136,6 +153,7 @@ def bench_model(name: str, ks: list[int], rounds: int, batch_size: int, seq_len:
                 peak_mib=peak,
                 peak_ratio=peak / bp_peak,
                 steps=[s[0] for s in samples[method]],
+                iterations=iterations[method],
             )
         )
     return rows
@@ -143,12 +161,15 @@ def bench_model(name: str, ks: list[int], rounds: int, batch_size: int, seq_len:
 
 def to_markdown(rows: list[dict]) -> str:
     lines = [
-        "| model | method | median step (s) | ratio to backprop | cost-model ratio | peak MiB | peak ratio |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | method | iterations | median step (s) | ratio to backprop | cost-model ratio | peak MiB "
+        "| peak ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        ran = sorted({i for i in r.get("iterations", []) if i is not None})
+        its = "-" if not ran else "/".join(map(str, ran))
         lines.append(
-            f"| {r['model']} (L={r['layers']}) | {r['method']} | {r['step_s']:.3f} | {r['ratio']:.2f}x | "
+            f"| {r['model']} (L={r['layers']}) | {r['method']} | {its} | {r['step_s']:.3f} | {r['ratio']:.2f}x | "
             f"{r['cost_model_ratio']:.2f}x | {r['peak_mib']:.0f} | {r['peak_ratio']:.2f}x |"
         )
     return "\n".join(lines)
@@ -163,6 +184,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seq_len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--exact", action="store_true", help="also time exact steps (k = L) and k='auto'")
     parser.add_argument("--output_dir", default="results/step")
     args = parser.parse_args(argv)
     if any(k < 0 for k in args.ks):
@@ -173,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        rows += bench_model(name, args.ks, args.rounds, args.batch_size, args.seq_len, args.seed)
+        rows += bench_model(name, args.ks, args.rounds, args.batch_size, args.seq_len, args.seed, args.exact)
     table = to_markdown(rows)
     print(table)
     out = Path(args.output_dir)
