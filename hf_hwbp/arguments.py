@@ -38,7 +38,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .config import SCHEDULE_NAMES, HighwayConfig, normalized_settings
+from .config import BACKEND_NAMES, SCHEDULE_NAMES, HighwayConfig, normalized_settings
 
 FLAG_PREFIX = "hwbp_"
 
@@ -119,6 +119,7 @@ class HighwayArguments:
     hwbp_k: str | None = _alias("k")
     hwbp_tol: float | None = _alias("tol")
     hwbp_group_size: int | None = _alias("group_size")
+    hwbp_backend: str | None = _alias("backend", choices=list(BACKEND_NAMES))
     hwbp_k_schedule: str | None = _alias("k_schedule", choices=list(SCHEDULE_NAMES))
     hwbp_k_step_every: int | None = _alias("k_step_every")
     hwbp_k_max: int | None = _alias("k_max")

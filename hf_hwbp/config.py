@@ -29,7 +29,10 @@ AUTO_DEFAULT_TOL = 1e-3
 SCHEDULE_NAMES: tuple[str, ...] = ("constant", "step", "exact_last")
 """The named k schedules (see ``hf_hwbp.schedules``)."""
 
-ENGINE_FIELDS: tuple[str, ...] = ("k", "tol", "group_size")
+BACKEND_NAMES: tuple[str, ...] = ("auto", "sequential", "batched")
+"""How a stack's Highway iterations run (see ``hf_hwbp.batched``)."""
+
+ENGINE_FIELDS: tuple[str, ...] = ("k", "tol", "group_size", "backend")
 """The fields a patched model's backward reads; the others are training settings (schedule, fidelity logging)."""
 
 
@@ -61,6 +64,16 @@ class HighwayConfig:
     group_size: int = field(
         default=1,
         metadata={"help": "Consecutive layers per Highway block (exact backprop inside a block); 1 = every layer."},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "How the Highway iterations run: 'sequential' (block by block on the recorded graphs); "
+            "'batched' (all blocks' VJPs of one iteration as one call over their stacked weights, for blocks of one "
+            "architecture without active dropout; other stacks fall back to sequential with a log line); 'auto' "
+            "(batched where supported and measured faster on this device, else sequential; the log says which).",
+            "choices": list(BACKEND_NAMES),
+        },
     )
     k_schedule: str = field(
         default="constant",
@@ -101,7 +114,8 @@ class HighwayConfig:
     # ----- construction -----------------------------------------------------------------------------------------
     @classmethod
     def from_options(cls, k: int = 2, **options) -> HighwayConfig:
-        """A config for a patched model (``patch_model(model, k, **options)``): ``k``, ``tol``, ``group_size``.
+        """A config for a patched model (``patch_model(model, k, **options)``): ``k``, ``tol``, ``group_size``,
+        ``backend``.
 
         Unknown names raise ``TypeError`` with the valid ones; ``k`` must be an int here (``"auto"`` and the
         schedules are training settings, resolved per step by ``HighwayCallback``).
@@ -240,6 +254,8 @@ def normalized_settings(values: dict[str, Any], prefix: str = "") -> dict[str, A
         if value < minimum:
             raise ValueError(f"{name(field_name)} must be an int >= {minimum} ({meaning}), got {value!r}.")
         out[field_name] = int(value)
+    if out["backend"] not in BACKEND_NAMES:
+        raise ValueError(f"Unknown {name('backend')} {out['backend']!r}; choose one of {', '.join(BACKEND_NAMES)}.")
     schedule = out["k_schedule"]
     if schedule not in SCHEDULE_NAMES:
         raise ValueError(
@@ -275,6 +291,7 @@ def normalized_settings(values: dict[str, Any], prefix: str = "") -> dict[str, A
 
 __all__ = [
     "AUTO_DEFAULT_TOL",
+    "BACKEND_NAMES",
     "CONFIG_NAME",
     "ENGINE_FIELDS",
     "SCHEDULE_NAMES",
