@@ -17,16 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
+from ..config import validate_k
 from .function import HighwaySettings
-
-
-def check_k(value: int) -> int:
-    """k as a Highway iteration count (an int >= 0), or a clear error."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"k must be an int >= 0 (Highway iterations), got {type(value).__name__} {value!r}.")
-    if value < 0:
-        raise ValueError(f"k must be >= 0 (0 = residual path only, >= T = exact backprop), got {value}.")
-    return value
 
 
 class HighwayRNNMixin:
@@ -74,7 +66,7 @@ class HighwayRNNMixin:
 
     @k.setter
     def k(self, value: int) -> None:
-        self._k = check_k(value)
+        self._k = validate_k(value, exact_from="T")
 
     @property
     def tol(self) -> float | None:
