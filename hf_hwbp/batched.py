@@ -194,10 +194,11 @@ class BatchedStack:
 _said: set[str] = set()
 
 
-def _say_once(message: str) -> None:
+def _say_once(message: str, *, warn: bool = True) -> None:
+    """Log ``message`` once per process: a warning where the backend asked for is not what runs, else info."""
     if message not in _said:
         _said.add(message)
-        logger.warning(message)
+        (logger.warning if warn else logger.info)(message)
 
 
 class _SideInputCapture:
@@ -330,7 +331,8 @@ def batched_stack(record, d: Tensor, extra: Sequence[Tensor | None]) -> BatchedS
     if backend == "auto":
         _say_once(
             f"Highway-BP: backend 'auto' runs {path} sequentially on {d.device.type}: the batched backend has not "
-            "been measured faster on this device (set backend='batched' to use it anyway)."
+            "been measured faster on this device (set backend='batched' to use it anyway).",
+            warn=False,
         )
         return None
     layers = record.stack.layers[record.first_layer :]
@@ -344,7 +346,9 @@ def batched_stack(record, d: Tensor, extra: Sequence[Tensor | None]) -> BatchedS
     if rest:
         _say_once(f"Highway-BP: backend 'batched' falls back to sequential for {path}: positional side inputs.")
         return None
-    _say_once(f"Highway-BP: backend 'batched' runs {path} ({len(layers)} blocks) as one call per iteration.")
+    _say_once(
+        f"Highway-BP: backend 'batched' runs {path} ({len(layers)} blocks) as one call per iteration.", warn=False
+    )
     inputs = torch.stack([x.detach() for x in record.inputs])
     return BatchedStack(
         BatchedBlocks(layers, kwargs), inputs, d, need_input_grad=record.input_requires_grad, extra_grads=extra

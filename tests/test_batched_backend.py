@@ -78,6 +78,7 @@ def said(monkeypatch):
     lines: list[str] = []
     monkeypatch.setattr(batched, "_said", set())
     monkeypatch.setattr(batched.logger, "warning", lambda message, *a, **kw: lines.append(message))
+    monkeypatch.setattr(batched.logger, "info", lambda message, *a, **kw: lines.append(message))
     return lines
 
 
