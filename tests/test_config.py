@@ -52,7 +52,7 @@ def test_flags_and_config_file_combine(tmp_path):
     assert (args.highway_config.k, args.highway_config.tol) == (3, 0.5)
     # Folded into hwbp_config: the arguments' own JSON gives them back, and a copy resolves the same way.
     again = HighwayTrainingArguments(**{**json.loads(args.to_json_string()), "output_dir": str(tmp_path / "out")})
-    assert again.highway_config == args.highway_config and args.hwbp_k is None
+    assert again.highway_config == args.highway_config and args.hwbp_k == 3  # reads back as set
     help_text = parser.format_help()
     assert "--hwbp_config" in help_text and "--hwbp_k_schedule" in help_text and "(default 2)" in help_text
 

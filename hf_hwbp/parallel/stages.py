@@ -29,9 +29,10 @@ def call_mask_builder(
     params = inspect.signature(builder).parameters
     kwargs = {"config": config, "attention_mask": attention_mask}
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = h
-    for name in ("cache", "past_key_values"):
+    for name in ("cache", "past_key_values"):  # the new name only: passing the old one too warns on every rank
         if name in params:
             kwargs[name] = None
+            break
     if "cache_position" in params:
         kwargs["cache_position"] = torch.arange(h.shape[1], device=h.device)
     if position_ids is not None and "position_ids" in params:
