@@ -139,14 +139,6 @@ class HighwayArguments:
         default=1,
         metadata={"help": "Layer-parallel: micro-batches each batch is cut into (along the batch dimension)."},
     )
-    layer_parallel_scan: str = field(
-        default="chain",
-        metadata={
-            "help": "Layer-parallel: how the per-stage sums of every Highway iteration reach the stages below "
-            "('chain': one message per stage boundary, overlapping with other micro-batches).",
-            "choices": ["chain"],
-        },
-    )
 
     def __post_init__(self) -> None:
         self._resolve_highway_settings()
@@ -167,8 +159,6 @@ class HighwayArguments:
         microbatches = self.layer_parallel_microbatches
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"layer_parallel_microbatches must be an int >= 1, got {microbatches!r}.")
-        if self.layer_parallel_scan != "chain":
-            raise ValueError(f"layer_parallel_scan must be 'chain', got {self.layer_parallel_scan!r}.")
         if not self.layer_parallel or not self.use_highway_bp:
             return
         config = self.highway_config

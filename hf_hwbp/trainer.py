@@ -170,7 +170,6 @@ class HighwayTrainer(Trainer):
                 group_size=config.group_size,
                 use_highway=callback.enabled,
                 microbatches=self.args.layer_parallel_microbatches,
-                scan=self.args.layer_parallel_scan,
             )
             self._layer_parallel_training = current
             callback.use_runner(current.runner)

@@ -70,8 +70,8 @@ class LayerParallelHighway:
         method: ``"highway"`` (layer-parallel Highway-BP) or ``"backprop"`` (pipeline backprop with the same
             placement and micro-batches, in ``backprop_order``: the baseline).
         num_stages: the stages requested; must equal the process group's size (default: that size).
-        scan: how the per-stage sums reach the stages below: ``"chain"`` (one message per stage boundary and
-            iteration; the only one).
+        scan: deprecated, ignored: the per-stage sums always reach the stages below by ``"chain"`` (one message
+            per stage boundary and iteration, overlapping with other micro-batches); any other value raises.
         tol: optional adaptive stop, as in ``HighwayConfig``, decided per micro-batch (one all_reduce of two
             scalars per iteration). Only with ``microbatches=1``.
         blocks_per_stage: optional explicit count of Highway blocks per stage.
@@ -97,7 +97,7 @@ class LayerParallelHighway:
         group_size: int | str = 1,
         method: str = "highway",
         num_stages: int | None = None,
-        scan: str = "chain",
+        scan: str | None = None,
         tol: float | None = None,
         blocks_per_stage=None,
         microbatches: int = 1,
@@ -115,8 +115,9 @@ class LayerParallelHighway:
             raise ValueError(
                 f"method must be one of {METHODS}, got {method!r} (torch's schedules: hf_hwbp.parallel.TorchPipeline)."
             )
-        if scan != "chain":
+        if scan not in (None, "chain"):  # the one scan there is; the argument stays for old callers
             raise ValueError(f"scan must be 'chain' (the scan that overlaps with micro-batches), got {scan!r}.")
+        scan = "chain"
         if backprop_order not in BACKPROP_ORDERS:
             raise ValueError(f"backprop_order must be one of {BACKPROP_ORDERS}, got {backprop_order!r}.")
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:

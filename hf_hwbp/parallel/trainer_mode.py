@@ -59,7 +59,7 @@ class LayerParallelTraining:
         model: the whole model, the same on every rank (same seed or checkpoint), on this rank's device.
         k, tol, group_size: the Highway settings the runner starts with (``HighwayCallback`` sets k and tol per step).
         use_highway: False trains with pipeline backprop over the same stages.
-        microbatches, scan: as in ``LayerParallelHighway``.
+        microbatches: as in ``LayerParallelHighway``.
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialized (the script was not launched with one process per
@@ -76,7 +76,6 @@ class LayerParallelTraining:
         group_size: int,
         use_highway: bool,
         microbatches: int = 1,
-        scan: str = "chain",
     ):
         if not dist.is_available() or not dist.is_initialized():
             raise HighwayBPError(
@@ -89,7 +88,6 @@ class LayerParallelTraining:
             k=k,
             group_size=group_size,
             method="highway" if use_highway else "backprop",
-            scan=scan,
             microbatches=microbatches,
         )
         stage = self.runner.stage
