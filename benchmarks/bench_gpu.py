@@ -16,6 +16,12 @@ Parts (each writes ``OUT_DIR/<part>.json`` and a line in ``OUT_DIR/summary.md``)
    Llama-1B-shaped stacks measured on this GPU (bf16, one sample per micro-batch), for the simulator's map.
 4. ``layer_parallel``: ``tests/parallel_worker.py`` with two processes sharing this one GPU (gloo through host
    memory: NCCL refuses two ranks on one device). A correctness check only, not a speed measurement.
+5. ``backend_speed``: one training step (forward + backward) in the user's path: backprop (SDPA), backprop under
+   ``torch.compile``, and ``patch_model(model, k, backend=...)`` with the sequential and the batched backend, k =
+   0, 1, 2; GPT-2-medium-shaped (L = 24, hidden 1024) and Llama-1B-shaped (L = 16, hidden 2048) stacks, tokens
+   per step 256 to 8k, bf16; medians of interleaved repetitions and peak memory per method.
+6. ``restack_cost``: what the batched backend's per-step restacking of the blocks' weights costs (time, bytes)
+   at GPT-2-medium and Llama-1B layer shapes (a few layers, per layer; runs on the CPU too).
 
 CPU-safe: without CUDA it runs tiny versions of parts 1 and 2 on the CPU (to check the script itself).
 """
@@ -36,8 +42,8 @@ from pathlib import Path
 import torch
 
 from hf_hwbp import patch_model, set_highway_k
+from hf_hwbp.batched import BatchedBlocks, BatchedStack
 from hf_hwbp.engine import highway_backward, run_recursion
-from hf_hwbp.parallel.batched import BatchedBlocks, BatchedStack
 from hf_hwbp.parallel.stages import build_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,11 +274,127 @@ def part_layer_parallel(args, device) -> dict:
     return out
 
 
+def timed_step(model, ids) -> None:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def part_backend_speed(args, device) -> dict:
+    """The user's path: patch_model with each backend, against backprop eager (SDPA) and compiled."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.quick:
+        shapes, tokens = [("gpt2", 4, 64), ("llama", 4, 64)], [(1, 16), (2, 16)]
+    else:
+        shapes = [("gpt2", 24, 1024), ("llama", 16, 2048)]
+        tokens = [(1, 256), (2, 512), (4, 512), (2, 1024), (4, 1024), (8, 1024)]  # 256 .. 8k tokens per step
+    rows = []
+    for arch, layers, hidden in shapes:
+        for batch, seq in tokens:
+            row = {"arch": arch, "layers": layers, "hidden": hidden, "batch": batch, "seq": seq, "dtype": str(dtype)}
+            try:
+                plain = build(arch, layers, hidden, seq, "sdpa", dtype, device)
+                ids = torch.randint(0, plain.config.vocab_size, (batch, seq), device=device)
+                methods = {"backprop sdpa": lambda m=plain, ids=ids: timed_step(m, ids)}
+                if device.type == "cuda" or not args.quick:
+                    compiled = torch.compile(plain)
+                    methods["backprop compiled"] = lambda m=compiled, ids=ids: timed_step(m, ids)
+                for backend in ("sequential", "batched"):
+                    model = patch_model(build(arch, layers, hidden, seq, "sdpa", dtype, device), 0, backend=backend)
+                    for k in args.ks:
+                        methods[f"highway {backend} k={k}"] = lambda m=model, k=k, ids=ids: (
+                            set_highway_k(m, k),
+                            timed_step(m, ids),
+                        )
+                times = {name: [] for name in methods}
+                memory = {}
+                for rep in range(args.warmup + args.reps):
+                    for name, fn in methods.items():
+                        if device.type == "cuda":
+                            torch.cuda.reset_peak_memory_stats()
+                        t = cuda_time(fn, device)
+                        if rep >= args.warmup:
+                            times[name].append(t)
+                        if device.type == "cuda":
+                            memory[name] = torch.cuda.max_memory_allocated() / 2**30
+                row["median_s"] = {name: statistics.median(t) for name, t in times.items()}
+                best = min(t for name, t in row["median_s"].items() if name.startswith("backprop"))
+                row["speedup_vs_best_backprop"] = {name: best / t for name, t in row["median_s"].items()}
+                if memory:
+                    row["peak_memory_gib"] = memory
+            except Exception as error:  # noqa: BLE001 - one failing configuration must not stop the others
+                row["error"] = f"{type(error).__name__}: {error}"[:2000]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"rows": rows}
+
+
+def part_restack_cost(args, device) -> dict:
+    """Time and bytes of stacking the blocks' weights (what ``hf_hwbp.batched`` does at every batched backward)."""
+    import transformers as tf
+
+    dtype = torch.bfloat16
+    count = 2 if args.quick else 4
+    shapes = {
+        "gpt2-medium layer": lambda: tf.GPT2Config(n_embd=1024, n_layer=count, n_head=16, vocab_size=64),
+        "llama-1b layer": lambda: tf.LlamaConfig(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=count,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=64,
+        ),  # fmt: skip
+    }
+    out = {}
+    for name, make in shapes.items():
+        config = make()
+        cls = tf.GPT2LMHeadModel if "gpt2" in name else tf.LlamaForCausalLM
+        with torch.device(device):
+            model = cls(config).to(dtype).eval()  # dropout off: only the weights matter here
+        layers = list(model.transformer.h if "gpt2" in name else model.model.layers)
+        blocks = BatchedBlocks(layers)
+        stacked = sum(t.numel() * t.element_size() for t in (*blocks.params.values(), *blocks.frozen.values()))
+        times = []
+        for _ in range(args.warmup + args.reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            BatchedBlocks(layers)  # what one batched backward builds: template + restacked weights
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        median = statistics.median(times[args.warmup :])
+        restack = []  # the weights' stacking alone (``refresh``), without the template's copy
+        for _ in range(args.warmup + args.reps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            blocks.refresh()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            restack.append(time.perf_counter() - start)
+        out[name] = {
+            "layers_measured": count,
+            "dtype": str(dtype),
+            "device": str(device),
+            "ms_per_layer": 1000 * median / count,
+            "restack_only_ms_per_layer": 1000 * statistics.median(restack[args.warmup :]) / count,
+            "mib_per_layer": stacked / count / 2**20,
+        }
+        print(name, json.dumps(out[name]), flush=True)
+        del model, layers, blocks
+    return out
+
+
 PARTS = {
     "batched_correctness": part_batched_correctness,
     "batched_speed": part_batched_speed,
     "gpu_costs": part_gpu_costs,
     "layer_parallel": part_layer_parallel,
+    "backend_speed": part_backend_speed,
+    "restack_cost": part_restack_cost,
 }
 
 
