@@ -191,7 +191,7 @@ class HighwayCallback(TrainerCallback):
                 "HighwayConfig.fidelity_steps is measured by HighwayTrainer only (it needs the loss function); "
                 "this Trainer will not log hwbp_fidelity/*."
             )
-        patch_model(target, k=0, tol=None, group_size=self.config.group_size)
+        patch_model(target, k=0, tol=None, group_size=self.config.group_size, backend=self.config.backend)
         highway_state(target).enabled = True
         self._start(target, _PatchTarget(target), state)
 

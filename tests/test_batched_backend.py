@@ -191,3 +191,30 @@ def test_backend_setting_is_validated_and_parsed():
 
     (args,) = tf.HfArgumentParser(HighwayArguments).parse_args_into_dataclasses(["--hwbp_backend", "batched"])
     assert args.highway_config.backend == "batched"
+
+
+@pytest.mark.parametrize("k", [1])
+def test_highway_trainer_with_the_batched_backend(tmp_path, k, said, batched_calls):
+    """HighwayTrainer (SGD, float64): every step's gradients equal the sequential backend's, and the steps after the
+    first ran batched."""
+    from trainer_helpers import GradRecorder, make_args, repetitive_data, tiny_gpt2
+
+    from hf_hwbp.trainer import HighwayTrainer
+
+    def train(backend: str):
+        recorder = GradRecorder()
+        args = make_args(
+            tmp_path / backend, max_steps=3, optim="sgd", learning_rate=0.1, max_grad_norm=0.0,
+            hwbp_config={"k": k, "backend": backend},
+        )  # fmt: skip
+        model = tiny_gpt2(dtype=torch.float64)
+        HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(n=4), callbacks=[recorder]).train()
+        return recorder.grads
+
+    want = train("sequential")
+    assert not batched_calls
+    got = train("batched")
+    assert len(batched_calls) == 2, said  # the first step captures the blocks' side inputs
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        assert_close(g, w)
