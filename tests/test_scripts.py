@@ -322,6 +322,14 @@ TINY_IMAGE_MODELS = {
     "dinov2": "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
     "mlp_ratio=2",
     "resnet": "num_channels=1,embedding_size=8,hidden_sizes=[8,16],depths=[2,2],layer_type=basic",  # list values
+    "beit": "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
+    "intermediate_size=32",
+    "ijepa": "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
+    "intermediate_size=32",
+    "vit_msn": "image_size=8,patch_size=4,num_channels=1,hidden_size=16,num_hidden_layers=3,num_attention_heads=2,"
+    "intermediate_size=32",
+    "swin": "image_size=8,patch_size=2,num_channels=1,embed_dim=8,depths=[2,2],num_heads=[2,2],window_size=2",
+    "swinv2": "image_size=8,patch_size=2,num_channels=1,embed_dim=8,depths=[2,2],num_heads=[2,2],window_size=2",
 }
 
 
