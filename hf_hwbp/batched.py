@@ -174,6 +174,8 @@ class BatchedStack:
         """(dg_j/dtheta_j)^T delta_j for each of ``params`` (the blocks' trainable parameters, in any order), in
         one batched call; None for a tensor that is no block's trainable parameter. Returned, never written to
         ``.grad``: the caller hands them to autograd."""
+        if not params:
+            return []
         grads = self.batched.param_vjps(self.inputs, delta[1:])
         by_id = {}
         for name, stacked in grads.items():
@@ -208,10 +210,14 @@ class _SideInputCapture:
 
     def __init__(self) -> None:
         self.calls = WeakIdKeyDictionary()
+        self.signatures: dict[type, inspect.Signature] = {}
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        signature = self.signatures.get(type(module))
+        if signature is None:
+            signature = self.signatures[type(module)] = inspect.signature(module.forward)
         try:
-            bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            bound = signature.bind(*args, **kwargs).arguments
         except TypeError:
             return None
         names = list(bound)
@@ -220,7 +226,7 @@ class _SideInputCapture:
         hidden = bound[names[0]]
         others: dict = {}
         for name in names[1:]:
-            kind = inspect.signature(module.forward).parameters[name].kind
+            kind = signature.parameters[name].kind
             if kind is inspect.Parameter.VAR_KEYWORD:
                 others.update(bound[name])
             elif kind is inspect.Parameter.VAR_POSITIONAL:

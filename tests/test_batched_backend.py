@@ -218,3 +218,24 @@ def test_highway_trainer_with_the_batched_backend(tmp_path, k, said, batched_cal
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
         assert_close(g, w)
+
+
+def test_side_outputs_fall_back_with_the_sequential_gradients(said, batched_calls):
+    """A loss that reads the attention maps (side outputs) runs sequentially, with a log line, same gradients."""
+
+    def loss_with_attentions(model):
+        out = model(input_ids=IDS, labels=IDS, output_attentions=True)
+        return out.loss + sum(a.pow(2).sum() for a in out.attentions)
+
+    def grads(model):
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            loss_with_attentions(model).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = tiny("gpt2")
+    sequential = hf_hwbp.patch_model(copy.deepcopy(model), 1, backend="sequential")
+    hf_hwbp.patch_model(model, 1, backend="batched")
+    assert_close(grads(model), grads(sequential))
+    assert not batched_calls
+    assert any("falls back to sequential" in line and "side outputs" in line for line in said)
