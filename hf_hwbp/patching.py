@@ -218,7 +218,7 @@ class HighwayPatch:
     @property
     def num_blocks(self) -> int:
         """Highway blocks (groups of ``group_size`` layers) of the deepest stack: k >= this is exact everywhere."""
-        return max(self._blocks_of(s) for s in self.stacks)
+        return max((self._blocks_of(s) for s in self.stacks), default=0)
 
     @property
     def effective_k(self) -> int:
