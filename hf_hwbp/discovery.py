@@ -20,6 +20,7 @@ structure misleads these rules are listed in the ``model_patches`` registry (the
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,18 +62,15 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
     Raises ValueError when there is none, naming ``layers=`` for stacks that discovery cannot see.
     """
-    from .model_patches import REFUSED_MODEL_TYPES, RESIDUAL_GATES, STACK_FINDERS
+    from .model_patches import REFUSED_MODEL_TYPES, STACK_FINDERS, residual_gate
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in REFUSED_MODEL_TYPES:
         reason = REFUSED_MODEL_TYPES[model_type]
         raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {reason}")
     finder = STACK_FINDERS.get(model_type)
-    if finder is not None:
-        gate = RESIDUAL_GATES[model_type](model) if model_type in RESIDUAL_GATES else None
-        stacks = [Stack(path, tuple(layers), gate) for path, layers in finder(model)]
-    else:
-        stacks = _discover(model)
+    found = [(path, tuple(layers)) for path, layers in finder(model)] if finder is not None else _discover(model)
+    stacks = [Stack(path, layers, residual_gate(layers, model)) for path, layers in found]
     if not stacks:
         raise UnsupportedModelError(
             f"Highway-BP found no residual stack in {type(model).__name__} (model_type={model_type!r}): no "
@@ -135,71 +133,135 @@ def describe(stacks: Sequence[Stack]) -> str:
 
 
 def _layer_counts(model: nn.Module) -> set[int]:
-    """Every positive int whose name speaks of layers or depth in the configs of the model and its submodels."""
+    """Every positive int whose name speaks of layers, depth or blocks in the configs of the model and its
+    submodels, and the layer counts a config computes (Nemotron-H's is the length of its layer pattern)."""
     counts: set[int] = set()
+
+    def add(value) -> None:
+        for count in value if isinstance(value, (list, tuple)) else [value]:  # Swin's depths: per stage
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                counts.add(count)
 
     def visit(values: dict) -> None:
         for key, value in values.items():
             if isinstance(value, dict):
                 visit(value)
-            elif isinstance(key, str) and re.search(r"layer|depth", key):
-                for count in value if isinstance(value, (list, tuple)) else [value]:  # Swin's depths: per stage
-                    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-                        counts.add(count)
+            elif isinstance(key, str) and re.search(r"layer|depth|block", key):
+                add(value)
 
     configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "to_dict")}
     for config in configs.values():
         visit(config.to_dict())
+        for name in ("num_hidden_layers", "num_layers", "n_layer"):  # properties are not in to_dict()
+            with contextlib.suppress(Exception):
+                add(getattr(config, name, None))
     return counts
 
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+_LISTS = (nn.ModuleList, nn.Sequential)
+
+
+def _is_transformers_layer(layer: nn.Module) -> bool:
+    return GradientCheckpointingLayer is not None and isinstance(layer, GradientCheckpointingLayer)
 
 
 def _changes_shape(layer: nn.Module) -> bool:
-    """A layer that convolves with a stride or changes the channel count as its own operation (an audio feature
-    encoder's conv layers): its output cannot have its input's shape."""
-    for child in layer.children():
-        if isinstance(child, nn.modules.conv._ConvNd):
-            if child.in_channels != child.out_channels or any(stride != 1 for stride in child.stride):
-                return True
-    return False
+    """A layer that convolves with a stride as its own operation (an audio feature encoder's conv layers, a patch
+    embedding): its output cannot have its input's shape. (A convolution that changes the channel count says
+    nothing: a bottleneck layer widens and narrows its state inside, Autoformer's decoder layers project their trend
+    side output.)"""
+    return any(
+        isinstance(child, nn.modules.conv._ConvNd) and any(stride != 1 for stride in child.stride)
+        for child in layer.children()
+    )
 
 
-def _discover(model: nn.Module) -> list[Stack]:
+def _signature(layer: nn.Module) -> dict[str, tuple]:
+    """The shapes of a layer's parameters and the strides of its convolutions, by name."""
+    signature = {name: tuple(p.shape) for name, p in layer.named_parameters()}
+    for name, module in layer.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            signature[f"{name}.stride"] = tuple(module.stride)
+    return signature
+
+
+def _entry_layers(layers: Sequence[nn.Module]) -> int:
+    """How many leading layers of a list are not residual blocks of the rest's form: the first layer of a
+    down-sampling stage (BiT, RegNet, Hiera), whose parameters have another width or whose convolutions another
+    stride than the same names in the layers after it, or that has a convolution where they have nothing to train
+    (a projection shortcut where they have the identity). They stay outside the stack (ordinary backprop), as the
+    down-sampling between Swin's stages does. Only before layers that all share one form: the layers of a hybrid
+    stack (Nemotron-H's Mamba, attention and MLP blocks) differ from each other and all belong to it."""
+    signatures = [_signature(layer) for layer in layers]
+    last = signatures[-1]
+    trainable = {name for name, child in layers[-1].named_children() if any(True for _ in child.parameters())}
+    entry = 0
+    while entry < len(layers) - 1 and all(signature == last for signature in signatures[entry + 1 :]):
+        own = signatures[entry]
+        differs = any(last[name] != value for name, value in own.items() if name in last)
+        projects = any(
+            name.endswith(".stride") and name.partition(".")[0] not in trainable for name in own if name not in last
+        )
+        if not (differs or projects):
+            break
+        entry += 1
+    return entry
+
+
+def _discover(model: nn.Module) -> list[tuple[str, tuple[nn.Module, ...]]]:
     counts = _layer_counts(model)
-    lists = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) > 0
-        and len(module) in counts
-        and not any(isinstance(x, _CONTAINERS) or _changes_shape(x) for x in module)
-    ]
-    # Per-operation lists: a parent holding several candidate lists of one length splits each layer over them.
-    parents: dict[tuple[str, int], int] = {}
-    for name, module in lists:
-        key = (name.rpartition(".")[0], len(module))
-        parents[key] = parents.get(key, 0) + 1
-    lists = [(n, m) for n, m in lists if parents[(n.rpartition(".")[0], len(m))] == 1]
+    lists = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _LISTS) or len(module) == 0:
+            continue
+        layers = list(module)
+        if any(isinstance(x, _CONTAINERS) for x in layers) or _changes_shape(layers[-1]):
+            continue  # a list of lists, or layers that change the shape (a stage's first layer may: see below)
+        if all(_is_transformers_layer(x) for x in layers):
+            lists.append((name, module, True))  # transformers' layers: the structure says it, whatever the config
+        elif (
+            len({type(x) for x in layers}) == 1
+            and not type(layers[0]).__module__.startswith("torch.")
+            and len(layers) in counts
+        ):
+            lists.append((name, module, False))  # other lists of one layer class: their length is a layer count
+    lists = _without_per_operation_lists(lists)
+    names = [n for n, m, _ in lists if len({type(x) for x in m}) == 1]
 
-    # Lists of one repeated layer (T5's per-block `layer` list mixes attention and feed-forward: not a stage's blocks).
-    names = [n for n, m in lists if len({type(x) for x in m}) == 1]
-
-    def outermost(candidates):
-        found: list[Stack] = []
+    def outermost(candidates) -> list[tuple[str, tuple[nn.Module, ...]]]:
+        found: list[tuple[str, tuple[nn.Module, ...]]] = []
         for name, module in candidates:
-            if any(name.startswith(s.path + ".") for s in found):
+            if any(name.startswith(path.partition("[")[0] + ".") for path, _ in found):
                 continue
             # Stages: every layer of the list holds a candidate list of its own; those inner lists are the stacks.
             if all(any(n.startswith(f"{name}.{i}.") for n in names) for i in range(len(module))):
                 continue
-            found.append(Stack(name, tuple(module)))
+            layers = tuple(module)
+            start = _entry_layers(layers)
+            found.append((f"{name}[{start}:]" if start else name, layers[start:]))
         return found
 
-    if GradientCheckpointingLayer is not None:
-        stacks = outermost((n, m) for n, m in lists if all(isinstance(x, GradientCheckpointingLayer) for x in m))
-        if stacks:
-            return stacks
+    stacks = outermost((n, m) for n, m, marked in lists if marked)
+    if stacks:
+        return stacks
     # Models without transformers' layer base class: lists of one repeated layer class.
-    return outermost((n, m) for n, m in lists if len({type(x) for x in m}) == 1)
+    return outermost((n, m) for n, m, marked in lists if len({type(x) for x in m}) == 1)
+
+
+def _without_per_operation_lists(lists: list) -> list:
+    """Per-operation lists: one layer split over several sibling lists of one length (XLM's ``attentions``,
+    ``ffns``, ...), which hold different classes. Sibling lists of one class are stages, each a stack (PVT's and
+    PoolFormer's blocks); beside transformers' layers, a sibling list of another class is a per-layer head
+    (a detection decoder's box heads), and the layers stay a stack."""
+    groups: dict[tuple[str, int], list] = {}
+    for item in lists:
+        groups.setdefault((item[0].rpartition(".")[0], len(item[1])), []).append(item)
+    kept = []
+    for group in groups.values():
+        classes = {type(x) for _, module, _ in group for x in module}
+        if len(group) == 1 or len(classes) == 1:
+            kept.extend(group)
+        else:
+            kept.extend(item for item in group if item[2])
+    return [item for item in lists if item in kept]

@@ -2,23 +2,23 @@
 
 Most transformers models need nothing here: their residual stack is found from their structure. An entry is a
 function ``model -> [(path, layers), ...]`` returning the stacks in the order the forward runs them.
-``RESIDUAL_GATES`` names the models whose layers are ``act(h + g(h))`` rather than ``h + g(h)``: a function
-``model -> gate`` gives the diagonal of the residual path from a layer's output (docs/algorithm.md, residual
-paths that are not the identity), or raises for an activation it cannot express that way.
+``residual_gate`` (``gates.py``) knows the layer classes that are ``act(h + g(h))`` rather than ``h + g(h)``
+(``POST_ACTIVATION_LAYERS``): it gives the diagonal of their residual path from a layer's output (docs/algorithm.md,
+residual paths that are not the identity), or raises for an activation it cannot express that way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import Tensor, nn
+from torch import nn
 
-from .resnet import resnet_residual_gate, resnet_stacks
+from .gates import POST_ACTIVATION_LAYERS, relu_residual_gate, residual_gate
+from .resnet import resnet_stacks
 
 StackFinder = Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
 
 STACK_FINDERS: dict[str, StackFinder] = {"resnet": resnet_stacks}
-RESIDUAL_GATES: dict[str, Callable[[nn.Module], Callable[[Tensor], Tensor]]] = {"resnet": resnet_residual_gate}
 
 # Models Highway-BP refuses at patch_model, with the reason and the way out (their structure looks like a stack).
 REFUSED_MODEL_TYPES: dict[str, str] = {
@@ -31,12 +31,13 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
 # The model types of the zoo in tests/test_zoo.py (exact at k >= L and equal to the independent reference below),
 # kept equal to it by a test. Discovery is not limited to them.
 TESTED_MODEL_TYPES = (
-    "albert", "audio-spectrogram-transformer", "bart", "beit", "bert", "big_bird", "biogpt", "blenderbot",
-    "clip_vision_model", "codegen", "cohere", "convbert", "deberta-v2", "deit", "dinov2", "distilbert", "electra",
-    "esm", "falcon", "gemma", "gemma2", "gemma3_text", "glm", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj",
-    "granite", "hubert", "ijepa", "layoutlm", "led", "llama", "longformer", "longt5", "mamba", "marian", "mistral",
-    "mixtral", "mpnet", "mpt", "mt5", "olmo", "olmo2", "olmoe", "openai-gpt", "opt", "pegasus", "persimmon", "phi",
-    "phi3", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "resnet", "roberta", "roformer", "rwkv",
+    "albert", "audio-spectrogram-transformer", "bart", "beit", "bert", "big_bird", "biogpt", "bit", "blenderbot",
+    "clip_vision_model", "codegen", "cohere", "convbert", "convnext", "convnextv2", "cvt", "deberta-v2", "deit",
+    "dinov2", "dinov3_convnext", "distilbert", "electra", "esm", "falcon", "gemma", "gemma2", "gemma3_text", "glm",
+    "glpn", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "hiera", "hubert", "ijepa", "layoutlm",
+    "led", "llama", "longformer", "longt5", "mamba", "marian", "mistral", "mixtral", "mpnet", "mpt", "mt5",
+    "nemotron_h", "olmo", "olmo2", "olmoe", "openai-gpt", "opt", "pegasus", "persimmon", "phi", "phi3", "poolformer",
+    "pvt", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "regnet", "resnet", "roberta", "roformer", "rwkv",
     "siglip_vision_model", "stablelm", "starcoder2", "swin", "swinv2", "switch_transformers", "t5", "umt5", "vit",
     "vit_msn", "vitdet", "wav2vec2", "whisper", "xlm-roberta", "xlnet",
 )  # fmt: skip
@@ -49,9 +50,11 @@ def supported_model_types() -> list[str]:
 
 __all__ = [
     "REFUSED_MODEL_TYPES",
-    "RESIDUAL_GATES",
+    "POST_ACTIVATION_LAYERS",
     "STACK_FINDERS",
     "TESTED_MODEL_TYPES",
+    "relu_residual_gate",
+    "residual_gate",
     "StackFinder",
     "supported_model_types",
 ]

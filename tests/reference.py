@@ -17,10 +17,44 @@ cross-attention).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+# Layer classes whose forward ends with ``self.activation(hidden + shortcut)`` (read from transformers' sources):
+# their residual path is diag(act'(pre-activation)), which ``pre_activation_gates`` reads with a hook on the
+# activation (not from the layer's output, as the package does).
+POST_ACTIVATION_CLASSES = frozenset(
+    {"ResNetBasicLayer", "ResNetBottleNeckLayer", "RegNetXLayer", "RegNetYLayer", "BitBottleneckLayer"}
+)
+
+
+@contextlib.contextmanager
+def pre_activation_gates(layers: Sequence[nn.Module]):
+    """For layers relu(h + g(h)): yields ``residual_gate`` for ``reference_highway_grads``, 1 where each layer's
+    pre-activation (read by a hook on ``layer.activation``) is positive."""
+    before_activation = {}
+    handles = [
+        layer.activation.register_forward_pre_hook(
+            lambda module, args, layer=layer: before_activation.__setitem__(layer, args[0].detach().clone())
+        )
+        for layer in layers
+    ]
+    try:
+        yield lambda layer: (before_activation[layer] > 0).to(before_activation[layer].dtype)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def residual_gates(stacks: Sequence[Sequence[nn.Module]]):
+    """``pre_activation_gates`` of the stacks' layers when they are of a post-activation class, else no gate."""
+    layers = [layer for stack in stacks for layer in stack]
+    if not any(type(layer).__name__ in POST_ACTIVATION_CLASSES for layer in layers):
+        return contextlib.nullcontext(None)
+    return pre_activation_gates(layers)
 
 
 class _Run:

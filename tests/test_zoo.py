@@ -4,14 +4,13 @@ reference of tests/reference.py. Dropout stays at each config's default (same se
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-from reference import reference_highway_grads
+from reference import reference_highway_grads, residual_gates
 from tiny_models import (  # noqa: F401 (one_thread: fixture)
     _S2S,
     REFUSAL_PENDING,
@@ -70,28 +69,8 @@ def max_relative_error(actual: dict, expected: dict) -> float:
     )
 
 
-@contextlib.contextmanager
-def pre_activation_gates(layers):
-    """ResNet layers are relu(h + g(h)): their residual path is diag(relu'(h + g(h))). The reference gets it from
-    each layer's pre-activation, read by a hook on the layer's activation (not from its output, as the patch does)."""
-    before_activation = {}
-    handles = [
-        layer.activation.register_forward_pre_hook(
-            lambda module, args, layer=layer: before_activation.__setitem__(layer, args[0].detach().clone())
-        )
-        for layer in layers
-    ]
-    try:
-        yield lambda layer: (before_activation[layer] > 0).to(before_activation[layer].dtype)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def reference_gates(entry, state):
-    if entry.task != "resnet":
-        return contextlib.nullcontext(None)
-    return pre_activation_gates([layer for stack in state.stacks for layer in stack.layers])
+    return residual_gates([s.layers for s in state.stacks])
 
 
 def _cases(names, pending):

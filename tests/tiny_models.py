@@ -202,6 +202,8 @@ _SWIN = dict(
     image_size=16, patch_size=2, embed_dim=16, depths=[ZOO_LAYERS, ZOO_LAYERS], num_heads=[2, 2], window_size=2
 )
 
+_STAGES = dict(hidden_sizes=[8, 16], depths=[3, 3], num_labels=5, initializer_range=0.2)
+
 ZOO_SEED = 7  # dropout masks (torch) and SpecAugment masks (numpy) are drawn from this seed in every pass
 AUDIO_SAMPLES = 200  # raw audio of the audio models: 39 frames after a (10, 3) / (5, 2) convolutional encoder
 
@@ -548,7 +550,104 @@ ZOO: dict[str, ZooEntry] = {
     ),
     "swin": ZooEntry("swin", "SwinForImageClassification", dict(_SWIN, num_labels=5), "vision", stacks=2),
     "swinv2": ZooEntry("swinv2", "Swinv2ForImageClassification", dict(_SWIN, num_labels=5), "vision", stacks=2),
-}
+    # ----- stages of down-sampling models: the residual blocks inside each stage are the stacks; a stage's first
+    # layer, when it down-samples or projects its shortcut, stays outside (depth 4: a stack of 3 after it).
+    # layer_scale_init_value=1: at the shipped 1e-6 the blocks add almost nothing and k < L would equal backprop.
+    "convnext": ZooEntry(
+        "convnext",
+        "ConvNextForImageClassification",
+        dict(_STAGES, num_stages=2, patch_size=2, layer_scale_init_value=1.0),
+        "vision",
+        stacks=2,
+    ),
+    "convnextv2": ZooEntry(
+        "convnextv2", "ConvNextV2ForImageClassification", dict(_STAGES, num_stages=2, patch_size=2), "vision", stacks=2
+    ),
+    "dinov3_convnext": ZooEntry(
+        "dinov3_convnext", "DINOv3ConvNextModel", dict(_STAGES, layer_scale_init_value=1.0), "image", stacks=2
+    ),
+    "bit": ZooEntry(  # pre-activation layers (the default): h + g(h)
+        "bit",
+        "BitForImageClassification",
+        dict(_STAGES, embedding_size=8, depths=[4, 4], num_groups=2),
+        "vision",
+        stacks=2,
+    ),
+    "bit-bottleneck": ZooEntry(  # relu(h + g(h)): the residual path is gated by relu' (as ResNet's)
+        "bit",
+        "BitForImageClassification",
+        dict(_STAGES, embedding_size=8, depths=[4, 4], num_groups=2, layer_type="bottleneck"),
+        "vision",
+        stacks=2,
+    ),
+    "regnet": ZooEntry(  # relu(h + g(h)), as ResNet's
+        "regnet",
+        "RegNetForImageClassification",
+        dict(_STAGES, embedding_size=8, depths=[4, 4], groups_width=8),
+        "vision",
+        stacks=2,
+    ),
+    "cvt": ZooEntry(
+        "cvt",
+        "CvtForImageClassification",
+        dict(embed_dim=[8, 16, 32], depth=[3, 3, 3], num_heads=[1, 2, 2], num_labels=5),
+        "vision",
+        stacks=3,
+    ),
+    "pvt": ZooEntry(
+        "pvt",
+        "PvtForImageClassification",
+        dict(
+            image_size=16, num_encoder_blocks=2, depths=[3, 3], sequence_reduction_ratios=[2, 1],
+            hidden_sizes=[16, 32], patch_sizes=[4, 2], strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2],
+            num_labels=5,
+        ),
+        "vision",
+        stacks=2,
+    ),
+    "poolformer": ZooEntry(
+        "poolformer",
+        "PoolFormerForImageClassification",
+        dict(
+            _STAGES, num_encoder_blocks=2, patch_sizes=[3, 3], strides=[2, 2], padding=[1, 1],
+            layer_scale_init_value=1.0,
+        ),
+        "vision",
+        stacks=2,
+        rtol=1e-9,  # its token mixer pool(x) - x cancels: observed 1.2e-10 at k = L against autograd
+    ),
+    "glpn": ZooEntry(
+        "glpn",
+        "GLPNModel",
+        dict(
+            num_encoder_blocks=2, depths=[3, 3], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[3, 3],
+            strides=[2, 2], num_attention_heads=[1, 2], initializer_range=0.2,
+        ),
+        "image",
+        stacks=2,
+    ),
+    "hiera": ZooEntry(  # the first layer of each later stage pools its queries: it stays outside the stack
+        "hiera",
+        "HieraForImageClassification",
+        dict(
+            image_size=[16, 16], patch_size=[3, 3], patch_stride=[2, 2], patch_padding=[1, 1], embed_dim=8,
+            depths=[3, 4], num_heads=[1, 2], query_stride=[2, 2], num_query_pool=1, masked_unit_size=[4, 4],
+            num_labels=5,
+        ),
+        "vision",
+        stacks=2,
+    ),
+    # ----- discovery by structure: layer counts that are no config key
+    "nemotron_h": ZooEntry(  # hybrid: Mamba, attention and MLP blocks in one stack; its count is a property
+        "nemotron_h",
+        "NemotronHForCausalLM",
+        dict(
+            _GQA, layers_block_type=["mamba", "attention", "mlp"], mamba_num_heads=4, mamba_head_dim=8,
+            ssm_state_size=8, n_groups=1, head_dim=8,
+        ),
+        "lm",
+    ),
+}  # fmt: skip
 
 
 # Entries the library does not run right yet; strict: when it does, the XPASS fails and the mark must go.

@@ -23,8 +23,9 @@ independent reference (tests/reference.py). The verdicts:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import logging
+import signal
 import sys
 import time
 import traceback
@@ -34,10 +35,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import reference_highway_grads  # noqa: E402
+from reference import reference_highway_grads, residual_gates  # noqa: E402
 from tiny_models import _AUDIO, _ENC, _GQA, _MOE, _S2S, _T5, _TEXT, _VISION, VOCAB, ZOO, ZOO_LAYERS, ZooEntry  # noqa: E402
+from zoo_generic import generic_case, model_types  # noqa: E402
 
 import hf_hwbp  # noqa: E402
 
@@ -439,7 +442,7 @@ CASES: dict[str, ZooEntry] = {
     "cvt": E(
         "cvt",
         "CvtForImageClassification",
-        dict(embed_dim=[8, 16, 32], depth=[1, 1, 2], num_heads=[1, 2, 2], num_labels=5),
+        dict(embed_dim=[8, 16, 32], depth=[3, 3, 3], num_heads=[1, 2, 2], num_labels=5),  # depth[i] > i (CvtStage)
         "vision",
     ),
     "levit": E(
@@ -481,10 +484,44 @@ CASES: dict[str, ZooEntry] = {
             depths=[1, 2],
             num_heads=[1, 2],
             query_stride=[2, 2],
+            num_query_pool=1,
             masked_unit_size=[4, 4],
             num_labels=5,
         ),
         "vision",
+    ),
+    "dinov3_convnext": E("dinov3_convnext", "DINOv3ConvNextModel", dict(hidden_sizes=[8, 16], depths=[3, 3]), "image"),
+    "glpn": E(
+        "glpn",
+        "GLPNModel",
+        dict(
+            num_encoder_blocks=2,
+            depths=[2, 2],
+            sr_ratios=[2, 1],
+            hidden_sizes=[16, 32],
+            patch_sizes=[3, 3],
+            strides=[2, 2],
+            num_attention_heads=[1, 2],
+        ),
+        "image",
+    ),
+    "mobilevitv2": E(
+        "mobilevitv2", "MobileViTV2Model", dict(image_size=64, width_multiplier=0.25), "image", image_size=64
+    ),
+    # ----- decoders whose layer count is not a config key
+    "nemotron_h": E(
+        "nemotron_h",
+        "NemotronHForCausalLM",
+        dict(
+            _GQA,
+            layers_block_type=["mamba", "attention", "mlp"],
+            mamba_num_heads=4,
+            mamba_head_dim=8,
+            ssm_state_size=8,
+            n_groups=1,
+            head_dim=8,
+        ),
+        "lm",
     ),
     # ----- LayerDrop (a separate check over seeds) and eval mode
     "m2m_100_layerdrop": E(
@@ -568,12 +605,35 @@ def loss_and_grads(entry, model, batch):
     return grads
 
 
+_NO_FLOAT64 = ("Float32, BFloat16 or Float16", "to have the same dtype", "not implemented for 'Double'")
+
+
+def _has_repeated_layers(model: torch.nn.Module) -> bool:
+    """Whether the model holds any list of two or more modules of one class of its own (not torch.nn's): what a
+    residual stack would be made of. A model without one has no residual stack to look for."""
+    return any(
+        isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))
+        and len(m) > 1
+        and len({type(x) for x in m}) == 1
+        and not type(m[0]).__module__.startswith("torch.")
+        for m in model.modules()
+    )
+
+
 def survey(name: str, entry: ZooEntry) -> Row:
     row = Row(name, entry.model_type, entry.model_class, str(entry.dtype).replace("torch.", ""))
     start = time.perf_counter()
     try:
-        model, batch = entry.build(), batch_of(entry)
-        exact = loss_and_grads(entry, model, batch)
+        try:
+            model, batch = entry.build(), batch_of(entry)
+            exact = loss_and_grads(entry, model, batch)
+        except Exception as e:  # noqa: BLE001 - kernels without float64 (grouped-matmul MoE): float32
+            if entry.dtype != torch.float64 or not any(text in str(e) for text in _NO_FLOAT64):
+                raise
+            entry = dataclasses.replace(entry, dtype=F32)
+            row.dtype = "float32"
+            model, batch = entry.build(), batch_of(entry)
+            exact = loss_and_grads(entry, model, batch)
     except Exception as e:  # noqa: BLE001
         row.verdict, row.message = "not built", _first_line(e)
         return row
@@ -584,7 +644,9 @@ def survey(name: str, entry: ZooEntry) -> Row:
     try:
         hf_hwbp.patch_model(model, k=1)
     except Exception as e:  # noqa: BLE001
-        row.verdict, row.message = "refused (patch_model)", _first_line(e)
+        no_stack = "found no residual stack" in str(e) and not _has_repeated_layers(model)
+        row.verdict = "no residual stack" if no_stack else "refused (patch_model)"
+        row.message = _first_line(e)
         return row
     state = hf_hwbp.highway_state(model)
     row.stacks = ", ".join(f"`{s.path}` ({len(s)} x {type(s.layers[0]).__name__})" for s in state.stacks)
@@ -599,10 +661,11 @@ def survey(name: str, entry: ZooEntry) -> Row:
         row.verdict = "crash after grad" if _any_grad(model) else "refused (forward)"
         row.message = _first_line(e)
         return row
+    let_go = [f"`{state._stacks[s].path}`: {why}" for s, why in state._rejected.items()]
     if hf_hwbp.last_highway_iterations(model) is None:
-        row.verdict = "no-op"
+        row.verdict = "let go" if let_go else "no-op"
         row.err_L = _rel(got, exact)
-        row.message = "last_highway_iterations is None after a training backward"
+        row.message = "; ".join(let_go) or "last_highway_iterations is None after a training backward"
         return row
     row.err_L = _rel(got, exact)
     if not row.err_L <= tol:
@@ -613,11 +676,7 @@ def survey(name: str, entry: ZooEntry) -> Row:
         return row
     errs = []
     for k in (1, 2):
-        gate_ctx = contextlib.nullcontext(None)
-        if entry.model_type == "resnet":
-            from test_zoo import pre_activation_gates
-
-            gate_ctx = pre_activation_gates([layer for s in state.stacks for layer in s.layers])
+        gate_ctx = residual_gates([s.layers for s in state.stacks])
         try:
             with hf_hwbp.exact_backprop(model), gate_ctx as gate:
                 expected = reference_highway_grads(
@@ -637,8 +696,10 @@ def survey(name: str, entry: ZooEntry) -> Row:
     row.err_k = tuple(errs)
     bad = [e for e, _ in errs if not e <= tol]
     row.verdict = "wrong below L" if bad else "exact"
+    notes = [f"let go: {'; '.join(let_go)}"] if let_go else []
     if not bad and max(d for _, d in errs) <= 1e-3:
-        row.message = "k < L barely differs from backprop here"
+        notes.append("k < L barely differs from backprop here")
+    row.message = "; ".join(notes)
     row.seconds = time.perf_counter() - start
     return row
 
@@ -738,6 +799,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--no-zoo", action="store_true", help="skip the tested zoo's own entries")
     parser.add_argument("--seeds", type=int, default=30, help="seeds of the LayerDrop cases")
     parser.add_argument(
+        "--all",
+        action="store_true",
+        help="also every other model type of the installed transformers (AutoModel), built from generic tiny configs "
+        "(tests/zoo_generic.py)",
+    )
+    parser.add_argument("--timeout", type=int, default=300, help="seconds one case may take")
+    parser.add_argument(
         "--autograd-exact-steps",
         action="store_true",
         help="keep the users' default (k >= L runs the model's own backward); by default the survey runs the "
@@ -752,10 +820,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     cases = {} if args.no_zoo else dict(ZOO)
     cases.update(CASES)
+    if args.all:
+        covered = {entry.model_type for entry in cases.values()}
+        cases.update({t: generic_case(t) for t in model_types() if t not in covered and t not in cases})
     if args.names:
         cases = {n: e for n, e in cases.items() if n in args.names or e.model_type in args.names}
     rows = []
+    signal.signal(signal.SIGALRM, _timed_out)
     for name, entry in cases.items():
+        signal.alarm(args.timeout)
         try:
             if name in LAYERDROP:
                 row = survey_layerdrop(name, entry, args.seeds)
@@ -764,16 +837,41 @@ def main(argv: list[str] | None = None) -> list[Row]:
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             row = Row(name, entry.model_type, entry.model_class, "", verdict="survey error", message=_first_line(e))
+        except _CaseTimeout:
+            row = Row(name, entry.model_type, entry.model_class, "", verdict="not built", message="timed out")
+        finally:
+            signal.alarm(0)
         print(f"{name:32s} {row.verdict:24s} {_fmt(row.err_L):8s} {row.message[:150]}", flush=True)
         rows.append(row)
     for name in EVAL_MODE:
         if not args.names or name in args.names or "eval" in args.names:
             rows.append(survey_eval(name, ZOO[name]))
             print(f"{rows[-1].name:32s} {rows[-1].verdict:24s} {rows[-1].message[:150]}", flush=True)
-    text = table(rows)
+    text = table(rows) + "\n\n" + summary(rows)
     if args.out:
-        args.out.write_text(text + "\n")
+        command = " ".join(["python tests/zoo_survey.py", *(argv if argv is not None else sys.argv[1:])])
+        args.out.write_text(f"Command: `{command}` (transformers {transformers.__version__})\n\n{text}\n")
     return rows
+
+
+class _CaseTimeout(BaseException):
+    """A case ran past --timeout (a BaseException: the survey's ``except Exception`` must not swallow it)."""
+
+
+def _timed_out(signum, frame):
+    raise _CaseTimeout
+
+
+def summary(rows: list[Row]) -> str:
+    """The model types by verdict (a type counts once per verdict it got)."""
+    by_verdict: dict[str, set[str]] = {}
+    for r in rows:
+        verdict = r.verdict.split(" (")[0] if r.verdict.startswith(("refused", "crash")) else r.verdict
+        by_verdict.setdefault(verdict, set()).add(r.model_type)
+    lines = ["| verdict | model types | which |", "|---|---|---|"]
+    for verdict, types in sorted(by_verdict.items(), key=lambda item: -len(item[1])):
+        lines.append(f"| {verdict} | {len(types)} | {', '.join(f'`{t}`' for t in sorted(types))} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
