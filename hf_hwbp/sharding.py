@@ -13,12 +13,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # the patch module imports this one
-    from .patching import HighwayPatch
 
 
 class ParameterLifecycle:
@@ -53,12 +50,7 @@ class ParameterLifecycle:
     per_block_parameter_step: bool = False
 
     def block_parameters(self, stack_index: int, layers: Sequence[nn.Module]) -> list[Tensor]:
-        seen: dict[int, Tensor] = {}
-        for layer in layers:
-            for p in layer.parameters():
-                if p.requires_grad:
-                    seen.setdefault(id(p), p)
-        return list(seen.values())
+        return trainable_parameters(layers)
 
     def gathered(self, stack_index: int, blocks: Sequence[int], prefetch: Sequence[int] = ()) -> AbstractContextManager:
         return contextlib.nullcontext()
@@ -72,11 +64,37 @@ class ParameterLifecycle:
         return None
 
 
-def connect(root: nn.Module, patch: HighwayPatch) -> None:
+class PatchSeam(Protocol):
+    """What an engine that shards parameters may use of the patch (``hf_hwbp.patching.HighwayPatch``)."""
+
+    lifecycle: ParameterLifecycle  # set it to install a lifecycle; unpatch_model resets it
+
+    @property
+    def hooked_stacks(self) -> tuple:
+        """Every stack the patch hooks (``Stack``: ``.path``, ``.layers``), indexed as ``stack_index``."""
+
+    def is_recording(self, stack_index: int) -> bool:
+        """Whether a training forward of that stack is being recorded for Highway-BP right now."""
+
+    def reinstall_hooks(self) -> None:
+        """Put the patch's layer and root hooks in front of every other hook again."""
+
+
+def trainable_parameters(layers: Sequence[nn.Module]) -> list[Tensor]:
+    """The parameters of ``layers`` that require grad, each once, in ``parameters()`` order."""
+    seen: dict[int, Tensor] = {}
+    for layer in layers:
+        for p in layer.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def connect(root: nn.Module, patch: PatchSeam) -> None:
     """Called by the patch at the start of every training forward of the patched model ``root``, before any layer
     runs: the place where an engine that shards parameters installs its ``ParameterLifecycle`` on ``patch`` (or
     refuses the set-up with ``HighwayBPError``). It must be cheap when nothing changed. Ordinary models: nothing."""
     return None
 
 
-__all__ = ["ParameterLifecycle", "connect"]
+__all__ = ["ParameterLifecycle", "PatchSeam", "connect", "trainable_parameters"]
