@@ -123,7 +123,6 @@ def test_batched_at_k_equal_depth_is_exact_backprop(arch, batched_calls):
     model = tiny(arch, seed=2)
     want = grads_of(copy.deepcopy(model))  # unpatched: autograd
     hf_hwbp.patch_model(model, LAYERS, backend="batched")
-    hf_hwbp.highway_state(model).exact_steps_by_autograd = False  # the batched engine at k = L, not autograd
     got = grads_of(model)
     assert len(batched_calls) == 1
     assert_close(got, want)
