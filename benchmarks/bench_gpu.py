@@ -6,7 +6,7 @@ that writes whatever it finishes (each part fails alone).
 Parts (each writes ``OUT_DIR/<part>.json`` and a line in ``OUT_DIR/summary.md``):
 
 1. ``batched_correctness``: Highway-BP with the blocks' input-VJPs batched over stacked weights
-   (``hf_hwbp.parallel.batched.BatchedStack`` driven by the engine's ``run_recursion``) against the engine's
+   (``hf_hwbp.batched.BatchedStack`` driven by the engine's ``run_recursion``) against the engine's
    recorded-graph Highway-BP, float32 on the GPU, k = 0, 1, 2, L: relative errors.
 2. ``batched_speed``: one training step (forward, backward, no optimizer) of small-batch deep stacks (GPT-2 and
    Llama blocks; L, batch, seq below), bf16 weights, CUDA events, medians of interleaved repetitions: plain

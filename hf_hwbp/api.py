@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 
 from torch import nn
@@ -31,8 +32,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def patch_model(
     model: nn.Module,
-    k: int | HighwayConfig = 2,
+    k: int = 2,
     *,
+    config: HighwayConfig | None = None,
     layers: nn.Module | Sequence[nn.Module] | None = None,
     **options,
 ) -> nn.Module:
@@ -42,26 +44,22 @@ def patch_model(
         model: a transformers model (its stacks are found from its structure: decoder, encoder, vision and MoE
             layer lists, both stacks of an encoder-decoder, the stages of a ResNet), a PEFT model wrapping one,
             or any module when ``layers`` is given.
-        k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop. Or a
-            ``HighwayConfig`` (as PEFT's ``get_peft_model(model, config)``): its ``k``, ``tol`` and ``group_size``
-            apply (its training settings are read by HighwayCallback / HighwayTrainer); no keywords beside it.
+        k: Highway iterations (int >= 0); clamped to the number of blocks, where it is exact backprop (a warning
+            says so).
+        config: the settings as a ``HighwayConfig`` instead of ``k`` and ``options`` (as PEFT's
+            ``get_peft_model(model, config)``): its ``k``, ``tol``, ``group_size`` and ``backend`` apply. Its
+            training settings (schedules, fidelity logging) are HighwayCallback's / HighwayTrainer's: a config that
+            sets them is refused here.
         layers: the stack yourself, when discovery cannot see it: an ``nn.ModuleList`` (or ``nn.Sequential``) of
             residual blocks, or a list of them for several stacks in forward order. Each block must take the
             hidden state as its first argument (or ``hidden_states=``) and return it (alone or first in a tuple).
-        **options: ``tol`` (adaptive stop) and ``group_size`` (layers per Highway block); see HighwayConfig.
+        **options: ``tol`` (adaptive stop), ``group_size`` (layers per Highway block) and ``backend``
+            ('auto', 'sequential', 'batched'); see HighwayConfig.
 
     Patching again updates the settings (it never stacks two patches). What was found is in
     ``highway_state(model).stacks`` and logged once. Returns ``model``.
     """
-    if isinstance(k, HighwayConfig):
-        if options:
-            raise TypeError(
-                f"patch_model got a HighwayConfig and the keyword(s) {sorted(options)}: pass one or the other, "
-                f"e.g. patch_model(model, config.updated({', '.join(f'{n}=...' for n in sorted(options))}))."
-            )
-        options = {name: getattr(k, name) for name in ENGINE_FIELDS}
-        k = options.pop("k")
-    config = HighwayConfig.from_options(k=k, **options)
+    config = _engine_config(k, config, options)
     target = unwrap_model(model)
     existing: HighwayPatch | None = getattr(target, _ATTR, None)
     if layers is None:
@@ -71,12 +69,51 @@ def patch_model(
     if existing is not None:
         if [s.layers for s in existing.stacks] == [s.layers for s in stacks]:
             existing.config = config
+            existing.warn_about_settings()
             return model
         existing.remove()
     model_type = getattr(getattr(target, "config", None), "model_type", None)
-    object.__setattr__(target, _ATTR, HighwayPatch(stacks, config, model_type, root=target))
+    patch = HighwayPatch(stacks, config, model_type, root=target)
+    object.__setattr__(target, _ATTR, patch)
     logger.info(f"Highway-BP(k={config.k}) on {type(target).__name__}: {describe(stacks)}.")
+    patch.warn_about_settings()
     return model
+
+
+def _engine_config(k, config: HighwayConfig | None, options: dict) -> HighwayConfig:
+    """The settings ``patch_model`` applies, from ``k`` and ``options`` or from ``config``."""
+    if isinstance(k, HighwayConfig):
+        raise TypeError("patch_model got a HighwayConfig as k: pass it as patch_model(model, config=config).")
+    if config is None:
+        return HighwayConfig.from_options(k=k, **options)
+    if not isinstance(config, HighwayConfig):
+        raise TypeError(f"config must be a HighwayConfig, got {type(config).__name__}.")
+    if options or k not in (2, config.k):
+        given = sorted(options) + (["k"] if k not in (2, config.k) else [])
+        raise TypeError(
+            f"patch_model got config= and {', '.join(given)}: pass one or the other, e.g. "
+            f"patch_model(model, config=config.updated({', '.join(f'{n}=...' for n in given)}))."
+        )
+    refuse_training_settings(config)
+    return HighwayConfig.from_options(**{name: getattr(config, name) for name in ENGINE_FIELDS})
+
+
+def refuse_training_settings(config: HighwayConfig) -> None:
+    """A config given to ``patch_model`` may set only what a patched model's backward reads (``ENGINE_FIELDS``):
+    the training settings are applied per step by HighwayCallback / HighwayTrainer, so setting them here would
+    silently do nothing."""
+    defaults = HighwayConfig()
+    changed = [
+        f.name
+        for f in dataclasses.fields(HighwayConfig)
+        if f.name not in ENGINE_FIELDS and getattr(config, f.name) != getattr(defaults, f.name)
+    ]
+    if changed:
+        raise TypeError(
+            f"patch_model applies k, tol, group_size and backend; the config also sets {', '.join(changed)}, training "
+            "settings that HighwayCallback / HighwayTrainer apply per step. Pass the config to HighwayCallback(config) "
+            "or HighwayTrainingArguments(hwbp_config=...), or leave those settings at their defaults."
+        )
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -108,9 +145,12 @@ def get_highway_config(model: nn.Module) -> HighwayConfig:
 
 
 def set_highway_config(model: nn.Module, **changes) -> HighwayConfig:
-    """Change settings of a patched model between steps (validated), e.g. ``set_highway_config(m, k=4)``."""
+    """Change settings of a patched model between steps (validated), e.g. ``set_highway_config(m, k=4)``; a
+    ``backend`` chosen here is installed at once. Warns (once per setting) about a k past the number of blocks
+    and a group_size that makes the whole stack one block. Returns a copy of the new settings."""
     patch = highway_state(model)
     patch.config = patch.config.updated(**changes)
+    patch.warn_about_settings()
     return patch.config.updated()
 
 
@@ -120,7 +160,16 @@ def set_highway_k(model: nn.Module, k: int) -> None:
 
 
 def last_highway_iterations(model: nn.Module) -> int | None:
-    """Highway iterations run by the last backward (None before the first)."""
+    """The Highway iterations whose gradient the last training backward of ``model`` delivered.
+
+    - k (the iterations run, fewer with ``tol``) after a Highway-BP step; the largest over its stacks and forwards;
+    - the number of blocks L after an exact step the settings ask for (k >= L, an ``exact_last`` schedule's last
+      steps), which runs as the model's own backward: the gradient of Highway-BP(L);
+    - None when the last training forward ran without Highway-BP: inside ``exact_backprop(model)`` (which turns it
+      off), in eval mode, or before any training step.
+
+    Reading it does not consume it.
+    """
     return highway_state(model).last_iterations
 
 

@@ -1,5 +1,7 @@
 """The blocks of one Highway iteration as ONE batched call on one device: stacked weights, ``torch.func``.
 
+This module knows nothing of transformers; ``batched_adapter`` runs it inside a patched model.
+
 Highway-BP's input-VJPs of one iteration are independent of each other: on an accelerator that a single block
 under-uses (small batch, deep stack), they can run as one call over the blocks' stacked weights instead of L
 calls one after the other. ``BatchedStack`` is a ``HighwayStack`` for ``hf_hwbp.engine.run_recursion`` whose
@@ -22,30 +24,25 @@ blocks' weights as they were in the forward (restack with ``refresh()`` after an
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.weak import WeakIdKeyDictionary
-from transformers.cache_utils import Cache
-from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+from .errors import HighwayBPError
 
 
-def _check_deterministic(blocks: Sequence[nn.Module]) -> None:
+def check_deterministic(blocks: Sequence[nn.Module]) -> None:
+    """Refuse blocks with an active dropout module: each batched call recomputes them. (A dropout applied by a
+    function, not a module, is found by ``torch.func.vmap``, which refuses random operations.)"""
     for block in blocks:
         for module in block.modules():
             if isinstance(module, nn.Dropout) and module.training and module.p > 0:
-                raise ValueError(
+                raise HighwayBPError(
                     "Batched Highway VJPs recompute each block's forward, which an active dropout would change: "
                     "set the dropout probabilities to 0 (or call .eval()), or use the recorded-graph engine "
-                    "(hf_hwbp.patch_model)."
+                    "(hf_hwbp.patch_model with backend='sequential')."
                 )
-        dropout = getattr(getattr(block, "attn", None), "attn_dropout", None)  # GPT-2 attention dropout
-        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
-            raise ValueError("Batched Highway VJPs need attention dropout 0 (it is recomputed).")
 
 
 class BatchedBlocks:
@@ -63,8 +60,11 @@ class BatchedBlocks:
         kinds = {type(b) for b in blocks}
         shapes = {tuple((n, tuple(p.shape)) for n, p in b.named_parameters()) for b in blocks}
         if len(kinds) > 1 or len(shapes) > 1:
-            raise ValueError("Batched VJPs need blocks of one architecture (same class and parameter shapes).")
-        _check_deterministic(blocks)
+            raise HighwayBPError(
+                "Batched VJPs need blocks of one architecture (same class and parameter shapes): use the "
+                "recorded-graph engine (backend='sequential') for this stack."
+            )
+        check_deterministic(blocks)
         self.blocks = blocks
         self.kwargs = dict(kwargs or {})
         self.template = copy.deepcopy(blocks[0]).to("meta")
@@ -190,172 +190,3 @@ class BatchedStack:
             for block, g in zip(self.batched.blocks, stacked):
                 p = block.get_parameter(name)
                 p.grad = g.clone() if p.grad is None else p.grad + g
-
-
-# ----- the backend in the user's path (``HighwayConfig.backend``) ---------------------------------------------
-_said: set[str] = set()
-
-
-def _say_once(message: str, *, warn: bool = True) -> None:
-    """Log ``message`` once per process: a warning where the backend asked for is not what runs, else info."""
-    if message not in _said:
-        _said.add(message)
-        (logger.warning if warn else logger.info)(message)
-
-
-class _SideInputCapture:
-    """A forward pre-hook (after the patch's own) that keeps each block's call arguments apart from the hidden
-    state, keyed by the block's recorded input leaf: the batched backend recomputes the blocks with them. Held
-    weakly by that leaf, so nothing outlives the step's record."""
-
-    def __init__(self) -> None:
-        self.calls = WeakIdKeyDictionary()
-        self.signatures: dict[type, inspect.Signature] = {}
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        signature = self.signatures.get(type(module))
-        if signature is None:
-            signature = self.signatures[type(module)] = inspect.signature(module.forward)
-        try:
-            bound = signature.bind(*args, **kwargs).arguments
-        except TypeError:
-            return None
-        names = list(bound)
-        if not names:
-            return None
-        hidden = bound[names[0]]
-        others: dict = {}
-        for name in names[1:]:
-            kind = signature.parameters[name].kind
-            if kind is inspect.Parameter.VAR_KEYWORD:
-                others.update(bound[name])
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                if bound[name]:
-                    return None
-            else:
-                others[name] = bound[name]
-        others = {n: _without_empty_cache(module, v) for n, v in others.items()}
-        if isinstance(hidden, Tensor):
-            self.calls[hidden] = (module, (), others)
-        return None
-
-
-def _without_empty_cache(module: nn.Module, value):
-    """A key/value cache that holds nothing for this layer yet (a training forward with use_cache=True) adds
-    nothing to its attention: the recomputation runs without it (and leaves the cache alone)."""
-    if not isinstance(value, Cache):
-        return value
-    index = next((m.layer_idx for m in module.modules() if isinstance(getattr(m, "layer_idx", None), int)), None)
-    try:
-        empty = index is not None and value.get_seq_length(index) == 0
-    except (IndexError, KeyError, AttributeError):
-        empty = False
-    return None if empty else value
-
-
-_CAPTURE_ATTR = "_hwbp_batched_capture"
-
-
-def _capture_of(layers: Sequence[nn.Module]) -> _SideInputCapture | None:
-    """The capture hook of these layers; installed on first use (that step then runs sequentially)."""
-    capture = getattr(layers[0], _CAPTURE_ATTR, None)
-    if capture is not None and all(getattr(layer, _CAPTURE_ATTR, None) is capture for layer in layers):
-        return capture
-    capture = _SideInputCapture()
-    for layer in layers:
-        layer.register_forward_pre_hook(capture, with_kwargs=True)
-        setattr(layer, _CAPTURE_ATTR, capture)
-    return None
-
-
-def _plain(value) -> bool:
-    """A side input the batched call can share between the blocks as it is."""
-    if value is None or isinstance(value, (bool, int, float, str, Tensor)):
-        return not (isinstance(value, Tensor) and value.requires_grad)
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return False
-
-
-def _same(a, b) -> bool:
-    if a is b:
-        return True
-    if isinstance(a, Tensor) and isinstance(b, Tensor):
-        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
-
-
-def _why_not(record, calls) -> str | None:
-    """Why this recorded stack forward cannot run batched (None: it can)."""
-    stack, config = record.stack, record.config
-    if config.group_size > 1:
-        return "group_size > 1"
-    if stack.residual_gate is not None:
-        return "a gated residual path"
-    if record.side_outputs or record.side_grads or record.carried:
-        return "side outputs (attentions, router logits, tensors handed on)"
-    if record.side_leaves:
-        return "side inputs that require grad"
-    layers = stack.layers[record.first_layer :]
-    if len(record.inputs) != len(layers) or len(record.outputs) != len(layers):
-        return "skipped layers (LayerDrop)"
-    if calls is None or any(c is None for c in calls):
-        return "the blocks' side inputs are captured from the next forward on"
-    if any(c[0] is not layer for c, layer in zip(calls, layers)):
-        return "the blocks ran out of order"
-    _, rest, kwargs = calls[0]
-    if not all(_plain(v) for v in (*rest, *kwargs.values())):
-        return "side inputs it cannot share (a cache object or similar)"
-    for _, other_rest, other_kwargs in calls[1:]:
-        if not _same(rest, other_rest) or kwargs.keys() != other_kwargs.keys():
-            return "blocks with different side inputs"
-        if not all(_same(kwargs[n], other_kwargs[n]) for n in kwargs):
-            return "blocks with different side inputs"
-    try:
-        _check_deterministic(layers)
-    except ValueError:
-        return "active dropout (a recomputation would redraw it)"
-    kinds = {type(b) for b in layers}
-    shapes = {tuple((n, tuple(p.shape), p.requires_grad) for n, p in b.named_parameters()) for b in layers}
-    if len(kinds) > 1 or len(shapes) > 1:
-        return "blocks of different classes or parameter shapes"
-    trainable = {id(p) for layer in layers for p in layer.parameters() if p.requires_grad}
-    if {id(p) for p in record.params} != trainable:
-        return "parameters shared between blocks or outside them"
-    return None
-
-
-def batched_stack(record, d: Tensor, extra: Sequence[Tensor | None]) -> BatchedStack | None:
-    """The batched backend's stack for one recorded stack forward, or None: run the sequential engine. Says once
-    per reason why (the backend asked for, or what the stack needs that batching cannot give)."""
-    backend = record.config.backend
-    if backend == "sequential":
-        return None
-    path = record.stack.path
-    if backend == "auto":
-        _say_once(
-            f"Highway-BP: backend 'auto' runs {path} sequentially on {d.device.type}: the batched backend has not "
-            "been measured faster on this device (set backend='batched' to use it anyway).",
-            warn=False,
-        )
-        return None
-    layers = record.stack.layers[record.first_layer :]
-    capture = _capture_of(record.stack.layers)
-    calls = None if capture is None else [capture.calls.get(x) for x in record.inputs]
-    reason = _why_not(record, calls)
-    if reason is not None:
-        _say_once(f"Highway-BP: backend 'batched' falls back to sequential for {path}: {reason}.")
-        return None
-    _, rest, kwargs = calls[0]
-    if rest:
-        _say_once(f"Highway-BP: backend 'batched' falls back to sequential for {path}: positional side inputs.")
-        return None
-    _say_once(
-        f"Highway-BP: backend 'batched' runs {path} ({len(layers)} blocks) as one call per iteration.", warn=False
-    )
-    inputs = torch.stack([x.detach() for x in record.inputs])
-    return BatchedStack(
-        BatchedBlocks(layers, kwargs), inputs, d, need_input_grad=record.input_requires_grad, extra_grads=extra
-    )

@@ -28,12 +28,12 @@ entry's backward. ``FSDPHighway`` makes the two fit, with this parameter lifecyc
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
 from torch import nn
 
 from .errors import HighwayBPError
+from .sharding import ParameterLifecycle
 
 _ATTR = "_hwbp_fsdp"
 
@@ -92,18 +92,9 @@ class FSDPHighway:
         patch = self.patch
         # The patch's pre-hook must see a layer's input before FSDP wraps it (it replaces it with the leaf the
         # block's local graph starts from), whichever of patch_model and fully_shard ran first.
-        pre_ids = {h.id for h in patch._handles}
-        for stack in _all_stacks(patch):
-            for layer in stack.layers:
-                for hook_id in [i for i in layer._forward_pre_hooks if i in pre_ids]:
-                    layer._forward_pre_hooks.move_to_end(hook_id, last=False)
+        patch.reinstall_hooks()
         # The stack entry records, and the once-per-stack graph check allows, the unsharded parameter objects.
-        for name in ("_maybe_start", "_check_local_graph", "_check_local_graphs"):
-            if not hasattr(type(patch), name):
-                continue
-            original = getattr(type(patch), name).__get__(patch)
-            setattr(patch, name, types.MethodType(_with_unsharded_view(self, original), patch))
-            self._restore.append(lambda name=name: patch.__dict__.pop(name, None))
+        patch.lifecycle = _KeepGathered(self)
         # No FSDP post-backward hook inside a recorded block's local graph (see the module docstring).
         for s, groups in enumerate(self.stack_groups):
             for group in groups:
@@ -115,6 +106,8 @@ class FSDPHighway:
         for undo in reversed(self._restore):
             undo()
         self._restore.clear()
+        if isinstance(self.patch.lifecycle, _KeepGathered):
+            self.patch.lifecycle = ParameterLifecycle()
 
     # ----- parameters --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -142,23 +135,26 @@ class FSDPHighway:
                 fsdp_param._setattr_on_modules(fsdp_param.sharded_param)
 
 
-def _all_stacks(patch) -> list:
+def _all_stacks(patch) -> tuple:
     """Every stack the patch hooks, indexed as its hooks index them."""
-    return list(getattr(patch, "_stacks", None) or patch.stacks)
+    return patch.hooked_stacks
 
 
-def _with_unsharded_view(backend: FSDPHighway, original):
-    def wrapped(patch, s, *args, **kwargs):
-        with backend.unsharded_view(s):
-            return original(s, *args, **kwargs)
+class _KeepGathered(ParameterLifecycle):
+    """The stack entry and the forward's graph check see the unsharded parameter objects (see the module
+    docstring); the whole stack stays gathered through the Highway backward."""
 
-    return wrapped
+    def __init__(self, backend: FSDPHighway):
+        self.backend = backend
+
+    def block_parameters(self, stack_index, layers):
+        with self.backend.unsharded_view(stack_index):
+            return super().block_parameters(stack_index, layers)
 
 
 def _skip_while_recording(patch, s: int, original):
     def register(args, kwargs):
-        fwd = patch._forwards[s]
-        if fwd is not None and fwd.record is not None:
+        if patch.is_recording(s):
             return args, kwargs
         return original(args, kwargs)
 

@@ -1,25 +1,31 @@
 """What one training forward of one stack records, and the Highway-BP backward that consumes it.
 
-The forward side (``patching.py``) cuts each block's local graph out of the model's graph and records it in a
-``_StackRecord``; the autograd Functions here stitch the cut graph back together so that autograd calls every
-exit of a stack (which store the gradients reaching the block outputs and the side outputs) before the stack's
-entry, whose backward runs ``run_backward``: one VJP of the side outputs (docs/algorithm.md, side outputs), the
-engine (k input-only sweeps, one parameter VJP), and the routing of tensors a block hands on to the blocks above.
-A record is held by its autograd graph (the entry and the exits), never by the patch.
+The recorder (``recorder.py``) cuts each block's local graph out of the model's graph and records it in a
+``_StackRecord``, the one place that says what each block read and handed on. The autograd Functions here stitch
+the cut graph back together so that autograd calls every exit of a stack (which store the gradients reaching the
+block outputs and the side outputs) before the stack's entry, whose backward runs ``run_backward``: the routing of
+side outputs (``routing.backward``), the engine's recursion and its parameter step on the recorded graphs
+(``engine.RecordedStack``, or the stack a backend builds from the record: ``batched_adapter``), the routing of
+tensors a block hands on, and what the returned tensors that retain their gradient get. A record is held by its
+autograd graph (the entry and the exits), never by the patch.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .batched import batched_stack
+from .batched_adapter import batched_stack
 from .config import HighwayConfig
 from .discovery import Stack
-from .engine import highway_iterations, run_recursion
+from .engine import RecordedStack, run_recursion
 from .errors import HighwayBPError
+from .routing.backward import add_grads, carried_into_blocks, give_retained, side_output_vjp
+from .sharding import ParameterLifecycle
 
 
 # ----- autograd Functions ---------------------------------------------------------------------------------------
@@ -32,7 +38,10 @@ class _EngineFlag:
         self.active = False
 
 
-def _refuse_double_backward() -> None:
+def _refuse_double_backward(*_) -> None:
+    """Raises when the running backward creates a graph (``create_graph=True``). Also a tensor hook: the patch
+    puts it on what the model returns, so that the refusal comes before any parameter above the stack (the head,
+    the final norm) gets a gradient."""
     if torch.is_grad_enabled():
         raise HighwayBPError(
             "Highway-BP does not support create_graph=True (double backward, e.g. gradient penalties or "
@@ -151,26 +160,51 @@ class IterationLog:
 
 @dataclass(eq=False)
 class _StackRecord:
-    """One training forward of one stack. Held by its autograd graph (entry and exits), never by the patch."""
+    """One training forward of one stack: what each block read and handed on. Held by its autograd graph (entry and
+    exits), never by the patch.
+
+    Block indices are 0-based over the recorded blocks (block 0 starts at ``first_layer``)."""
 
     log: IterationLog  # where the backward reports its iterations
+    stack_index: int  # the stack's index in HighwayPatch.hooked_stacks (what the lifecycle calls use)
+    lifecycle: ParameterLifecycle  # gathers the blocks' parameters around each VJP (FSDP2, ZeRO-3), or nothing
     keep_block_grads: bool  # report delta^(k)_1..L too (fidelity metrics, tests)
     stack: Stack
     config: HighwayConfig  # the settings of this forward
     first_layer: int  # layers below it were frozen and fed nothing that requires grad: they are not recorded
     flag: _EngineFlag
-    params: list[Tensor]
-    side_leaves: list[Tensor]
+    params: list[Tensor]  # the trainable parameters of the recorded layers, each once (ParameterLifecycle's)
+    side_leaves: list[Tensor]  # the leaves blocks read in place of side inputs (encoder states, prefix keys, ...)
     input_requires_grad: bool
     token_dtype: torch.dtype
     token_device: torch.device
+    capture: object | None = None  # a backend's capture of what each block was called with (batched_adapter)
+    block_layers: list[list[int]] = field(default_factory=list)  # the stack's layer indices each block ran
     inputs: list[Tensor] = field(default_factory=list)  # x_{j-1} of each block, as its local graph sees it
     outputs: list[Tensor] = field(default_factory=list)  # y_j, attached to block j's local graph
+    exits: list[weakref.ref] = field(default_factory=list)  # the tensor the model got in place of each y_j
     output_grads: dict[int, Tensor] = field(default_factory=dict)  # block -> gradient reaching its output
     side_outputs: list[tuple[int, Tensor]] = field(default_factory=list)  # (block, tensor in its local graph)
+    returned_sides: list[weakref.ref] = field(default_factory=list)  # the tensor the model got for each of them
     side_grads: dict[int, Tensor] = field(default_factory=dict)  # side output -> gradient the loss sent it
     carried: list[tuple[int, Tensor]] = field(default_factory=list)  # (side output, the leaf later blocks read)
     retained: bool = False  # the last backward ran with retain_graph=True: the graphs are kept for the next one
+
+    @property
+    def path(self) -> str:
+        return self.stack.path
+
+    @property
+    def routes_side_paths(self) -> bool:
+        """Whether anything besides the hidden state enters or leaves the blocks through autograd."""
+        return bool(self.side_outputs or self.side_grads or self.carried or self.side_leaves)
+
+    def release(self) -> None:
+        """Drop everything of this forward (after a backward that does not retain the graph)."""
+        for held in (self.inputs, self.outputs, self.exits, self.side_outputs, self.returned_sides, self.params):
+            held.clear()
+        for held in (self.side_leaves, self.carried, self.block_layers):
+            held.clear()
 
 
 def _keep_graph() -> bool:
@@ -182,7 +216,6 @@ def _keep_graph() -> bool:
 def run_backward(record: _StackRecord) -> tuple:
     """Highway-BP(k) of one recorded stack forward: (grad of h_0, *grads of params, *grads of side inputs)."""
     _refuse_double_backward()
-    stack = record.stack
     _refuse_unrouted(record)
     keep = _keep_graph()
     wrt = record.params + record.side_leaves
@@ -193,50 +226,56 @@ def run_backward(record: _StackRecord) -> tuple:
     # e_j for j = 1..L-1 arrive at the block outputs; e_0 (a loss on h_0 itself) reaches h_0 through autograd.
     extra: list[Tensor | None] = [None] + [record.output_grads.get(j) for j in range(last)]
     carried_leaves = [leaf for _, leaf in record.carried]
+    retained_sides = _retained_sides(record)  # side outputs the caller keeps the gradient of: their own VJP targets
     direct: tuple[Tensor | None, ...] = (None,) * len(wrt)
     carried_direct: tuple[Tensor | None, ...] = (None,) * len(carried_leaves)
-    config = record.config
-    gate = stack.residual_gate
+    gate = record.stack.residual_gate
     gates = [gate(output.detach()) for output in record.outputs] if gate is not None else None
+    lifecycle = record.lifecycle
+    gathered = functools.partial(lifecycle.gathered, record.stack_index)
+    x0 = record.inputs[0]
+    x0_grad = x0.grad if x0.retains_grad else None  # our VJPs through block 1 must not show in a retained h_0
     record.flag.active = True
     try:
         if record.side_grads:
-            direct, carried_direct = _route_side_outputs(record, extra, wrt, carried_leaves)
+            direct, carried_direct = side_output_vjp(record, extra, wrt, carried_leaves, gathered)
         stacked = batched_stack(record, d, extra)  # None: the sequential engine on the recorded graphs
-        if stacked is not None:
-            delta, iterations = run_recursion(stacked, config.k, config.tol)
-        else:
-            delta, iterations = highway_iterations(
+        if stacked is None:
+            stacked = RecordedStack(
                 record.inputs,
                 record.outputs,
                 d,
                 extra,
-                k=config.k,
-                tol=config.tol,
                 need_input_grad=record.input_requires_grad,
                 residual_gates=gates,
+                around_blocks=gathered,
             )
+        delta, iterations = run_recursion(stacked, record.config.k, record.config.tol)
         input_grad = delta[0] if record.input_requires_grad else None
         # One parameter VJP of every block with its delta^(k)_j. It keeps the local graphs when the next backward
         # needs them again (retain_graph=True) or when carried tensors still need their sources' graphs.
-        targets = wrt + carried_leaves
-        if stacked is not None:
+        targets = wrt + carried_leaves + [s for _, s, _ in retained_sides]
+        retain = keep or bool(carried_leaves)
+        if not isinstance(stacked, RecordedStack):
             grads = tuple(stacked.param_grads(delta, targets))
-        elif targets:
-            grads = torch.autograd.grad(
-                record.outputs, targets, delta[1:], retain_graph=keep or bool(carried_leaves), allow_unused=True
-            )
+        elif lifecycle.per_block_parameter_step:
+            grads = _parameter_step_by_block(record, stacked, delta, targets, retain, direct, retained_sides)
+            direct = (None,) * len(wrt)  # added block by block, before the lifecycle takes a block's gradients
         else:
-            grads = ()
+            grads = stacked.parameter_vjps(delta, targets, retain_graph=retain)
+        side_more = list(grads[len(wrt) + len(carried_leaves) :])
+        carried_grads = [
+            add_grads(g, s) for g, s in zip(grads[len(wrt) : len(wrt) + len(carried_leaves)], carried_direct)
+        ]
+        grads = grads[: len(wrt)]
         if carried_leaves:
             # A carried tensor's gradient: through the blocks that read it (the VJP above) and through the side
             # outputs that read it (the side-output VJP before the engine).
-            carried_grads = [_add(g, s) for g, s in zip(grads[len(wrt) :], carried_direct)]
-            grads, input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], input_grad, wrt)
+            grads, input_grad = carried_into_blocks(record, carried_grads, grads, input_grad, wrt, gathered)
     except RuntimeError as err:
         if "backward through the graph a second time" in str(err):
             raise HighwayBPError(
-                f"Highway-BP: the graph of a block of {stack.path} was already consumed when the Highway backward "
+                f"Highway-BP: the graph of a block of {record.path} was already consumed when the Highway backward "
                 "started: the loss reads a tensor computed inside a layer by a path Highway-BP does not route "
                 "(it routes the layer output, hidden states, and what transformers' output capturing collects: "
                 "attentions, router logits). Compute the loss from those, or train this step with "
@@ -245,76 +284,112 @@ def run_backward(record: _StackRecord) -> tuple:
         raise
     finally:
         record.flag.active = False
-    grads = tuple(_add(g, extra_g) for g, extra_g in zip(grads, direct))
+        lifecycle.backward_finished(record.stack_index)
+    if x0.retains_grad:
+        x0.grad = x0_grad
+    carried_of = {side: g for (side, _), g in zip(record.carried, carried_grads)}
+    give_retained(
+        _retained_states(record, delta, x0),
+        [(t, add_grads(more, carried_of.get(i))) for (i, _, t), more in zip(retained_sides, side_more)],
+    )
+    grads = tuple(add_grads(g, extra_g) for g, extra_g in zip(grads, direct))
     record.log.backward_ran(iterations, list(delta[1:]) if record.keep_block_grads else None)
     record.retained = keep
     record.output_grads.clear()
     record.side_grads.clear()
     if not keep:  # nothing of this forward outlives its backward, even while the caller keeps the loss
-        held_lists = (record.inputs, record.outputs, record.side_outputs, record.params, record.side_leaves)
-        for held in held_lists + (record.carried,):
-            held.clear()
+        record.release()
     return (input_grad,) + grads
 
 
-def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if a is None:
-        return b
-    return a if b is None else a + b
+def _split(grads: tuple, *sizes: int) -> list[tuple]:
+    """``grads`` cut into consecutive parts of ``sizes`` and the rest."""
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(tuple(grads[start : start + size]))
+        start += size
+    return [*parts, tuple(grads[start:])]
 
 
-def _route_side_outputs(
-    record: _StackRecord, extra: list[Tensor | None], wrt: list[Tensor], carried: list[Tensor]
-) -> tuple[tuple, tuple]:
-    """One VJP of the side outputs that got gradients, with respect to their blocks' inputs, the parameters, the
-    side inputs and the carried tensors (a later block's attention map reads the position bias an earlier block
-    handed on): e_{j-1} += (ds_j/dh_{j-1})^T g_j; (ds_j/dtheta)^T g_j goes to the parameters and side inputs
-    directly, (ds_j/dz)^T g_j to each carried tensor z. Returns (those direct gradients, the carried ones)."""
-    indices = sorted(record.side_grads)
-    blocks = sorted({record.side_outputs[i][0] for i in indices})
-    inputs = [record.inputs[b] for b in blocks]
-    wants_input = [b > 0 or record.input_requires_grad for b in blocks]
-    targets = [x for x, wanted in zip(inputs, wants_input) if wanted] + wrt + carried
-    if not targets:
-        return (None,) * len(wrt), (None,) * len(carried)
-    grads = torch.autograd.grad(
-        [record.side_outputs[i][1] for i in indices],
-        targets,
-        [record.side_grads[i] for i in indices],
-        retain_graph=True,
-        allow_unused=True,
-    )
-    position = 0
-    for b, wanted in zip(blocks, wants_input):
-        if wanted:
-            extra[b] = _add(extra[b], grads[position])
-            position += 1
-    return grads[position : position + len(wrt)], grads[position + len(wrt) :]
+def _retained_sides(record: _StackRecord) -> list[tuple[int, Tensor, Tensor]]:
+    """(index, tensor in its block's graph, returned tensor) of each side output whose returned tensor retains its
+    gradient (``retain_grad()``)."""
+    found = []
+    for i, ((_, inside), ref) in enumerate(zip(record.side_outputs, record.returned_sides)):
+        returned = ref()
+        if returned is not None and returned.retains_grad:
+            found.append((i, inside, returned))
+    return found
 
 
-def _route_carried(record: _StackRecord, carried_grads, grads, input_grad, wrt: list[Tensor]) -> tuple:
-    """A side output of block b that later blocks read is their side input: it gets sum_j (dg_j/dz)^T delta^(k)_j,
-    then ordinary backprop into block b (its parameters; h_0 when b is the first block). Returns the parameter and
-    side-input gradients and the stack input's gradient with that added."""
-    pairs = [(record.side_outputs[side], g) for (side, _), g in zip(record.carried, carried_grads) if g is not None]
-    if not pairs:
-        return grads, input_grad
-    blocks = sorted({block for (block, _), _ in pairs})
-    inputs = [record.inputs[b] for b in blocks if b > 0 or record.input_requires_grad]
-    below = torch.autograd.grad(
-        [s for (_, s), _ in pairs], inputs + wrt, [g for _, g in pairs], retain_graph=True, allow_unused=True
-    )
-    for b, g in zip([b for b in blocks if b > 0 or record.input_requires_grad], below):
-        if g is None:
+def _retained_states(record: _StackRecord, delta, x0: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """(returned state, what it gets beyond the gradient the loss sent it) for each returned hidden state that
+    retains its gradient: delta^(k)_j minus e_j at a block output, delta^(k)_0 at the stack input (whose e_0
+    reaches it through autograd, not through the engine)."""
+    found = []
+    if x0.retains_grad and record.input_requires_grad:
+        found.append((x0, delta[0]))
+    for j, ref in enumerate(record.exits):
+        returned = ref()
+        if returned is None or not returned.retains_grad:
             continue
-        if b > 0:
+        e = record.output_grads.get(j)
+        if j < len(record.exits) - 1:
+            found.append((returned, delta[j + 1] if e is None else delta[j + 1] - e))
+    return found
+
+
+def _parameter_step_by_block(
+    record: _StackRecord,
+    stack: RecordedStack,
+    delta: list[Tensor],
+    targets: list[Tensor],
+    retain: bool,
+    direct: tuple[Tensor | None, ...],
+    retained_sides: list[tuple[int, Tensor, Tensor]],
+) -> tuple[Tensor | None, ...]:
+    """The parameter step one block at a time, from the top (a lifecycle that gathers one block's parameters at a
+    time): each block's VJP with respect to its own parameters, every side input and carried tensor, and its own
+    retained side outputs, plus what its parameters got directly from side outputs (``direct``, in the order of
+    ``targets``), then ``take_parameter_grads``; the sums over blocks, in the order of ``targets``."""
+    lifecycle, s = record.lifecycle, record.stack_index
+    position = {id(t): n for n, t in enumerate(targets)}
+    shared = targets[len(record.params) : len(targets) - len(retained_sides)]  # side inputs and carried tensors
+    own_sides = {
+        j: [inside for i, inside, _ in retained_sides if record.side_outputs[i][0] == j]
+        for j in range(len(record.outputs))
+    }
+    totals: list[Tensor | None] = list(direct) + [None] * (len(targets) - len(direct))
+    pending = set(range(len(record.params)))  # parameters whose direct term has not been handed to a block yet
+    for j in range(len(record.outputs) - 1, -1, -1):
+        params = lifecycle.block_parameters(s, [record.stack.layers[i] for i in record.block_layers[j]])
+        unknown = [tuple(p.shape) for p in params if id(p) not in position]
+        if unknown:
             raise HighwayBPError(
-                f"Highway-BP: block {b} of {record.stack.path} returns a tensor that the blocks above it read and "
-                "that depends on its hidden state: its gradient would feed the Highway iteration it depends on. "
-                "Train this model with ordinary backprop (unpatch_model(model))."
+                f"Highway-BP: the parameter lifecycle ({type(lifecycle).__name__}) gives block {j} of "
+                f"{record.path} parameters {unknown} that it did not give for the whole stack when the forward "
+                "started: block_parameters must return the same tensors for a block alone as within the stack."
             )
-        input_grad = _add(input_grad, g)
-    return tuple(_add(a, b) for a, b in zip(grads, below[len(inputs) :])), input_grad
+        others = shared + own_sides[j]
+        prefetch = [j - 1] if j > 0 else []
+        grads = stack.parameter_vjps(delta, params + others, [j], prefetch=prefetch, retain_graph=retain)
+        own = []
+        for p, g in zip(params, grads[: len(params)]):
+            n = position[id(p)]
+            if n in pending:  # the side outputs' direct term joins the first block that holds the parameter
+                pending.discard(n)
+                g, totals[n] = add_grads(g, totals[n]), None
+            own.append(g)
+        taken = lifecycle.take_parameter_grads(s, j, params, own)
+        if len(taken) != len(params):
+            raise HighwayBPError(
+                f"Highway-BP: {type(lifecycle).__name__}.take_parameter_grads returned {len(taken)} gradients for "
+                f"the {len(params)} parameters of block {j}: it must return one (or None) per parameter, in order."
+            )
+        for tensor, g in zip(params + others, list(taken) + list(grads[len(params) :])):
+            if g is not None:
+                totals[position[id(tensor)]] = add_grads(totals[position[id(tensor)]], g)
+    return tuple(totals)
 
 
 def _refuse_unrouted(record: _StackRecord) -> None:
@@ -322,9 +397,9 @@ def _refuse_unrouted(record: _StackRecord) -> None:
     for position, leaf in enumerate(record.inputs[1:] + record.side_leaves + [z for _, z in record.carried]):
         if leaf.grad is not None:
             where = (
-                f"the input of block {position + 1} of {record.stack.path}"
+                f"the input of block {position + 1} of {record.path}"
                 if position < len(record.inputs) - 1
-                else f"a side input of {record.stack.path}"
+                else f"a side input of {record.path}"
             )
             raise HighwayBPError(
                 f"Highway-BP: a gradient reached {where} through a block's graph, outside the Highway backward: "

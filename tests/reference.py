@@ -103,6 +103,7 @@ def reference_highway_grads(
     stop: Callable[[list[torch.Tensor], list[torch.Tensor]], bool] | None = None,
     iterations: list[int] | None = None,
     residual_gate: Callable[[nn.Module], torch.Tensor] | None = None,
+    runs: list | None = None,
 ) -> dict[str, torch.Tensor]:
     """Gradients of every trainable parameter of ``model`` under Highway-BP(k), by name.
 
@@ -115,11 +116,14 @@ def reference_highway_grads(
         iterations: if given, receives the number of iterations each stack run did (in the order they ran).
         residual_gate: for layers act(h + g(h)): called with a layer just after its forward, returns a_j, the
             diagonal of its residual path (the definition's R_j = diag(a_j)); group_size must then be 1.
+        runs: if given, receives each stack run in forward order, with ``delta`` (delta^(k)_0..L of that run),
+            ``outputs`` (each block's output in its local graph) and ``exposed`` (what the rest of the model read
+            in its place): what a test needs to compute the gradient of a tensor inside a block.
     """
     if residual_gate is not None and group_size != 1:
         raise ValueError("The reference defines gated residual paths per layer: group_size must be 1.")
     stacks = [layers] if isinstance(layers[0], nn.Module) else list(layers)
-    runs: list[_Run] = []
+    runs_made: list[_Run] = []
     current: dict[int, _Run] = {}
     original_of: dict[int, torch.Tensor] = {}  # id(leaf made here) -> the tensor it stands for
 
@@ -128,7 +132,7 @@ def reference_highway_grads(
             hidden = args[0] if args else kwargs["hidden_states"]
             if i == 0:
                 current[s] = _Run(stacks[s], hidden)
-                runs.append(current[s])
+                runs_made.append(current[s])
             run = current[s]
             block = i // group_size
 
@@ -178,10 +182,12 @@ def reference_highway_grads(
         p.grad = None
     # Everything outside the stacks, and the side outputs' direct terms; leaves collect d, e_j and more.
     loss.backward(retain_graph=True)
-    for run in reversed(runs):
+    for run in reversed(runs_made):
         done = _backward_run(run, k, group_size, stop)
         if iterations is not None:
             iterations.insert(0, done)
+    if runs is not None:
+        runs.extend(runs_made)
     result = {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
     for p in params.values():
         p.grad = None
@@ -220,12 +226,13 @@ def _backward_run(run: _Run, k: int, group_size: int, stop) -> int:
             for i in range(num_blocks + 1)
         ]
 
-    delta = deltas(None)
+    delta = run.delta = deltas(None)
     done = 0
     for _ in range(min(k, num_blocks)):
         crossed = [None] + [j_transpose(j, delta[j]) for j in range(1, num_blocks + 1)]
         new = deltas(crossed)
         delta, previous = new, delta
+        run.delta = delta
         done += 1
         if stop is not None and stop(previous, delta):
             break

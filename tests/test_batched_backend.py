@@ -1,6 +1,7 @@
 """The batched backend (HighwayConfig.backend) in patch_model's path: same gradients as the sequential engine
 (float64: k = 0, 1, 2 against tests/reference.py, exact at k >= L against autograd), returned through autograd,
-and a logged fall-back to sequential for what it cannot batch."""
+batched from the first step (the patch installs the backend), and a logged fall-back to sequential for what it
+cannot batch. Every test checks which path ran: the sequential fall-back gives the same gradients."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 import transformers as tf
 
 import hf_hwbp
-from hf_hwbp import batched
+from hf_hwbp import batched, batched_adapter
 from hf_hwbp.config import HighwayConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,8 +67,7 @@ def reference(model, k: int, layers=layers_of) -> dict[str, torch.Tensor]:
 
 
 def grads_of(model, steps: int = 1) -> dict[str, torch.Tensor]:
-    """The gradients of the last of ``steps`` backwards (the first step of the batched backend captures the blocks'
-    side inputs and runs sequentially)."""
+    """The gradients of the last of ``steps`` backwards."""
     for _ in range(steps):
         model.zero_grad(set_to_none=True)
         loss_of(model).backward()
@@ -78,9 +78,9 @@ def grads_of(model, steps: int = 1) -> dict[str, torch.Tensor]:
 def said(monkeypatch):
     """The backend's log lines of this test."""
     lines: list[str] = []
-    monkeypatch.setattr(batched, "_said", set())
-    monkeypatch.setattr(batched.logger, "warning", lambda message, *a, **kw: lines.append(message))
-    monkeypatch.setattr(batched.logger, "info", lambda message, *a, **kw: lines.append(message))
+    monkeypatch.setattr(batched_adapter, "_said", set())
+    monkeypatch.setattr(batched_adapter.logger, "warning", lambda message, *a, **kw: lines.append(message))
+    monkeypatch.setattr(batched_adapter.logger, "info", lambda message, *a, **kw: lines.append(message))
     return lines
 
 
@@ -111,8 +111,9 @@ def test_batched_equals_the_reference(arch, k, said, batched_calls):
     model = tiny(arch)
     want = reference(model, k)
     hf_hwbp.patch_model(model, k, backend="batched")
-    got = grads_of(model, steps=2)
-    assert batched_calls, said  # the second step ran batched
+    got = grads_of(model)
+    block_params = [p for layer in layers_of(model) for p in layer.parameters()]
+    assert batched_calls == [len(block_params)], said  # the first step ran batched, for every block parameter
     assert any("as one call per iteration" in line for line in said)
     assert_close(got, want)
 
@@ -122,7 +123,7 @@ def test_batched_at_k_equal_depth_is_exact_backprop(arch, batched_calls):
     model = tiny(arch, seed=2)
     want = grads_of(copy.deepcopy(model))  # unpatched: autograd
     hf_hwbp.patch_model(model, LAYERS, backend="batched")
-    got = grads_of(model, steps=2)
+    got = grads_of(model)
     assert len(batched_calls) == 1
     assert_close(got, want)
 
@@ -132,13 +133,12 @@ def test_gradients_come_through_autograd_hooks_and_accumulate(batched_calls):
     reference = copy.deepcopy(model)
     hf_hwbp.patch_model(reference, 1, backend="sequential")
     hf_hwbp.patch_model(model, 1, backend="batched")
-    grads_of(model)  # captures the side inputs
     seen = []
     weight = layers_of(model)[1].mlp.c_fc.weight
     weight.register_hook(lambda g: seen.append(g.clone()))
     model.zero_grad(set_to_none=True)
     (loss_of(model) + loss_of(model)).backward()  # two forwards, one backward: the gradients add up
-    assert batched_calls and len(seen) >= 1
+    assert len(batched_calls) == 2 and len(seen) >= 1  # one batched backward per forward
     reference.zero_grad(set_to_none=True)
     (loss_of(reference) + loss_of(reference)).backward()
     want = layers_of(reference)[1].mlp.c_fc.weight.grad
@@ -150,24 +150,66 @@ def test_active_dropout_falls_back_with_a_log_line(said, batched_calls):
     layers_of(model)[1].mlp.dropout.p = 0.1
     hf_hwbp.patch_model(model, 1, backend="batched")
     torch.manual_seed(5)
-    grads_of(model, steps=2)
+    grads_of(model)
     assert not batched_calls
     assert any("falls back to sequential" in line and "dropout" in line for line in said)
+
+
+def test_functional_attention_dropout_falls_back_with_the_sequential_gradients(said, batched_calls):
+    """Llama's attention dropout is a float applied by a function, not a dropout module: the forward's random
+    numbers show it, and the step runs sequentially (a recomputation would draw other masks)."""
+
+    def seeded_grads(model):
+        torch.manual_seed(5)
+        return grads_of(model)
+
+    model = tiny("llama")
+    model.config.attention_dropout = 0.3
+    for layer in layers_of(model):
+        layer.self_attn.attention_dropout = 0.3
+    sequential = hf_hwbp.patch_model(copy.deepcopy(model), 1, backend="sequential")
+    hf_hwbp.patch_model(model, 1, backend="batched")
+    assert_close(seeded_grads(model), seeded_grads(sequential))
+    assert not batched_calls
+    assert any("falls back to sequential" in line and "random numbers" in line for line in said)
+
+
+def _hook_counts(model) -> list[tuple[int, int]]:
+    return [(len(layer._forward_pre_hooks), len(layer._forward_hooks)) for layer in layers_of(model)]
+
+
+def test_the_backend_is_installed_when_chosen_and_removed_with_the_patch(said, batched_calls):
+    model = tiny("gpt2")
+    unpatched = _hook_counts(model)
+    hf_hwbp.patch_model(model, 1)  # 'auto': sequential on CPU, no capture
+    sequential = _hook_counts(model)
+    hf_hwbp.set_highway_config(model, backend="batched")
+    assert [(a + 1, b + 1) for a, b in sequential] == _hook_counts(model)  # the capture's pre-hook and hook
+    grads_of(model)
+    assert len(batched_calls) == 1  # the first step after choosing the backend ran batched
+    hf_hwbp.set_highway_config(model, backend="sequential")
+    assert _hook_counts(model) == sequential
+    grads_of(model)
+    assert len(batched_calls) == 1
+    hf_hwbp.patch_model(model, 1, backend="batched")
+    hf_hwbp.unpatch_model(model)
+    assert _hook_counts(model) == unpatched
 
 
 def test_auto_is_sequential_on_cpu_and_says_so(said, batched_calls):
     model = tiny("llama")
     hf_hwbp.patch_model(model, 1)  # backend="auto" by default
-    grads_of(model, steps=2)
+    grads_of(model)
     assert not batched_calls
     assert any("'auto' runs" in line and "sequentially on cpu" in line for line in said)
 
 
-def test_sdpa_attention_runs_batched_or_falls_back_exactly(said, batched_calls):
+def test_sdpa_attention_runs_batched(said, batched_calls):
     model = tiny("llama", attn="sdpa")
     want = reference(model, 1)
     hf_hwbp.patch_model(model, 1, backend="batched")
-    assert_close(grads_of(model, steps=2), want)
+    assert_close(grads_of(model), want)
+    assert len(batched_calls) == 1, said
 
 
 def test_lora_gpt2_runs_batched_with_the_reference_gradients(said, batched_calls):
@@ -180,8 +222,8 @@ def test_lora_gpt2_runs_batched_with_the_reference_gradients(said, batched_calls
             torch.nn.init.normal_(p, std=0.1)
     want = reference(model, 1, lambda twin: layers_of(twin.base_model.model))
     hf_hwbp.patch_model(model, 1, backend="batched")
-    got = grads_of(model, steps=2)
-    assert batched_calls, said
+    got = grads_of(model)
+    assert len(batched_calls) == 1, said
     assert_close(got, want)
 
 
@@ -195,10 +237,9 @@ def test_backend_setting_is_validated_and_parsed():
     assert args.highway_config.backend == "batched"
 
 
-@pytest.mark.parametrize("k", [1])
-def test_highway_trainer_with_the_batched_backend(tmp_path, k, said, batched_calls):
-    """HighwayTrainer (SGD, float64): every step's gradients equal the sequential backend's, and the steps after the
-    first ran batched."""
+def test_highway_trainer_with_the_batched_backend(tmp_path, said, batched_calls):
+    """HighwayTrainer (SGD, float64): every step's gradients equal the sequential backend's, and every step ran
+    batched."""
     from trainer_helpers import GradRecorder, make_args, repetitive_data, tiny_gpt2
 
     from hf_hwbp.trainer import HighwayTrainer
@@ -207,7 +248,7 @@ def test_highway_trainer_with_the_batched_backend(tmp_path, k, said, batched_cal
         recorder = GradRecorder()
         args = make_args(
             tmp_path / backend, max_steps=3, optim="sgd", learning_rate=0.1, max_grad_norm=0.0,
-            hwbp_config={"k": k, "backend": backend},
+            hwbp_config={"k": 1, "backend": backend},
         )  # fmt: skip
         model = tiny_gpt2(dtype=torch.float64)
         HighwayTrainer(model=model, args=args, train_dataset=repetitive_data(n=4), callbacks=[recorder]).train()
@@ -216,7 +257,7 @@ def test_highway_trainer_with_the_batched_backend(tmp_path, k, said, batched_cal
     want = train("sequential")
     assert not batched_calls
     got = train("batched")
-    assert len(batched_calls) == 2, said  # the first step captures the blocks' side inputs
+    assert len(batched_calls) == 3, said  # every step ran batched
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
         assert_close(g, w)

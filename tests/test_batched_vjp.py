@@ -1,4 +1,4 @@
-"""Batched input- and parameter-VJPs over stacked block weights (hf_hwbp.parallel.batched), against autograd and
+"""Batched input- and parameter-VJPs over stacked block weights (hf_hwbp.batched), against autograd and
 the engine's recorded-graph Highway-BP, float64 on CPU."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_hwbp.batched import BatchedBlocks, BatchedStack
 from hf_hwbp.engine import highway_backward, run_recursion
-from hf_hwbp.parallel.batched import BatchedBlocks, BatchedStack
+from hf_hwbp.errors import HighwayBPError
 from hf_hwbp.parallel.stages import build_stage
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -101,8 +102,8 @@ def test_reused_blocks_are_not_recomputed():
 def test_active_dropout_or_mixed_blocks_are_refused():
     model = build("gpt2", 2)
     model.transformer.h[0].mlp.dropout.p = 0.1
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(HighwayBPError, match="dropout"):
         BatchedBlocks(list(model.transformer.h))
     llama = build("llama", 1)
-    with pytest.raises(ValueError, match="one architecture"):
+    with pytest.raises(HighwayBPError, match="one architecture"):
         BatchedBlocks([model.transformer.h[1], llama.model.layers[0]])

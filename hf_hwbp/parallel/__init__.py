@@ -13,12 +13,12 @@ or the runner directly, in your own loop::
 Modules: ``graph`` (the dependency graph of a step), ``runtime`` (a rank executes its tasks), ``stage_stack``
 (the engine's recursion for one stage, with the scan across ranks), ``simulate`` (the same graphs replayed
 with measured costs), ``calibrate`` (measures those costs), ``baselines`` (torch.distributed.pipelining's
-schedules over the same stages), ``batched`` (one device: the input-VJPs of one iteration as one batched call).
+schedules over the same stages). One device's batched backend (the input-VJPs of one iteration as one batched
+call) is ``hf_hwbp.batched``.
 """
 
 from .arch import supported_models
 from .baselines import GPipeBaseline, TorchPipeline
-from .batched import BatchedBlocks, BatchedStack
 from .comm import Comm
 from .graph import HighwayShape, StepGraph, Task, backprop_graph, highway_graph
 from .layout import StageLayout, make_layout
@@ -30,8 +30,6 @@ from .tied import check_world
 from .trainer_mode import LayerParallelModel, LayerParallelTraining
 
 __all__ = [
-    "BatchedBlocks",
-    "BatchedStack",
     "ChainScan",
     "Comm",
     "GPipeBaseline",

@@ -1,4 +1,5 @@
-"""What a block reads and emits besides the residual stream: side inputs, side outputs, and the hidden state.
+"""The forward half of routing: what a block reads and emits besides the residual stream, found in its arguments
+and outputs (side inputs, side outputs, and the hidden state itself).
 
 Side inputs are tensors that require grad and that a layer receives besides its hidden state: encoder states
 under cross-attention, a parameter that lives outside the stack, prefix-tuning keys and values held in a
@@ -18,6 +19,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from ..errors import UnsupportedModelError
+
 try:  # transformers >= 5: attentions, router logits and hidden states are collected by hooks inside the layers
     from transformers.utils.output_capturing import _active_collector
 except ImportError:  # pragma: no cover - older transformers return them from the layers instead
@@ -35,7 +38,10 @@ def split_hidden(args: tuple, kwargs: dict) -> Tensor:
         return args[0]
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"]
-    raise RuntimeError("Highway-BP: could not find the hidden state (first argument or `hidden_states=`) of a layer.")
+    raise UnsupportedModelError(
+        "Highway-BP: a layer of the stack was called without its hidden state (a first argument or `hidden_states=`). "
+        "Pass layers= with blocks called that way, or train this model with ordinary backprop (unpatch_model(model))."
+    )
 
 
 def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
@@ -173,3 +179,14 @@ def new_collected(collected: dict | None, marks: dict[str, int] | None) -> list[
                 if isinstance(values[i], Tensor) and values[i].requires_grad:
                     found.append((values, i, values[i]))
     return found
+
+
+def output_tensors(output, depth: int = 0) -> list[Tensor]:
+    """The tensors a model returned: ``output`` itself, or the items of a tuple, list, dict or ``ModelOutput``, and of
+    the tuples inside it (hidden states, attentions)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if depth >= 2:
+        return []
+    values = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [tensor for value in values for tensor in output_tensors(value, depth + 1)]

@@ -1,0 +1,286 @@
+r"""The recorder: one training forward of one stack, cut at every block boundary while it runs.
+
+    h_0 -> block 1 -> y_1 --_Exit--> h_1 ~> leaf x_1 -> block 2 -> ... --_Exit--> h_L -> head
+     \--_StackEntry(h_0, *params, *side inputs)--> token_0 --> token_1 --> ... --> token_L
+
+Block 1 reads h_0 through ``_StackInput`` (an alias that the Highway backward never crosses) and block j >= 2 a
+fresh leaf x_{j-1} holding h_{j-1}'s value, so each block's local graph ends at its own input, its parameters and
+its side inputs (tensors that require grad read besides the hidden state; each is replaced by a leaf). ``_Exit``
+hands on the value of y_j with no edge into block j's graph and stores the gradient that reaches h_j (d for the
+last block, e_j for the others); it does the same for side outputs (tensors computed inside a block that the loss
+may read: attention maps, router logits). ``_StackEntry`` returns only a scalar token; the token chain makes
+autograd call every exit before the entry, whose backward is ``record.run_backward``.
+
+What the forward recorded lives in its ``_StackRecord`` (what each block read and handed on), held by the autograd
+graph; ``StackForward`` is the bookkeeping the patch holds only while the stack's layers run. The patch decides
+whether a forward is recorded at all (``patching.py``); the checks live in ``forward_checks.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import forward_checks
+from .config import HighwayConfig
+from .discovery import Stack
+from .errors import HighwayBPError
+from .record import IterationLog, _EngineFlag, _Exit, _GroupInnerGuard, _StackEntry, _StackInput, _StackRecord
+from .routing import forward as routing
+from .sharding import ParameterLifecycle
+
+
+@dataclass(eq=False)
+class RecordingSettings:
+    """What a recorded forward takes from the patch when it starts (nothing that points back to the patch)."""
+
+    stack_index: int
+    config: HighwayConfig
+    lifecycle: ParameterLifecycle
+    log: IterationLog
+    keep_block_grads: bool
+    capture: object | None  # the batched backend's capture of block calls (or None)
+    check_graph: bool  # walk each block's recorded graph (until one whole forward of the stack was checked)
+    returned: set[int]  # ids of the tensors this forward hands the model in place of block outputs and side outputs
+
+
+@dataclass(eq=False)
+class StackForward:
+    """The forward a stack is running now; held by the patch until the stack's last layer ran.
+
+    ``active``: a training forward that Highway-BP records (the patch decides). The record starts at the first
+    layer whose block has something to train or feeds something that does (frozen layers below run as they would
+    unpatched)."""
+
+    stack: Stack
+    next_layer: int = 0
+    active: bool = False
+    settings: RecordingSettings | None = None
+    input_shape: tuple | None = None  # (shape, dtype) of the running layer's hidden state
+    record: _StackRecord | None = None
+    token: Tensor | None = None
+    last_exit: Tensor | None = None
+    leaf_of: dict[int, Tensor] = field(default_factory=dict)  # id(side input) -> the leaf blocks read instead
+    originals: list[Tensor] = field(default_factory=list)  # keeps those ids valid while the forward runs
+    cut_of: dict[int, int] = field(default_factory=dict)  # id(cut side output) -> its index in the record
+    leaf_ids: set[int] = field(default_factory=set)  # ids of the side-input and carried leaves
+    marks: dict[str, int] | None = None  # collector sizes before the running layer
+    block_starts: list[int] = field(default_factory=list)  # autograd sequence number where each block began
+    rng_state: tuple[torch.device, Tensor] | None = None  # checkpointed without preserving the RNG
+    grad_mode_seen: list[bool] = field(default_factory=list)  # grad mode inside the running layer (checkpointed)
+    graph_checked: bool = False  # the block ending at the stack's last layer was checked
+
+    # ----- before a layer ---------------------------------------------------------------------------------------
+    def before_layer(self, i: int, module: nn.Module, args: tuple, kwargs: dict):
+        """The patch's pre-hook on an active forward: returns the layer's new (args, kwargs), or None."""
+        stack, config = self.stack, self.settings.config
+        skipped = i > self.next_layer  # LayerDrop: the layers between did not run in this forward
+        if skipped and config.group_size > 1:
+            raise HighwayBPError(
+                f"Highway-BP: layers {self.next_layer}..{i - 1} of {stack.path} were skipped in this training "
+                "forward (LayerDrop), which Highway-BP follows only with group_size=1 (each executed layer is a "
+                "block). Set group_size=1, or the model's layerdrop to 0."
+            )
+        if module is not stack.layers[i]:
+            raise HighwayBPError(
+                f"Highway-BP: a copy of layer {i} of {stack.path} ran with the original's hooks (nn.DataParallel "
+                "replicates modules this way). Use DistributedDataParallel (one process per device) instead."
+            )
+        self.next_layer = i + 1
+        hidden = routing.split_hidden(args, kwargs)
+        self.input_shape = (hidden.shape, hidden.dtype)
+        self.grad_mode_seen.clear()
+        if forward_checks.is_checkpointed(module) and not forward_checks.preserves_rng_state(module):
+            self.rng_state = (hidden.device, forward_checks.rng_state(hidden.device))
+        self.marks = routing.collector_marks(routing.collector())
+        record = self.record
+        if record is None:
+            return self._maybe_start(i, hidden, args, kwargs)
+        if routing.has_grad_inputs(args, kwargs):
+            args, kwargs = routing.replace_tensors(
+                args, kwargs, functools.partial(self._known_leaf, i, module), deep=False
+            )
+        if not self._block_start(i):
+            record.block_layers[-1].append(i)
+            return args, kwargs
+        if hidden is not self.last_exit:
+            raise HighwayBPError(
+                f"Highway-BP: layer {i} of {stack.path} did not receive the output of the layer that ran before it "
+                "unchanged. Highway-BP supports stacks whose layers feed each other directly; pass "
+                "layers=<ModuleList> of such a stack, or call unpatch_model(model)."
+            )
+        return routing.with_hidden(args, kwargs, self._begin_block(i, hidden.detach().requires_grad_(True)))
+
+    def _begin_block(self, i: int, block_input: Tensor) -> Tensor:
+        self.record.block_layers.append([i])
+        self.record.inputs.append(block_input)
+        self.block_starts.append(torch._C._autograd._get_sequence_nr())
+        return block_input
+
+    def _maybe_start(self, i: int, hidden: Tensor, args: tuple, kwargs: dict):
+        """Start recording at the first layer whose block has something to train (or feeds something that does)."""
+        stack, settings = self.stack, self.settings
+        found: list[Tensor] = []
+        routing.replace_tensors(args, kwargs, lambda _, tensor: found.append(tensor) or tensor, deep=True)
+        g = settings.config.group_size
+        block_end = min((i // g + 1) * g, len(stack))
+        if not (hidden.requires_grad or found or _trainable(stack.layers[i:block_end])):
+            return None  # frozen, and nothing below needs a gradient: the layer runs as it would unpatched
+        flag = _EngineFlag()
+        originals = list({id(tensor): tensor for tensor in found}.values())
+        for tensor in originals:
+            if id(tensor) not in self.leaf_of:
+                self.leaf_of[id(tensor)] = self._leaf(tensor)
+        self.originals.extend(originals)
+        params = settings.lifecycle.block_parameters(settings.stack_index, stack.layers[i:])
+        record = _StackRecord(
+            log=settings.log,
+            stack_index=settings.stack_index,
+            lifecycle=settings.lifecycle,
+            keep_block_grads=settings.keep_block_grads,
+            stack=stack,
+            config=copy.copy(settings.config),
+            first_layer=i,
+            flag=flag,
+            params=params,
+            side_leaves=[self.leaf_of[id(t)] for t in originals],
+            input_requires_grad=hidden.requires_grad,
+            token_dtype=hidden.dtype,
+            token_device=hidden.device,
+            capture=settings.capture,
+        )
+        self.token = _StackEntry.apply(record, hidden, *params, *originals)
+        self.record = record
+        if originals:
+            args, kwargs = routing.replace_tensors(args, kwargs, lambda _, t: self.leaf_of.get(id(t), t), deep=True)
+        x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
+        settings.returned.add(id(x0))
+        return routing.with_hidden(args, kwargs, self._begin_block(i, x0))
+
+    def _known_leaf(self, i: int, module: nn.Module, name: str, tensor: Tensor) -> Tensor:
+        """The leaf a later layer reads in place of a side input (or of a side output an earlier layer returned)."""
+        record = self.record
+        leaf = self.leaf_of.get(id(tensor))
+        if leaf is not None:
+            return leaf
+        if id(tensor) in self.leaf_ids:
+            return tensor
+        side = self.cut_of.get(id(tensor))
+        if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
+            block, original = record.side_outputs[side]
+            if block > 0 and forward_checks.reaches(original, record.inputs[block]):
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {record.path} reads a tensor that an earlier layer returned and that "
+                    f"depends on that layer's hidden state (`{routing.argument_name(module, name)}`): its gradient "
+                    "would feed the Highway iteration it depends on. Train this model with ordinary backprop "
+                    "(unpatch_model(model))."
+                )
+            leaf = self.leaf_of[id(tensor)] = self._leaf(tensor)
+            record.carried.append((side, leaf))
+            return leaf
+        raise HighwayBPError(
+            f"Highway-BP: layer {i} of {record.path} receives `{routing.argument_name(module, name)}`, a tensor that "
+            f"requires grad that layer {record.first_layer} did not receive and that no earlier layer returned. "
+            "Highway-BP routes the side inputs that the stack's first layer receives too (encoder states, prefix keys "
+            "and values, parameters passed in) and the tensors a layer returns for the next ones (T5's position "
+            "bias). Train this model with ordinary backprop (unpatch_model(model)), or pass that tensor to every "
+            "layer."
+        )
+
+    def _leaf(self, tensor: Tensor) -> Tensor:
+        """The leaf that blocks read in place of a side input (or of a carried side output)."""
+        leaf = tensor.detach().requires_grad_(True)
+        self.leaf_ids.add(id(leaf))
+        return leaf
+
+    # ----- after a layer ----------------------------------------------------------------------------------------
+    def changed_shape(self, i: int, output) -> str | None:
+        """What layer ``i`` did to the hidden state's shape or dtype (None: kept them)."""
+        hidden = routing.output_hidden(output)
+        (shape, dtype) = self.input_shape
+        if (hidden.shape, hidden.dtype) == (shape, dtype):
+            return None
+        what = f"layer {i} of {self.stack.path} maps a {tuple(shape)} state to a {tuple(hidden.shape)} one"
+        return what + (f" ({dtype} to {hidden.dtype})" if dtype != hidden.dtype else "")
+
+    @property
+    def untouched(self) -> bool:
+        """Nothing was cut from the model's graph yet (the list can still be let go)."""
+        record = self.record
+        return record is None or (not record.outputs and not self.originals and not record.side_outputs)
+
+    def after_layer(self, i: int, output):
+        """The patch's hook on an active forward whose layer kept the state's shape: the new output, or None."""
+        stack = self.stack
+        if self.rng_state is not None:
+            (device, before), self.rng_state = self.rng_state, None
+            forward_checks.check_rng(stack, i, device, before)
+        record = self.record
+        if record is None:
+            return None
+        if self.grad_mode_seen and not any(self.grad_mode_seen):
+            forward_checks.refuse_reentrant_checkpointing(stack, i)
+        hidden = routing.output_hidden(output)
+        if not hidden.requires_grad and not record.outputs and self._block_end(i):
+            self.record = self.token = None  # its trainable parameters did not take part: still the frozen prefix
+            return None
+        output = self._cut_side_outputs(output)
+        if not self._block_end(i):
+            return routing.with_output_hidden(output, _GroupInnerGuard.apply(record.flag, i, hidden))
+        index = len(record.outputs)
+        record.outputs.append(hidden)
+        exit_hidden, self.token = _Exit.apply(record, record.output_grads, index, hidden.detach(), self.token)
+        record.exits.append(weakref.ref(exit_hidden))
+        self.settings.returned.add(id(exit_hidden))
+        self.last_exit = exit_hidden
+        if self.settings.check_graph:
+            self._check_graph(index)
+            self.graph_checked = i == len(stack) - 1
+        return routing.with_output_hidden(output, exit_hidden)
+
+    def _cut_side_outputs(self, output):
+        block = len(self.record.outputs)
+        replaced = {}
+        for position, tensor in routing.output_extras(output):
+            if id(tensor) not in self.leaf_ids:  # a side input handed on unchanged is not a side output
+                replaced[position] = self._side_exit(block, tensor)
+        for values, position, tensor in routing.new_collected(routing.collector(), self.marks):
+            values[position] = self._side_exit(block, tensor)
+        return routing.with_output_extras(output, replaced) if replaced else output
+
+    def _side_exit(self, block: int, tensor: Tensor) -> Tensor:
+        record = self.record
+        record.side_outputs.append((block, tensor))
+        index = len(record.side_outputs) - 1
+        cut, self.token = _Exit.apply(record, record.side_grads, index, tensor.detach(), self.token)
+        record.returned_sides.append(weakref.ref(cut))
+        self.settings.returned.add(id(cut))
+        self.cut_of[id(cut)] = index
+        self.originals.append(cut)
+        return cut
+
+    def _check_graph(self, block: int) -> None:
+        record, settings = self.record, self.settings
+        allowed = {id(p) for p in settings.lifecycle.block_parameters(settings.stack_index, self.stack.layers)}
+        allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
+        allowed |= {id(z) for _, z in record.carried}
+        stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
+        forward_checks.check_block_graph(
+            self.stack, block, record.outputs[block], self.block_starts[block], allowed, stops
+        )
+
+    def _block_start(self, i: int) -> bool:
+        return i % self.settings.config.group_size == 0 or i == self.record.first_layer
+
+    def _block_end(self, i: int) -> bool:
+        g = self.settings.config.group_size
+        return i % g == g - 1 or i == len(self.stack) - 1
+
+
+def _trainable(layers) -> list[Tensor]:
+    return [p for layer in layers for p in layer.parameters() if p.requires_grad]

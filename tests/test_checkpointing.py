@@ -1,0 +1,96 @@
+"""Activation checkpointing is told apart by what it does, not by how its function was built: a wrapper around the
+non-reentrant checkpoint function (a lambda, a ``unittest.mock.Mock`` counting recomputations, a profiler) trains
+as the bare function does; the reentrant form (the layer's forward with gradients disabled inside a training
+forward) is refused before any gradient, wrapped or not."""
+
+from __future__ import annotations
+
+import functools
+from unittest import mock
+
+import pytest
+import torch
+from reference import reference_highway_grads
+from tiny_models import ZOO, ZOO_LAYERS
+from torch.utils.checkpoint import checkpoint
+
+import hf_hwbp
+
+L = ZOO_LAYERS
+RTOL = 1e-10  # float64: the same operations, recomputed
+
+
+def seeded_loss(model):
+    torch.manual_seed(11)  # GPT-2's dropout (0.1): the same masks in every pass and every recomputation
+    return model(**ZOO["gpt2"].batch()).loss
+
+
+def grads_of(model, loss_fn=seeded_loss) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss_fn(model).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def assert_close(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for name, b in expected.items():
+        err = (actual[name] - b).norm().item() / max(b.norm().item(), 1e-30)
+        assert err <= RTOL, f"{name}: relative error {err:.3e}"
+
+
+def wrap_checkpoint_functions(model, wrap) -> list:
+    """Put ``wrap(original)`` in place of every layer's checkpoint function; returns the wrappers."""
+    wrappers = []
+    for layer in model.transformer.h:
+        layer._gradient_checkpointing_func = wrap(layer._gradient_checkpointing_func)
+        wrappers.append(layer._gradient_checkpointing_func)
+    return wrappers
+
+
+WRAPPERS = {
+    "lambda": lambda orig: lambda f, *a, **k: orig(f, *a, **k),
+    "mock": lambda orig: mock.Mock(wraps=orig),
+    "own_function": lambda orig: lambda f, *a, **k: checkpoint(f, *a, use_reentrant=False, **k),
+}
+
+
+@pytest.mark.engine_at_exact_steps  # k = L checks the engine through the wrapped checkpoints against autograd
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_a_wrapped_non_reentrant_checkpoint_trains(wrapper):
+    model = ZOO["gpt2"].build()  # dropout 0.1: every recomputation must replay the forward's masks
+    exact = grads_of(model)
+    expected = reference_highway_grads(model, model.transformer.h, seeded_loss, 1)
+    model.activation_checkpointing_enable()  # non-reentrant by default
+    hf_hwbp.patch_model(model, k=1)
+    wrappers = wrap_checkpoint_functions(model, WRAPPERS[wrapper])
+    assert_close(grads_of(model), expected)
+    if wrapper == "mock":
+        assert all(w.call_count == 1 for w in wrappers)  # one checkpointed forward per layer
+    hf_hwbp.set_highway_k(model, L)
+    assert_close(grads_of(model), exact)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "wrapped"])
+def test_reentrant_checkpointing_is_refused_before_any_gradient(wrapped):
+    model = ZOO["gpt2"].build()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    hf_hwbp.patch_model(model, k=1)
+    if wrapped:
+        wrap_checkpoint_functions(model, WRAPPERS["lambda"])
+    with pytest.raises(hf_hwbp.HighwayBPError, match="reentrant") as info:
+        seeded_loss(model).backward()
+    assert "activation_checkpointing_enable()" in str(info.value)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reentrant_checkpointing_by_the_users_own_function_is_refused():
+    """Not built by transformers' kwargs at all: the user's function runs torch's reentrant checkpoint."""
+    model = ZOO["gpt2"].build()
+    model.activation_checkpointing_enable()
+    hf_hwbp.patch_model(model, k=1)
+    wrap_checkpoint_functions(model, lambda _: functools.partial(checkpoint, use_reentrant=True))
+    with pytest.raises(hf_hwbp.HighwayBPError, match="reentrant"):
+        seeded_loss(model)
+    assert all(p.grad is None for p in model.parameters())
