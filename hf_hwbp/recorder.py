@@ -69,6 +69,7 @@ class StackForward:
     originals: list[Tensor] = field(default_factory=list)  # keeps those ids valid while the forward runs
     cut_of: dict[int, int] = field(default_factory=dict)  # id(cut side output) -> its index in the record
     leaf_ids: set[int] = field(default_factory=set)  # ids of the side-input and carried leaves
+    leaf_views: list[Tensor] = field(default_factory=list)  # views of side-input leaves (per-layer slices)
     marks: dict[str, int] | None = None  # collector sizes before the running layer
     block_starts: list[int] = field(default_factory=list)  # autograd sequence number where each block began
     rng_state: tuple[torch.device, Tensor] | None = None  # checkpointed without preserving the RNG
@@ -132,11 +133,18 @@ class StackForward:
         if not (hidden.requires_grad or found or _trainable(stack.layers[i:block_end])):
             return None  # frozen, and nothing below needs a gradient: the layer runs as it would unpatched
         flag = _EngineFlag()
-        originals = list({id(tensor): tensor for tensor in found}.values())
+        # A view of a larger tensor that requires grad (Gemma 3n's `per_layer_input`, one layer's slice of all the
+        # layers' inputs) stands for that tensor: the blocks read views of its leaf, so each later layer's slice is
+        # routed too, its gradient that block's VJP at each iteration (docs/algorithm.md, per-layer side inputs).
+        bases = {id(t): base for t in found if (base := _viewed_base(t, hidden)) is not None}
+        views = [t for t in found if id(t) in bases]
+        originals = list({id(t): t for t in (bases.get(id(t), t) for t in found)}.values())
         for tensor in originals:
             if id(tensor) not in self.leaf_of:
                 self.leaf_of[id(tensor)] = self._leaf(tensor)
-        self.originals.extend(originals)
+        self.originals.extend(originals + views)
+        for view in views:
+            self.leaf_of[id(view)] = self._view_of_leaf(view)
         params = settings.lifecycle.block_parameters(settings.stack_index, stack.layers[i:])
         record = _StackRecord(
             log=settings.log,
@@ -170,6 +178,11 @@ class StackForward:
             return leaf
         if id(tensor) in self.leaf_ids:
             return tensor
+        base = tensor._base
+        if base is not None and id(base) in self.leaf_of and self.leaf_of[id(base)] is not base:
+            self.originals.append(tensor)  # a per-layer slice of a side input: a view of its leaf
+            leaf = self.leaf_of[id(tensor)] = self._view_of_leaf(tensor)
+            return leaf
         side = self.cut_of.get(id(tensor))
         if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
             block, original = record.side_outputs[side]
@@ -196,6 +209,13 @@ class StackForward:
         """The leaf that blocks read in place of a side input (or of a carried side output)."""
         leaf = tensor.detach().requires_grad_(True)
         self.leaf_ids.add(id(leaf))
+        return leaf
+
+    def _view_of_leaf(self, view: Tensor) -> Tensor:
+        """The same view of the leaf of ``view``'s base (the leaf shares the base's storage)."""
+        leaf = self.leaf_of[id(view._base)].as_strided(view.size(), view.stride(), view.storage_offset())
+        self.leaf_ids.add(id(leaf))
+        self.leaf_views.append(leaf)
         return leaf
 
     # ----- after a layer ----------------------------------------------------------------------------------------
@@ -270,6 +290,7 @@ class StackForward:
         allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
         allowed |= {id(z) for _, z in record.carried}
         stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
+        stops |= {id(view.grad_fn) for view in self.leaf_views}  # views of side-input leaves (allowed)
         forward_checks.check_block_graph(
             self.stack, block, record.outputs[block], self.block_starts[block], allowed, stops
         )
@@ -280,6 +301,14 @@ class StackForward:
     def _block_end(self, i: int) -> bool:
         g = self.settings.config.group_size
         return i % g == g - 1 or i == len(self.stack) - 1
+
+
+def _viewed_base(tensor: Tensor, hidden: Tensor) -> Tensor | None:
+    """The tensor ``tensor`` is a view of, when that one requires grad and is not the hidden state's."""
+    base = tensor._base
+    if base is None or not base.requires_grad or base is hidden or base is hidden._base:
+        return None
+    return base
 
 
 def _trainable(layers) -> list[Tensor]:

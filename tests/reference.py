@@ -129,7 +129,8 @@ def reference_highway_grads(
 
     def make_hooks(s: int, i: int):
         def pre_hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
+            key = None if args else ("hidden_states" if "hidden_states" in kwargs else "hidden_state")
+            hidden = args[0] if args else kwargs[key]
             if i == 0:
                 current[s] = _Run(stacks[s], hidden)
                 runs_made.append(current[s])
@@ -144,13 +145,13 @@ def reference_highway_grads(
                 return leaf
 
             rest_args = tuple(_replace_grad_tensors(a, side_leaf) for a in args[1:])
-            rest = {n: _replace_grad_tensors(v, side_leaf) for n, v in kwargs.items() if args or n != "hidden_states"}
+            rest = {n: _replace_grad_tensors(v, side_leaf) for n, v in kwargs.items() if n != key}
             if i % group_size == 0:
                 hidden = hidden.detach().requires_grad_(True)
                 run.inputs.append(hidden)
             if args:
                 return (hidden,) + rest_args, rest
-            return (), {**rest, "hidden_states": hidden}
+            return (), {**rest, key: hidden}
 
         def post_hook(module, args, output):
             if i % group_size != group_size - 1 and i != len(stacks[s]) - 1:

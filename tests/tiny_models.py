@@ -204,6 +204,13 @@ _SWIN = dict(
 
 _STAGES = dict(hidden_sizes=[8, 16], depths=[3, 3], num_labels=5, initializer_range=0.2)
 
+# Autoformer (float32 only: its auto-correlation makes float32 tensors inside the model): discovery finds both stacks.
+AUTOFORMER = dict(
+    prediction_length=4, context_length=8, label_length=4, lags_sequence=[1, 2], num_time_features=1, d_model=16,
+    encoder_layers=ZOO_LAYERS, decoder_layers=ZOO_LAYERS, encoder_attention_heads=2, decoder_attention_heads=2,
+    encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
+)  # fmt: skip
+
 ZOO_SEED = 7  # dropout masks (torch) and SpecAugment masks (numpy) are drawn from this seed in every pass
 AUDIO_SAMPLES = 200  # raw audio of the audio models: 39 frames after a (10, 3) / (5, 2) convolutional encoder
 
@@ -273,6 +280,8 @@ class ZooEntry:
             return {"input_values": torch.randn(BATCH, 16, 16, generator=g, dtype=torch.float64).to(self.dtype)}
         if self.task == "audio":
             return {"input_values": torch.randn(BATCH, AUDIO_SAMPLES, generator=g, dtype=torch.float64).to(self.dtype)}
+        if self.task == "timeseries":  # past values (with the lags' history) and the values to predict
+            return self._time_series(g)
         ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
         if self.task == "text":
             return {"input_ids": ids}
@@ -281,6 +290,24 @@ class ZooEntry:
         if self.task == "seq2seq":
             return {"input_ids": ids, "labels": torch.randint(1, VOCAB, (BATCH, SEQ - 3), generator=g)}
         return {"input_ids": ids, "labels": ids}
+
+    def _time_series(self, g: torch.Generator) -> dict:
+        config = self.config
+        channels = config.get("num_input_channels", config.get("input_size", 1))
+        past = config["context_length"] + max(config.get("lags_sequence", [0]))
+        future = config["prediction_length"]
+
+        def values(length: int) -> torch.Tensor:
+            shape = (BATCH, length, channels) if channels > 1 else (BATCH, length)
+            return torch.randn(shape, generator=g, dtype=torch.float64).to(self.dtype)
+
+        batch = {"past_values": values(past), "future_values": values(future)}
+        features = config.get("num_time_features", 0)
+        if features:
+            batch["past_time_features"] = torch.randn(BATCH, past, features, generator=g).to(self.dtype)
+            batch["future_time_features"] = torch.randn(BATCH, future, features, generator=g).to(self.dtype)
+            batch["past_observed_mask"] = torch.ones_like(batch["past_values"])
+        return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """The training loss of one forward, with the same random masks in every pass."""
@@ -636,6 +663,38 @@ ZOO: dict[str, ZooEntry] = {
         ),
         "vision",
         stacks=2,
+    ),
+    # ----- per-layer side inputs: each layer reads its own slice of a tensor made from the embeddings
+    "gemma3n_text": ZooEntry(
+        "gemma3n_text",
+        "Gemma3nForCausalLM",
+        dict(
+            _GQA, head_dim=8, num_kv_shared_layers=0, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+            laurel_rank=4, altup_num_inputs=2, sliding_window=4, activation_sparsity_pattern=[0.0] * ZOO_LAYERS,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], intermediate_size=[48] * 3,
+        ),
+        "lm",
+    ),
+    # Gemma4RMSNorm normalizes in float32 whatever the model's dtype: observed <= 7e-8 against the reference.
+    "gemma4_text": ZooEntry(
+        "gemma4_text",
+        "Gemma4ForCausalLM",
+        dict(
+            _GQA, head_dim=8, global_head_dim=8, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+            sliding_window=4,
+        ),
+        "lm",
+        rtol=1e-6,
+    ),
+    # ----- time series
+    "patchtst": ZooEntry(  # its layers take `hidden_state=`
+        "patchtst",
+        "PatchTSTForPrediction",
+        dict(
+            num_input_channels=2, context_length=16, patch_length=4, patch_stride=4, d_model=16, num_attention_heads=2,
+            num_hidden_layers=ZOO_LAYERS, ffn_dim=32, prediction_length=4,
+        ),
+        "timeseries",
     ),
     # ----- discovery by structure: layer counts that are no config key
     "nemotron_h": ZooEntry(  # hybrid: Mamba, attention and MLP blocks in one stack; its count is a property

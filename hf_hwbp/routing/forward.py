@@ -32,22 +32,34 @@ _ATOMS = (str, bytes, int, float, bool, complex, type(None), type, nn.Module)
 Replace = Callable[[str, Tensor], Tensor]
 
 
+# The keywords a layer may receive its hidden state under when it gets no positional argument (PatchTST's layers
+# take ``hidden_state=``).
+HIDDEN_KEYWORDS = ("hidden_states", "hidden_state")
+
+
+def hidden_keyword(args: tuple, kwargs: dict) -> str | None:
+    """The keyword the hidden state came under (None: it is the first positional argument, or missing)."""
+    return None if args else next((key for key in HIDDEN_KEYWORDS if key in kwargs), None)
+
+
 def split_hidden(args: tuple, kwargs: dict) -> Tensor:
-    """The hidden state a layer is called with: its first argument, or ``hidden_states=``."""
+    """The hidden state a layer is called with: its first argument, or ``hidden_states=`` / ``hidden_state=``."""
     if args:
         return args[0]
-    if "hidden_states" in kwargs:
-        return kwargs["hidden_states"]
+    key = hidden_keyword(args, kwargs)
+    if key is not None:
+        return kwargs[key]
     raise UnsupportedModelError(
-        "Highway-BP: a layer of the stack was called without its hidden state (a first argument or `hidden_states=`). "
-        "Pass layers= with blocks called that way, or train this model with ordinary backprop (unpatch_model(model))."
+        "Highway-BP: a layer of the stack was called without its hidden state (a first argument, `hidden_states=` or "
+        "`hidden_state=`). Pass layers= with blocks called that way, or train this model with ordinary backprop "
+        "(unpatch_model(model))."
     )
 
 
 def with_hidden(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden,) + tuple(args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+    return args, {**kwargs, hidden_keyword(args, kwargs) or "hidden_states": hidden}
 
 
 def output_hidden(output) -> Tensor:
@@ -77,7 +89,8 @@ def argument_name(module: nn.Module, name: str) -> str:
 def has_grad_inputs(args: tuple, kwargs: dict) -> bool:
     """Whether a layer receives, besides its hidden state, a tensor that requires grad (directly, or in tuples,
     lists and dicts: what ``replace_tensors`` visits without ``deep``). The quick test that lets most layers skip it."""
-    values = list(args[1:]) + [v for key, v in kwargs.items() if args or key != "hidden_states"]
+    skipped = hidden_keyword(args, kwargs)
+    values = list(args[1:]) + [v for key, v in kwargs.items() if key != skipped]
     return any(_any_grad(value, 0) for value in values)
 
 
@@ -98,13 +111,12 @@ def replace_tensors(args: tuple, kwargs: dict, replace: Replace, *, deep: bool) 
     state, and put what it returns in its place. Tuples and the top-level ``args``/``kwargs`` are rebuilt;
     lists, dicts and object attributes found with ``deep=True`` are updated in place (a cache keeps serving
     the layers that read it). Returns the new ``(args, kwargs)``, the same objects when nothing changed."""
-    hidden_in_kwargs = not args
+    hidden_key = hidden_keyword(args, kwargs)
     new_args = tuple(
         value if i == 0 else _swap(value, f"argument {i}", replace, deep, 0, set()) for i, value in enumerate(args)
     )
     new_kwargs = {
-        key: value if hidden_in_kwargs and key == "hidden_states" else _swap(value, key, replace, deep, 0, set())
-        for key, value in kwargs.items()
+        key: value if key == hidden_key else _swap(value, key, replace, deep, 0, set()) for key, value in kwargs.items()
     }
     changed_args = any(a is not b for a, b in zip(new_args, args))
     changed_kwargs = any(new_kwargs[key] is not kwargs[key] for key in kwargs)
