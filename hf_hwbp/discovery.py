@@ -44,17 +44,22 @@ class Stack:
         layers: the layers, bottom to top.
         residual_gate: for layers ``act(h + g(h))``, the diagonal of their residual path from a layer's output
             (``a_j = act'(...)`` held fixed, e.g. ``1[output > 0]`` for ReLU); None for ``h + g(h)``.
+        repeats: how many times one forward runs the layers in a row, each pass on the output of the one before
+            (ALBERT's layer groups shared across depths): the stack's depth is ``repeats * len(layers)`` blocks.
+            A pass beyond it is followed too (the patch counts the passes it sees).
     """
 
     path: str
     layers: tuple[nn.Module, ...]
     residual_gate: Callable[[Tensor], Tensor] | None = None
+    repeats: int = 1
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return f"Stack({self.path!r}, {len(self.layers)} layers of {type(self.layers[0]).__name__})"
+        times = f", run {self.repeats} times" if self.repeats > 1 else ""
+        return f"Stack({self.path!r}, {len(self.layers)} layers of {type(self.layers[0]).__name__}{times})"
 
 
 def find_stacks(model: nn.Module) -> list[Stack]:
@@ -69,8 +74,8 @@ def find_stacks(model: nn.Module) -> list[Stack]:
         reason = REFUSED_MODEL_TYPES[model_type]
         raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {reason}")
     finder = STACK_FINDERS.get(model_type)
-    found = [(path, tuple(layers)) for path, layers in finder(model)] if finder is not None else _discover(model)
-    stacks = [Stack(path, layers, residual_gate(layers, model)) for path, layers in found]
+    found = [(path, tuple(layers), *more) for path, layers, *more in finder(model)] if finder else _discover(model)
+    stacks = [Stack(path, layers, residual_gate(layers, model), *more) for path, layers, *more in found]
     if not stacks:
         raise UnsupportedModelError(
             f"Highway-BP found no residual stack in {type(model).__name__} (model_type={model_type!r}): no "
@@ -129,7 +134,10 @@ def check_stacks(model: nn.Module, stacks: Sequence[Stack]) -> None:
 
 
 def describe(stacks: Sequence[Stack]) -> str:
-    return ", ".join(f"{s.path} ({len(s)} x {type(s.layers[0]).__name__})" for s in stacks)
+    return ", ".join(
+        f"{s.path} ({len(s)} x {type(s.layers[0]).__name__}{f', {s.repeats} passes' if s.repeats > 1 else ''})"
+        for s in stacks
+    )
 
 
 def _layer_counts(model: nn.Module) -> set[int]:

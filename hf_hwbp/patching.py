@@ -104,6 +104,7 @@ class _RootPostHook(_RootPreHook):
         if patch._root_depth > 0:
             return None
         patch._forwards = [None] * len(patch._forwards)  # a stack whose last layers LayerDrop skipped ends here
+        patch._finished = [None] * len(patch._forwards)
         if patch._root_trains and not patch._root_saw_layer and patch.stacks:
             raise HighwayBPError(
                 f"Highway-BP: a training forward of {type(module).__name__} ran no layer of "
@@ -160,6 +161,13 @@ class HighwayPatch:
         self._root_calls = 0  # forwards of the patched model (its outermost call)
         self._root_depth = 0  # > 0 while the patched model's forward runs
         self._run_roots: list[int | None] = [None] * len(self._stacks)  # the model forward of each stack's last run
+        # Layers applied at several depths (ALBERT's shared groups, a loop over one block): a recorded pass over a
+        # stack's layers that the next pass continues, in the same forward of the model, on its output; and the
+        # most passes one forward of each stack made (its depth is that many times its layers).
+        self._finished: list[StackForward | None] = [None] * len(self._stacks)
+        self._passes = [stack.repeats for stack in self._stacks]
+        self._pass_count = [0] * len(self._stacks)
+        self._root_active = [False] * len(self._stacks)  # the first pass of the stack's last forward was recorded
         self._root_trains = False  # the running forward of the patched model is a training forward
         self._root_saw_layer = False  # ... and has run a layer of a stack through its hooks
         self._root_recorded = False  # ... and recorded a stack for Highway-BP
@@ -177,6 +185,7 @@ class HighwayPatch:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_forwards"] = [None] * len(self._stacks)
+        state["_finished"] = [None] * len(self._stacks)
         state["_counted"] = [False] * len(self._stacks)
         state["_root_depth"] = 0
         state["_returned"] = set()
@@ -240,8 +249,10 @@ class HighwayPatch:
         return sum(len(s) for s in self.stacks)
 
     def _blocks_of(self, stack: Stack) -> int:
+        """Highway blocks of one forward of the stack: per pass over its layers, times the passes."""
         g = self.config.group_size
-        return (len(stack) + g - 1) // g
+        passes = max(self._passes[s] for s, known in enumerate(self._stacks) if known is stack)
+        return (len(stack) + g - 1) // g * passes
 
     @property
     def num_blocks(self) -> int:
@@ -301,6 +312,7 @@ class HighwayPatch:
             self._capture.remove()
             self._capture = None
         self._forwards = [None] * len(self._stacks)
+        self._finished = [None] * len(self._stacks)
         self._lifecycle = sharding.ParameterLifecycle()
 
     def _probe_checkpointed(self, s: int) -> None:
@@ -360,8 +372,18 @@ class HighwayPatch:
         Returns its bookkeeping, ``active`` when Highway-BP records it. Every refusal here comes before any backward."""
         stack = self._stacks[s]
         root_call = self._root_calls if self._root_depth > 0 else None
+        repeat = root_call is not None and self._run_roots[s] == root_call
+        if repeat and not self._root_active[s]:
+            self._pass_count[s] += 1  # a pass of an exact step or of an unrecorded forward: count the depth
+            self._passes[s] = max(self._passes[s], self._pass_count[s])
+            self._forwards[s] = StackForward(stack, next_layer=i)  # decided at the forward's first pass
+            return self._forwards[s]
+        self._pass_count[s] = 1
+        self._root_active[s] = False
+        self._finished[s] = None
         fwd = self._forwards[s] = StackForward(stack, next_layer=i)
         self._counted[s] = False
+        self._run_roots[s] = root_call
         if self._root_depth == 0:
             self._returned.clear()  # the stack runs outside a forward of the patched model
         if not self._in_training_forward():
@@ -377,16 +399,15 @@ class HighwayPatch:
         if self._exact_step(stack):
             self.log.forward_without_highway(self._blocks_of(stack))  # the model's own backward: exact, as k = L
             return fwd
-        if root_call is not None and self._run_roots[s] == root_call:
+        if repeat:
             raise HighwayBPError(
-                f"Highway-BP: {stack.path} ran a second time in one forward of the model (one group of layers shared "
-                "across depths, as ALBERT's, or a loop over the same layers). Highway-BP needs a stack whose layers "
-                "each run once per forward, in order. Train this model with ordinary backprop "
-                "(unpatch_model(model)), or pass layers= with a list whose layers run once each."
+                f"Highway-BP: {stack.path} ran a second time in one forward of the model without continuing its "
+                "previous run (a layer shared across depths is followed through the unrolled depth only when each "
+                "pass starts at the first layer, on the output of the pass before). Train this model with ordinary "
+                "backprop (unpatch_model(model)), or pass layers= with a list whose layers run once each."
             )
-        self._run_roots[s] = root_call
         self._probe_checkpointed(s)
-        fwd.active = True
+        fwd.active = self._root_active[s] = True
         fwd.settings = RecordingSettings(
             stack_index=s,
             config=self.config,
@@ -413,7 +434,9 @@ class HighwayPatch:
         if s in self._rejected:
             return None
         fwd = self._forwards[s]
-        if fwd is None or i < fwd.next_layer:
+        if fwd is None and i == 0 and self._finished[s] is not None:
+            fwd = self._next_pass(s)  # the same layers again, one depth further (unrolled)
+        elif fwd is None or i < fwd.next_layer:
             fwd = self._start_run(s, i)  # a new forward of the stack
         if not fwd.active:
             fwd.next_layer = i + 1
@@ -428,7 +451,9 @@ class HighwayPatch:
             return None
         stack = self._stacks[s]
         if i == len(stack) - 1:
-            self._forwards[s] = None  # the patch keeps nothing of a forward past its stack
+            self._forwards[s] = None  # the patch keeps nothing of a forward past its stack ...
+            if fwd.active and self._root_depth > 0:
+                self._finished[s] = fwd  # ... but what a next pass over its layers continues, until the model's ends
         if not fwd.active:
             return None
         what = fwd.changed_shape(i, output)
@@ -439,6 +464,16 @@ class HighwayPatch:
         if fwd.graph_checked:
             self._graph_checked[s] = True  # every block of one whole forward was checked
         return output
+
+    def _next_pass(self, s: int) -> StackForward:
+        """Stack ``s`` runs its layers again in the same forward of the model: its record goes on over the unrolled
+        depth (each pass's blocks after the last one's; the shared parameters' gradient sums over depths)."""
+        fwd, self._finished[s] = self._finished[s], None
+        self._pass_count[s] += 1
+        self._passes[s] = max(self._passes[s], self._pass_count[s])
+        fwd.next_layer = 0
+        self._forwards[s] = fwd
+        return fwd
 
     def _count(self, s: int, fwd: StackForward) -> None:
         """Keep ``recorded_forwards`` in step with the running forward (its record may start, or be let go)."""

@@ -13,12 +13,14 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .albert import albert_stacks
 from .gates import POST_ACTIVATION_LAYERS, relu_residual_gate, residual_gate
 from .resnet import resnet_stacks
 
-StackFinder = Callable[[nn.Module], list[tuple[str, list[nn.Module]]]]
+# (path, layers) or (path, layers, repeats): see discovery.Stack.
+StackFinder = Callable[[nn.Module], list[tuple]]
 
-STACK_FINDERS: dict[str, StackFinder] = {"resnet": resnet_stacks}
+STACK_FINDERS: dict[str, StackFinder] = {"albert": albert_stacks, "resnet": resnet_stacks}
 
 # Models Highway-BP refuses at patch_model, with the reason and the way out (their structure looks like a stack).
 REFUSED_MODEL_TYPES: dict[str, str] = {
@@ -33,13 +35,13 @@ REFUSED_MODEL_TYPES: dict[str, str] = {
 TESTED_MODEL_TYPES = (
     "albert", "audio-spectrogram-transformer", "bart", "beit", "bert", "big_bird", "biogpt", "bit", "blenderbot",
     "clip_vision_model", "codegen", "cohere", "convbert", "convnext", "convnextv2", "cvt", "deberta-v2", "deit",
-    "dinov2", "dinov3_convnext", "distilbert", "electra", "esm", "falcon", "gemma", "gemma2", "gemma3_text", "glm",
-    "glpn", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite", "hiera", "hubert", "ijepa", "layoutlm",
-    "led", "llama", "longformer", "longt5", "mamba", "marian", "mistral", "mixtral", "mpnet", "mpt", "mt5",
-    "nemotron_h", "olmo", "olmo2", "olmoe", "openai-gpt", "opt", "pegasus", "persimmon", "phi", "phi3", "poolformer",
-    "pvt", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "regnet", "resnet", "roberta", "roformer", "rwkv",
-    "siglip_vision_model", "stablelm", "starcoder2", "swin", "swinv2", "switch_transformers", "t5", "umt5", "vit",
-    "vit_msn", "vitdet", "wav2vec2", "whisper", "xlm-roberta", "xlnet",
+    "dinov2", "dinov3_convnext", "distilbert", "electra", "esm", "falcon", "gemma", "gemma2", "gemma3_text",
+    "gemma3n_text", "gemma4_text", "glm", "glpn", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite",
+    "hiera", "hubert", "ijepa", "layoutlm", "led", "llama", "longformer", "longt5", "mamba", "marian", "mistral",
+    "mixtral", "mpnet", "mpt", "mt5", "nemotron_h", "olmo", "olmo2", "olmoe", "openai-gpt", "opt", "patchtst",
+    "pegasus", "persimmon", "phi", "phi3", "poolformer", "pvt", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "regnet",
+    "resnet", "roberta", "roformer", "rwkv", "siglip_vision_model", "stablelm", "starcoder2", "swin", "swinv2",
+    "switch_transformers", "t5", "umt5", "vit", "vit_msn", "vitdet", "wav2vec2", "whisper", "xlm-roberta", "xlnet",
 )  # fmt: skip
 
 

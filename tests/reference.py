@@ -12,7 +12,9 @@ sum over m >= i of what enters at every state h_m, carried down the residual pat
 gates of act(h + g(h)) layers), for every i (O(L^2) VJPs), one stack run at a time from the last one the
 forward(s) ran to the first: each run's stack input and side inputs are backpropagated ordinarily into what
 lies below them, which may be an earlier stack's output (ResNet stages, an encoder under a decoder's
-cross-attention).
+cross-attention). A stack whose layers run again on the output of their last pass (a layer shared across depths, as
+ALBERT's) is one run over the unrolled depth: each pass's blocks after the last one's, a shared layer's parameters
+getting the sum of its blocks' terms.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class _Run:
         self.exposed: list[torch.Tensor] = []  # leaves the rest of the model reads as the block outputs
         self.side: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (block, original, leaf)
         self.gates: list[torch.Tensor | None] = []  # a_j of each block's residual path (None: the identity)
+        self.blocks: list[list[nn.Module]] = []  # the layers of each block, in the order they ran
 
 
 def _replace_grad_tensors(value, make_leaf, depth=0, seen=None):
@@ -131,11 +134,14 @@ def reference_highway_grads(
         def pre_hook(module, args, kwargs):
             key = None if args else ("hidden_states" if "hidden_states" in kwargs else "hidden_state")
             hidden = args[0] if args else kwargs[key]
-            if i == 0:
+            # A stack whose layers run again on the output of their last pass (a layer shared across depths):
+            # the same run goes on over the unrolled depth. Otherwise layer 0 starts a new run.
+            continues = s in current and current[s].exposed and hidden is current[s].exposed[-1]
+            if i == 0 and not continues:
                 current[s] = _Run(stacks[s], hidden)
                 runs_made.append(current[s])
             run = current[s]
-            block = i // group_size
+            block = len(run.inputs) if i % group_size == 0 else len(run.inputs) - 1  # the block this layer is in
 
             def side_leaf(t: torch.Tensor) -> torch.Tensor:
                 original = original_of.get(id(t), t)
@@ -149,6 +155,8 @@ def reference_highway_grads(
             if i % group_size == 0:
                 hidden = hidden.detach().requires_grad_(True)
                 run.inputs.append(hidden)
+                run.blocks.append([])
+            run.blocks[-1].append(module)
             if args:
                 return (hidden,) + rest_args, rest
             return (), {**rest, key: hidden}
@@ -237,8 +245,7 @@ def _backward_run(run: _Run, k: int, group_size: int, stop) -> int:
         done += 1
         if stop is not None and stop(previous, delta):
             break
-    blocks = [list(run.stack[a : a + group_size]) for a in range(0, len(run.stack), group_size)]
-    for j, block in enumerate(blocks, start=1):
+    for j, block in enumerate(run.blocks, start=1):  # a layer shared by several blocks sums their terms
         trainable = [p for layer in block for p in layer.parameters() if p.requires_grad]
         if trainable:
             grads = torch.autograd.grad(run.outputs[j - 1], trainable, delta[j], retain_graph=True, allow_unused=True)

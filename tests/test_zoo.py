@@ -22,7 +22,6 @@ from tiny_models import (  # noqa: F401 (one_thread: fixture)
     ZooEntry,
     one_thread,
 )
-from transformers import AlbertConfig, AlbertModel
 from transformers.utils import logging as hf_logging
 
 import hf_hwbp
@@ -88,7 +87,7 @@ def test_zoo_exact_at_L_and_reference_below(name):
     exact = grads_of(model, batch, entry)
     hf_hwbp.patch_model(model, k=ZOO_LAYERS)
     state = hf_hwbp.highway_state(model)
-    assert [len(s) for s in state.stacks] == [ZOO_LAYERS] * entry.stacks
+    assert [len(s) * s.repeats for s in state.stacks] == [ZOO_LAYERS] * entry.stacks  # blocks per forward
     assert max_relative_error(grads_of(model, batch, entry), exact) <= rtol
     assert hf_hwbp.last_highway_iterations(model) == ZOO_LAYERS
     for k in (1, 2):
@@ -239,19 +238,11 @@ def test_resnet_with_another_activation_is_refused():
 
 
 def test_model_without_a_residual_stack_raises_and_shows_layers():
-    albert = AlbertModel(
-        AlbertConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            intermediate_size=37,
-            embedding_size=16,
-            vocab_size=64,
-        )
-    )  # one layer reused at every depth
+    mixed = torch.nn.Module()
+    mixed.parts = torch.nn.ModuleList([torch.nn.Linear(3, 3), torch.nn.Tanh()])  # no list of repeated layers
     with pytest.raises(ValueError, match="found no residual stack") as info:
-        hf_hwbp.patch_model(albert, k=2)
+        hf_hwbp.patch_model(mixed, k=2)
     assert "layers=" in str(info.value)
     with pytest.raises(ValueError, match="layers="):
         hf_hwbp.patch_model(torch.nn.Linear(3, 3), k=1)
-    assert not hf_hwbp.is_patched(albert)
+    assert not hf_hwbp.is_patched(mixed)

@@ -664,6 +664,8 @@ ZOO: dict[str, ZooEntry] = {
         "vision",
         stacks=2,
     ),
+    # ----- one layer applied at several depths: Highway-BP over the unrolled depth (ALBERT's default: one layer)
+    "albert": ZooEntry("albert", "AlbertForMaskedLM", dict(_ENC, embedding_size=16), "mlm"),
     # ----- per-layer side inputs: each layer reads its own slice of a tensor made from the embeddings
     "gemma3n_text": ZooEntry(
         "gemma3n_text",
@@ -743,18 +745,11 @@ REFUSED = {
         dict(vocab_size=VOCAB, emb_dim=32, n_layers=ZOO_LAYERS, n_heads=4, max_position_embeddings=64, pad_index=0),
         "lm",
     ),
-    # one group of two layers run twice per forward
-    "albert-group-twice": ZooEntry(
-        "albert", "AlbertForMaskedLM",
-        dict(_ENC, embedding_size=16, num_hidden_layers=2, num_hidden_groups=1, inner_group_num=2), "mlm",
-    ),
     # global tokens that a layer returns and the next one reads, depending on the hidden state
     "pegasus_x": ZooEntry(
         "pegasus_x", "PegasusXForConditionalGeneration",
         dict(_S2S, num_global_tokens=4, block_size=4, stagger_local_blocks=False), "seq2seq", stacks=2,
     ),
-    # one layer shared by every depth
-    "albert": ZooEntry("albert", "AlbertForMaskedLM", dict(_ENC, embedding_size=16), "mlm"),
     # position embeddings added between the layers
     "yolos": ZooEntry("yolos", "YolosModel", dict(_TEXT, image_size=[16, 16], patch_size=4, num_detection_tokens=2,
                                                     num_channels=3), "image"),
