@@ -14,7 +14,7 @@ candidates are those lists, less what the structure shows is not a stack:
   down-sampling between stages staying outside, as for ResNet).
 
 Every remaining list that does not sit inside another one is a stack; an encoder-decoder model has two, run one
-after the other. The rest of the definition is checked at run time, in the forward (``patching.py``). Models whose
+after the other. The rest of the definition is checked at run time, in the forward (``recorder.py``). Models whose
 structure misleads these rules are listed in the ``model_patches`` registry (the HF ResNet; Reformer, refused).
 """
 
