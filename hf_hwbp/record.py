@@ -24,6 +24,7 @@ from .config import HighwayConfig
 from .discovery import Stack
 from .engine import RecordedStack, run_recursion
 from .errors import HighwayBPError
+from .forward_checks import rng_state
 from .routing.backward import add_grads, carried_into_blocks, give_retained, side_output_vjp
 from .sharding import ParameterLifecycle
 
@@ -235,6 +236,8 @@ def run_backward(record: _StackRecord) -> tuple:
     gathered = functools.partial(lifecycle.gathered, record.stack_index)
     x0 = record.inputs[0]
     x0_grad = x0.grad if x0.retains_grad else None  # our VJPs through block 1 must not show in a retained h_0
+    device = record.outputs[0].device
+    rng_before = rng_state(device)
     record.flag.active = True
     try:
         if record.side_grads:
@@ -272,6 +275,7 @@ def run_backward(record: _StackRecord) -> tuple:
             # A carried tensor's gradient: through the blocks that read it (the VJP above) and through the side
             # outputs that read it (the side-output VJP before the engine).
             grads, input_grad = carried_into_blocks(record, carried_grads, grads, input_grad, wrt, gathered)
+        _refuse_new_random_numbers(record, device, rng_before)
     except RuntimeError as err:
         if "backward through the graph a second time" in str(err):
             raise HighwayBPError(
@@ -300,6 +304,19 @@ def run_backward(record: _StackRecord) -> tuple:
     if not keep:  # nothing of this forward outlives its backward, even while the caller keeps the loss
         record.release()
     return (input_grad,) + grads
+
+
+def _refuse_new_random_numbers(record: _StackRecord, device: torch.device, before: Tensor) -> None:
+    """Recomputing a checkpointed block in the Highway backward drew random numbers: its checkpoint does not restore
+    the forward's RNG state (preserve_rng_state=False behind a function the forward could not read), so each sweep
+    used other dropout masks than the forward. Refused before the blocks' gradients are handed to autograd."""
+    if not torch.equal(before, rng_state(device)):
+        raise HighwayBPError(
+            f"Highway-BP: recomputing a checkpointed layer of {record.path} in the Highway backward drew new random "
+            "numbers (dropout under activation checkpointing with preserve_rng_state=False): each of the k + 1 "
+            "sweeps used other dropout masks than the forward, so the stack's gradients are not delivered. Keep "
+            "preserve_rng_state=True (the default) in the checkpointing kwargs, or turn dropout off."
+        )
 
 
 def _split(grads: tuple, *sizes: int) -> list[tuple]:

@@ -94,3 +94,17 @@ def test_reentrant_checkpointing_by_the_users_own_function_is_refused():
     with pytest.raises(hf_hwbp.HighwayBPError, match="reentrant"):
         seeded_loss(model)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_checkpoint_that_does_not_restore_the_rng_state_is_refused_behind_a_wrapper():
+    """preserve_rng_state=False hidden behind a wrapper (the forward cannot read it) with dropout: the recomputation
+    in the Highway backward draws new random numbers, and the step is refused before any block parameter gets a
+    gradient (the head's, above the stack, come first)."""
+    model = ZOO["gpt2"].build()  # dropout 0.1
+    model.activation_checkpointing_enable()
+    hf_hwbp.patch_model(model, k=1)
+    no_rng = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    wrap_checkpoint_functions(model, lambda _: lambda f, *a, **k: no_rng(f, *a, **k))
+    with pytest.raises(hf_hwbp.HighwayBPError, match="preserve_rng_state=True"):
+        seeded_loss(model).backward()
+    assert all(p.grad is None for p in model.transformer.h.parameters())
