@@ -22,8 +22,11 @@ import os
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging
 
 from .errors import HighwayBPError
+
+logger = logging.get_logger(__name__)
 
 _WAYS_OUT = (
     "Ways out: FSDP2 (`accelerate launch` with distributed_type FSDP and fsdp_version: 2, or torch's fully_shard), "
@@ -41,16 +44,24 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _accelerator_state():
+    """Accelerate's initialized state, read without constructing ``AcceleratorState`` (which copies the process
+    state's distributed type over its own), or None."""
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    if not is_initialized():
+        return None
+    state = object.__new__(AcceleratorState)
+    state.__dict__ = AcceleratorState._shared_state
+    return state
+
+
 def _accelerate_distributed_type() -> tuple[str | None, int | None]:
     """The distributed type of an already initialized Accelerate state and its FSDP version (None, None when there
     is no state)."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return None, None
-    if not AcceleratorState._shared_state:
-        return None, None
-    state = AcceleratorState()
+    state = _accelerator_state()
     distributed_type = getattr(state, "distributed_type", None)
     if distributed_type is None:
         return None, None
@@ -80,9 +91,7 @@ def _deepspeed_refusal(stage: int | None, where: str) -> str | None:
 
 
 def _accelerate_zero_stage() -> int | None:
-    from accelerate.state import AcceleratorState
-
-    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+    plugin = getattr(_accelerator_state(), "deepspeed_plugin", None)
     stage = getattr(plugin, "zero_stage", None)
     return stage if isinstance(stage, int) else None
 
@@ -156,20 +165,45 @@ def _detect_in_model(model: nn.Module) -> str | None:
 
 
 def check_distributed_support(model: nn.Module | None = None, args: Any = None) -> None:
-    """Raise ``UnsupportedDistributedSetupError`` if FSDP1 or DeepSpeed is in use (see the module docstring); on an
-    FSDP2 model, make the Highway-BP patch applied to it later run under FSDP2."""
+    """Raise ``UnsupportedDistributedSetupError`` if FSDP1 or DeepSpeed ZeRO-3 is in use (see the module docstring);
+    warn once when the training arguments ask for FSDP that the run does not use."""
     backend = detect_unsupported_backend(model, args)
-    if backend is None:
-        if model is not None:
-            from .fsdp import attach_when_patched, is_fsdp2
+    if backend is not None:
+        raise UnsupportedDistributedSetupError(
+            f"Highway-BP does not support {backend}. Its backward returns each block's parameter gradients itself; "
+            "flattened or partitioned parameters would get missing or wrong gradients. " + _WAYS_OUT
+        )
+    reason = fsdp_not_in_effect(args)
+    if reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning(f"Highway-BP: FSDP is configured but not in effect: {reason}")
 
-            if is_fsdp2(model):
-                attach_when_patched(model)
-        return
-    raise UnsupportedDistributedSetupError(
-        f"Highway-BP does not support {backend}. Its backward returns each block's parameter gradients itself; "
-        "flattened or partitioned parameters would get missing or wrong gradients. " + _WAYS_OUT
-    )
+
+_WARNED: set[str] = set()
+
+
+def fsdp_not_in_effect(args: Any = None) -> str | None:
+    """Why FSDP, asked for by the training arguments (``fsdp``) or by ``accelerate launch`` (ACCELERATE_USE_FSDP), is
+    not what the run uses (None when it is, or when nobody asked for it). Accelerate decides when its state is
+    built: it turns FSDP on only for accelerator devices, and a launch of several processes on CPU without
+    ``use_cpu`` runs each process alone."""
+    asked = bool(getattr(args, "fsdp", None)) or _env_flag("ACCELERATE_USE_FSDP")
+    distributed_type, _ = _accelerate_distributed_type()
+    if not asked or distributed_type is None or distributed_type == "FSDP":
+        return None
+    world = os.environ.get("WORLD_SIZE", "1")
+    if distributed_type.startswith("MULTI_CPU"):
+        return (
+            "Accelerate enables FSDP only on accelerator devices; on CPU (use_cpu / --use_cpu, or no GPU) it runs "
+            "DDP over gloo instead: every process holds the whole model and trains on its own batch."
+        )
+    if distributed_type == "NO" and world.isdigit() and int(world) > 1:
+        return (
+            f"the launcher started {world} processes, but Accelerate runs each alone (distributed_type NO: a CPU "
+            "machine without use_cpu / --use_cpu): they do not communicate and write to the same output_dir. "
+            "Pass use_cpu=True (DDP over gloo) or run on accelerator devices."
+        )
+    return f"Accelerate runs distributed_type {distributed_type}, with nothing sharded."
 
 
 __all__ = ["UnsupportedDistributedSetupError", "check_distributed_support", "detect_unsupported_backend"]
