@@ -22,12 +22,15 @@ several ranks and recurrent cells lives in the ``HighwayStack`` it drives: how t
 VJPs are computed, and the ``ResidualScan``.
 
 ``RecordedStack`` is the stack of recorded local graphs (one per block, each ending at its own input leaf)
-that ``hf_hwbp.patching`` and the layer-parallel stages use; ``highway_backward`` is its one-call form.
+that the patch's backward and the layer-parallel stages use, with the parameter step (``parameter_vjps``);
+``highway_backward`` is its one-call form.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Sequence
+import contextlib
+from collections.abc import Callable, Generator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -183,6 +186,10 @@ class RecordedStack:
             delta_0 only).
         first_block: the global index of the state below local block 0 (0 for a whole stack).
         num_blocks: L of the whole stack (defaults to the number of local blocks).
+        around_blocks: ``around_blocks(local_blocks, prefetch)`` gives a context manager entered around every
+            autograd call through the local graphs of ``local_blocks`` (a list of local indices); ``prefetch``
+            lists the blocks the next call needs. An engine that shards parameters gathers them there
+            (``hf_hwbp.sharding``); default: nothing.
     """
 
     def __init__(
@@ -197,6 +204,7 @@ class RecordedStack:
         need_input_grad: bool = True,
         first_block: int = 0,
         num_blocks: int | None = None,
+        around_blocks: Callable[[list[int], list[int]], AbstractContextManager] | None = None,
     ):
         if len(inputs) != len(outputs):
             raise ValueError(f"Got {len(inputs)} block inputs for {len(outputs)} block outputs.")
@@ -216,6 +224,7 @@ class RecordedStack:
         self.first_block = first_block
         self.num_blocks = local if num_blocks is None else num_blocks
         self._reused: dict[int, Tensor] = {}  # local block index -> its last VJP, for blocks whose delta is final
+        self.around_blocks = around_blocks if around_blocks is not None else _no_context
 
     def input_vjp(self, local_index: int, grad: Tensor) -> Tensor:
         """J^T grad of one local block: its full input-VJP minus the residual path (identity, or its gate)."""
@@ -224,16 +233,22 @@ class RecordedStack:
 
     def inflow(self, delta: list[Tensor], fresh_until: int, release: bool) -> list[Tensor | None]:
         local = len(self.outputs)
+        # Local block i is global block first_block + i + 1. J_1^T delta_1 feeds delta_0 only: skipped unless wanted;
+        # a block above fresh_until whose VJP is stored reuses it; the others get a fresh VJP, from the top down.
+        fresh = [
+            i
+            for i in range(local - 1, -1, -1)
+            if (self.first_block + i + 1 > 1 or self.need_input_grad)
+            and not (self.first_block + i + 1 > fresh_until and i in self._reused)
+        ]
+        following = dict(zip(fresh, fresh[1:] + [None]))  # each fresh VJP -> the next one (to prefetch)
         flow: list[Tensor | None] = [None] * local
-        for i in range(local - 1, -1, -1):  # local block i is global block first_block + i + 1
-            block = self.first_block + i + 1
-            if block == 1 and not self.need_input_grad:
-                u = None  # J_1^T delta_1 feeds delta_0 only
-            elif block > fresh_until and i in self._reused:
-                u = self._reused[i]
-            else:
-                u = self.input_vjp(i, delta[i + 1])
-                if block >= fresh_until:  # its delta is final: the next iteration reuses this VJP
+        for i in range(local - 1, -1, -1):
+            u = self._reused.get(i)  # None for a skipped block 1
+            if i in following:
+                with self.around_blocks([i], [] if following[i] is None else [following[i]]):
+                    u = self.input_vjp(i, delta[i + 1])
+                if self.first_block + i + 1 >= fresh_until:  # its delta is final: the next iteration reuses this VJP
                     self._reused[i] = u
             if release:
                 delta[i + 1] = None
@@ -255,12 +270,34 @@ class RecordedStack:
         stats = self.scan_along.all_reduce(stats)
         return stats[0], stats[1]
 
+    def parameter_vjps(
+        self,
+        delta: Sequence[Tensor],
+        wrt: Sequence[Tensor],
+        blocks: Sequence[int] | None = None,
+        *,
+        prefetch: Sequence[int] = (),
+        retain_graph: bool = False,
+    ) -> tuple[Tensor | None, ...]:
+        """The parameter step: sum_j (dg_j/dtheta)^T delta_j over the local ``blocks`` (default: all), for each
+        tensor of ``wrt`` (parameters, or any leaf the blocks read), in one autograd call; None for one no block
+        reads. ``delta`` is [delta_0, ..., delta_m] as the recursion returns it. Frees those blocks' graphs
+        unless ``retain_graph``."""
+        blocks = list(range(len(self.outputs))) if blocks is None else list(blocks)
+        if not wrt or not blocks:
+            return (None,) * len(wrt)
+        with self.around_blocks(blocks, list(prefetch)):
+            return torch.autograd.grad(
+                [self.outputs[i] for i in blocks],
+                list(wrt),
+                [delta[i + 1] for i in blocks],
+                retain_graph=retain_graph,
+                allow_unused=True,
+            )
 
-def parameter_vjps(outputs: Sequence[Tensor], delta: list[Tensor], params: Sequence[Tensor]) -> tuple:
-    """(dg_j/dtheta)^T delta_j summed over the blocks, for ``params``, in one autograd call (frees the graphs)."""
-    if not params:
-        return ()
-    return torch.autograd.grad(list(outputs), list(params), delta[1:], allow_unused=True)
+
+def _no_context(blocks: list[int], prefetch: list[int]) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def highway_iterations(
@@ -299,18 +336,18 @@ def highway_backward(
     keep_block_grads: bool = False,
     residual_gates: Sequence[Tensor] | None = None,
 ) -> HighwayResult:
-    """Highway-BP(k): k iterations, then one parameter VJP of every block with its delta^(k)_j.
-
-    ``params`` are the blocks' trainable parameters (each once). The parameter step is a single autograd
-    call over all blocks, which frees each local graph as it goes, as ordinary backprop does. ``residual_gates``
-    as in ``highway_iterations``.
+    """Highway-BP(k) of recorded blocks in one call: k iterations, then the parameter step
+    (``RecordedStack.parameter_vjps``: one VJP of every block with its delta^(k)_j, which frees each local graph as
+    it goes, as ordinary backprop does). ``params`` are the blocks' trainable parameters (each once);
+    ``residual_gates`` as in ``highway_iterations``. A patched model runs the same stack from its autograd graph.
     """
-    delta, iterations = highway_iterations(
-        inputs, outputs, d, extra_grads, k=k, tol=tol, need_input_grad=need_input_grad, residual_gates=residual_gates
+    stack = RecordedStack(
+        inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
     )
+    delta, iterations = run_recursion(stack, k, tol)
     return HighwayResult(
         input_grad=delta[0] if need_input_grad else None,
-        param_grads=parameter_vjps(outputs, delta, params),
+        param_grads=stack.parameter_vjps(delta, params),
         iterations=iterations,
         block_grads=delta[1:] if keep_block_grads else None,
     )

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import logging
 
-from . import routing
+from . import routing, sharding
 from .config import HighwayConfig
 from .discovery import Stack, describe
 from .errors import HighwayBPError, UnsupportedModelError
@@ -115,9 +115,12 @@ class _RootHook:
     def __call__(self, module, *_):
         patch = self.patch
         if self.step > 0 and patch._root_depth == 0:
+            patch._root_trains = False
+            if module.training and patch._in_training_forward():
+                sharding.connect(module, patch)  # may refuse the set-up: nothing of this forward has started yet
+                patch._root_trains = patch.enabled
             patch._root_calls += 1
             patch._root_saw_layer = False
-            patch._root_trains = module.training and patch.enabled and patch._in_training_forward()
         patch._root_depth = max(0, patch._root_depth + self.step)
         if patch._root_depth == 0:  # a stack whose last layers LayerDrop skipped ends with the model's forward
             patch._forwards = [None] * len(patch._forwards)
@@ -154,6 +157,10 @@ class HighwayPatch:
     ``exact_steps_by_autograd`` (default True): a stack whose k reaches its number of blocks (with no ``tol``) is
     trained with the model's own backward, the same gradient as Highway-BP(k = L) at backprop's cost; False runs
     the Highway engine for it (the tests do, to check the engine's exactness against autograd).
+
+    For engines that shard parameters (FSDP2, ZeRO-3; ``hf_hwbp.sharding``): ``lifecycle`` (the
+    ``ParameterLifecycle`` the Highway backward gathers parameters through), ``hooked_stacks`` (the stacks as the
+    lifecycle's ``stack_index`` counts them), ``is_recording(stack_index)`` and ``reinstall_hooks()``.
     """
 
     def __init__(
@@ -178,16 +185,22 @@ class HighwayPatch:
         self._root_trains = False  # the running forward of the patched model is a training forward
         self._root_saw_layer = False  # ... and has run a layer of a stack through its hooks
         self._warned_eval = False
+        self._lifecycle = sharding.ParameterLifecycle()
+        self._root = root
         self._handles: list = []
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        """The layers' hooks and the root's, each in front of the hooks already there."""
         for s, stack in enumerate(self._stacks):
             for i, layer in enumerate(stack.layers):
                 self._handles.append(
                     layer.register_forward_pre_hook(_PreHook(self, s, i), with_kwargs=True, prepend=True)
                 )
                 self._handles.append(layer.register_forward_hook(_PostHook(self, s, i), prepend=True))
-        if root is not None:
-            self._handles.append(root.register_forward_pre_hook(_RootHook(self, +1), prepend=True))
-            self._handles.append(root.register_forward_hook(_RootHook(self, -1), always_call=True))
+        if self._root is not None:
+            self._handles.append(self._root.register_forward_pre_hook(_RootHook(self, +1), prepend=True))
+            self._handles.append(self._root.register_forward_hook(_RootHook(self, -1), always_call=True))
 
     # A copy (deepcopy, pickle) keeps settings and hooks, and starts with no forward running.
     def __getstate__(self) -> dict:
@@ -248,10 +261,49 @@ class HighwayPatch:
         return blocks
 
     def remove(self) -> None:
+        """Remove the hooks; the model runs as it would unpatched. Resets ``lifecycle``."""
+        self._remove_hooks()
+        self._forwards = [None] * len(self._stacks)
+        self._lifecycle = sharding.ParameterLifecycle()
+
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._forwards = [None] * len(self._stacks)
+
+    # ----- the seam for engines that shard parameters (hf_hwbp.sharding) ---------------------------------------
+    @property
+    def lifecycle(self) -> sharding.ParameterLifecycle:
+        """How the Highway backward gathers the blocks' parameters and hands on their gradients (default: ordinary
+        tensors, nothing to do). Read by each training forward when it starts recording a stack."""
+        return self._lifecycle
+
+    @lifecycle.setter
+    def lifecycle(self, value: sharding.ParameterLifecycle) -> None:
+        if not isinstance(value, sharding.ParameterLifecycle):
+            raise TypeError(f"lifecycle must be a hf_hwbp.sharding.ParameterLifecycle, got {type(value).__name__}.")
+        self._lifecycle = value
+
+    @property
+    def hooked_stacks(self) -> tuple[Stack, ...]:
+        """Every stack the patch hooks, indexed as the lifecycle's ``stack_index`` (those a training forward showed
+        are no residual stack included; ``stacks`` leaves them out)."""
+        return tuple(self._stacks)
+
+    def is_recording(self, stack_index: int) -> bool:
+        """Whether a training forward of that stack is being recorded for Highway-BP right now (between the layer
+        where its record started and its last layer)."""
+        fwd = self._forwards[stack_index]
+        return fwd is not None and fwd.record is not None
+
+    def reinstall_hooks(self) -> None:
+        """Remove the patch's layer and root hooks and register them again in front of every other hook. The patch
+        must see a layer's input first (it replaces it with the leaf the block's local graph starts from); a wrapper
+        that prepends its own hooks after patching (FSDP2's ``fully_shard``) calls this."""
+        if not self._handles:
+            raise HighwayBPError("Highway-BP: reinstall_hooks() on a patch that was removed (unpatch_model).")
+        self._remove_hooks()
+        self._install_hooks()
 
     # ----- forward ----------------------------------------------------------------------------------------------
     def _in_training_forward(self) -> bool:
@@ -347,9 +399,11 @@ class HighwayPatch:
                     "layers=<ModuleList> of such a stack, or call unpatch_model(model)."
                 )
             leaf = hidden.detach().requires_grad_(True)
+            record.block_layers.append([i])
             record.inputs.append(leaf)
             fwd.block_starts.append(torch._C._autograd._get_sequence_nr())
             return routing.with_hidden(args, kwargs, leaf)
+        record.block_layers[-1].append(i)
         return args, kwargs
 
     def _maybe_start(self, s: int, i: int, fwd: _StackForward, hidden: Tensor, args: tuple, kwargs: dict):
@@ -364,7 +418,6 @@ class HighwayPatch:
         routing.replace_tensors(args, kwargs, collect, deep=True)
         g = self.config.group_size
         block_end = min((i // g + 1) * g, len(stack))
-        params = _trainable(stack.layers[i:])
         if not (hidden.requires_grad or found or _trainable(stack.layers[i:block_end])):
             return None  # frozen, and nothing below needs a gradient: the layer runs as it would unpatched
         flag = _EngineFlag()
@@ -373,8 +426,12 @@ class HighwayPatch:
             if id(tensor) not in fwd.leaf_of:
                 fwd.leaf_of[id(tensor)] = _leaf(fwd, tensor)
         fwd.originals.extend(originals)
+        lifecycle = self._lifecycle
+        params = lifecycle.block_parameters(s, stack.layers[i:])
         record = _StackRecord(
             log=self.log,
+            stack_index=s,
+            lifecycle=lifecycle,
             keep_block_grads=self.keep_block_grads,
             stack=stack,
             config=copy.copy(self.config),
@@ -392,6 +449,7 @@ class HighwayPatch:
         if originals:
             args, kwargs = routing.replace_tensors(args, kwargs, lambda _, t: fwd.leaf_of.get(id(t), t), deep=True)
         x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
+        record.block_layers.append([i])
         record.inputs.append(x0)
         fwd.block_starts.append(torch._C._autograd._get_sequence_nr())
         return routing.with_hidden(args, kwargs, x0)
@@ -543,7 +601,7 @@ class HighwayPatch:
         requires grad from outside its layers without receiving it as an argument (its gradient would be lost).
         Walks the block's recorded local graph; raises in the forward, before any gradient exists."""
         stack = self._stacks[s]
-        allowed = {id(p) for layer in stack.layers for p in layer.parameters()}
+        allowed = {id(p) for p in record.lifecycle.block_parameters(s, stack.layers)}
         allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
         allowed |= {id(z) for _, z in record.carried}
         stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()

@@ -10,6 +10,7 @@ A record is held by its autograd graph (the entry and the exits), never by the p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +19,9 @@ from torch import Tensor
 from .batched import batched_stack
 from .config import HighwayConfig
 from .discovery import Stack
-from .engine import highway_iterations, run_recursion
+from .engine import RecordedStack, run_recursion
 from .errors import HighwayBPError
+from .sharding import ParameterLifecycle
 
 
 # ----- autograd Functions ---------------------------------------------------------------------------------------
@@ -154,6 +156,8 @@ class _StackRecord:
     """One training forward of one stack. Held by its autograd graph (entry and exits), never by the patch."""
 
     log: IterationLog  # where the backward reports its iterations
+    stack_index: int  # the stack's index in HighwayPatch.hooked_stacks (what the lifecycle calls use)
+    lifecycle: ParameterLifecycle  # gathers the blocks' parameters around each VJP (FSDP2, ZeRO-3), or nothing
     keep_block_grads: bool  # report delta^(k)_1..L too (fidelity metrics, tests)
     stack: Stack
     config: HighwayConfig  # the settings of this forward
@@ -164,6 +168,7 @@ class _StackRecord:
     input_requires_grad: bool
     token_dtype: torch.dtype
     token_device: torch.device
+    block_layers: list[list[int]] = field(default_factory=list)  # the stack's layer indices each block ran
     inputs: list[Tensor] = field(default_factory=list)  # x_{j-1} of each block, as its local graph sees it
     outputs: list[Tensor] = field(default_factory=list)  # y_j, attached to block j's local graph
     output_grads: dict[int, Tensor] = field(default_factory=dict)  # block -> gradient reaching its output
@@ -198,41 +203,41 @@ def run_backward(record: _StackRecord) -> tuple:
     config = record.config
     gate = stack.residual_gate
     gates = [gate(output.detach()) for output in record.outputs] if gate is not None else None
+    lifecycle = record.lifecycle
+    gathered = functools.partial(lifecycle.gathered, record.stack_index)
     record.flag.active = True
     try:
         if record.side_grads:
-            direct, carried_direct = _route_side_outputs(record, extra, wrt, carried_leaves)
+            direct, carried_direct = _route_side_outputs(record, extra, wrt, carried_leaves, gathered)
         stacked = batched_stack(record, d, extra)  # None: the sequential engine on the recorded graphs
-        if stacked is not None:
-            delta, iterations = run_recursion(stacked, config.k, config.tol)
-        else:
-            delta, iterations = highway_iterations(
+        if stacked is None:
+            stacked = RecordedStack(
                 record.inputs,
                 record.outputs,
                 d,
                 extra,
-                k=config.k,
-                tol=config.tol,
                 need_input_grad=record.input_requires_grad,
                 residual_gates=gates,
+                around_blocks=gathered,
             )
+        delta, iterations = run_recursion(stacked, config.k, config.tol)
         input_grad = delta[0] if record.input_requires_grad else None
         # One parameter VJP of every block with its delta^(k)_j. It keeps the local graphs when the next backward
         # needs them again (retain_graph=True) or when carried tensors still need their sources' graphs.
         targets = wrt + carried_leaves
-        if stacked is not None:
+        retain = keep or bool(carried_leaves)
+        if not isinstance(stacked, RecordedStack):
             grads = tuple(stacked.param_grads(delta, targets))
-        elif targets:
-            grads = torch.autograd.grad(
-                record.outputs, targets, delta[1:], retain_graph=keep or bool(carried_leaves), allow_unused=True
-            )
+        elif lifecycle.per_block_parameter_step:
+            grads = _parameter_step_by_block(record, stacked, delta, targets, retain, direct)
+            direct = (None,) * len(wrt)  # added block by block, before the lifecycle takes a block's gradients
         else:
-            grads = ()
+            grads = stacked.parameter_vjps(delta, targets, retain_graph=retain)
         if carried_leaves:
             # A carried tensor's gradient: through the blocks that read it (the VJP above) and through the side
             # outputs that read it (the side-output VJP before the engine).
             carried_grads = [_add(g, s) for g, s in zip(grads[len(wrt) :], carried_direct)]
-            grads, input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], input_grad, wrt)
+            grads, input_grad = _route_carried(record, carried_grads, grads[: len(wrt)], input_grad, wrt, gathered)
     except RuntimeError as err:
         if "backward through the graph a second time" in str(err):
             raise HighwayBPError(
@@ -245,6 +250,7 @@ def run_backward(record: _StackRecord) -> tuple:
         raise
     finally:
         record.flag.active = False
+        lifecycle.backward_finished(record.stack_index)
     grads = tuple(_add(g, extra_g) for g, extra_g in zip(grads, direct))
     record.log.backward_ran(iterations, list(delta[1:]) if record.keep_block_grads else None)
     record.retained = keep
@@ -252,9 +258,56 @@ def run_backward(record: _StackRecord) -> tuple:
     record.side_grads.clear()
     if not keep:  # nothing of this forward outlives its backward, even while the caller keeps the loss
         held_lists = (record.inputs, record.outputs, record.side_outputs, record.params, record.side_leaves)
-        for held in held_lists + (record.carried,):
+        for held in held_lists + (record.carried, record.block_layers):
             held.clear()
     return (input_grad,) + grads
+
+
+def _parameter_step_by_block(
+    record: _StackRecord,
+    stack: RecordedStack,
+    delta: list[Tensor],
+    targets: list[Tensor],
+    retain: bool,
+    direct: tuple[Tensor | None, ...],
+) -> tuple[Tensor | None, ...]:
+    """The parameter step one block at a time, from the top (a lifecycle that gathers one block's parameters at a
+    time): each block's VJP with respect to its own parameters and every side input, plus what its parameters got
+    directly from side outputs (``direct``, in the order of ``targets``), then ``take_parameter_grads``; the sums
+    over blocks, in the order of ``targets``."""
+    lifecycle, s = record.lifecycle, record.stack_index
+    position = {id(t): n for n, t in enumerate(targets)}
+    others = targets[len(record.params) :]  # side inputs and carried tensors: any block may read them
+    totals: list[Tensor | None] = list(direct) + [None] * (len(targets) - len(direct))
+    pending = set(range(len(record.params)))  # parameters whose direct term has not been handed to a block yet
+    for j in range(len(record.outputs) - 1, -1, -1):
+        params = lifecycle.block_parameters(s, [record.stack.layers[i] for i in record.block_layers[j]])
+        unknown = [tuple(p.shape) for p in params if id(p) not in position]
+        if unknown:
+            raise HighwayBPError(
+                f"Highway-BP: the parameter lifecycle ({type(lifecycle).__name__}) gives block {j} of "
+                f"{record.stack.path} parameters {unknown} that it did not give for the whole stack when the forward "
+                "started: block_parameters must return the same tensors for a block alone as within the stack."
+            )
+        prefetch = [j - 1] if j > 0 else []
+        grads = stack.parameter_vjps(delta, params + others, [j], prefetch=prefetch, retain_graph=retain)
+        own = []
+        for p, g in zip(params, grads[: len(params)]):
+            n = position[id(p)]
+            if n in pending:  # the side outputs' direct term joins the first block that holds the parameter
+                pending.discard(n)
+                g, totals[n] = _add(g, totals[n]), None
+            own.append(g)
+        taken = lifecycle.take_parameter_grads(s, j, params, own)
+        if len(taken) != len(params):
+            raise HighwayBPError(
+                f"Highway-BP: {type(lifecycle).__name__}.take_parameter_grads returned {len(taken)} gradients for "
+                f"the {len(params)} parameters of block {j}: it must return one (or None) per parameter, in order."
+            )
+        for tensor, g in zip(params + others, list(taken) + list(grads[len(params) :])):
+            if g is not None:
+                totals[position[id(tensor)]] = _add(totals[position[id(tensor)]], g)
+    return tuple(totals)
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -264,7 +317,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 def _route_side_outputs(
-    record: _StackRecord, extra: list[Tensor | None], wrt: list[Tensor], carried: list[Tensor]
+    record: _StackRecord, extra: list[Tensor | None], wrt: list[Tensor], carried: list[Tensor], gathered
 ) -> tuple[tuple, tuple]:
     """One VJP of the side outputs that got gradients, with respect to their blocks' inputs, the parameters, the
     side inputs and the carried tensors (a later block's attention map reads the position bias an earlier block
@@ -277,13 +330,14 @@ def _route_side_outputs(
     targets = [x for x, wanted in zip(inputs, wants_input) if wanted] + wrt + carried
     if not targets:
         return (None,) * len(wrt), (None,) * len(carried)
-    grads = torch.autograd.grad(
-        [record.side_outputs[i][1] for i in indices],
-        targets,
-        [record.side_grads[i] for i in indices],
-        retain_graph=True,
-        allow_unused=True,
-    )
+    with gathered(blocks, [len(record.outputs) - 1]):  # the first input-VJP of the sweeps is the top block's
+        grads = torch.autograd.grad(
+            [record.side_outputs[i][1] for i in indices],
+            targets,
+            [record.side_grads[i] for i in indices],
+            retain_graph=True,
+            allow_unused=True,
+        )
     position = 0
     for b, wanted in zip(blocks, wants_input):
         if wanted:
@@ -292,7 +346,7 @@ def _route_side_outputs(
     return grads[position : position + len(wrt)], grads[position + len(wrt) :]
 
 
-def _route_carried(record: _StackRecord, carried_grads, grads, input_grad, wrt: list[Tensor]) -> tuple:
+def _route_carried(record: _StackRecord, carried_grads, grads, input_grad, wrt: list[Tensor], gathered) -> tuple:
     """A side output of block b that later blocks read is their side input: it gets sum_j (dg_j/dz)^T delta^(k)_j,
     then ordinary backprop into block b (its parameters; h_0 when b is the first block). Returns the parameter and
     side-input gradients and the stack input's gradient with that added."""
@@ -301,9 +355,10 @@ def _route_carried(record: _StackRecord, carried_grads, grads, input_grad, wrt: 
         return grads, input_grad
     blocks = sorted({block for (block, _), _ in pairs})
     inputs = [record.inputs[b] for b in blocks if b > 0 or record.input_requires_grad]
-    below = torch.autograd.grad(
-        [s for (_, s), _ in pairs], inputs + wrt, [g for _, g in pairs], retain_graph=True, allow_unused=True
-    )
+    with gathered(blocks, []):
+        below = torch.autograd.grad(
+            [s for (_, s), _ in pairs], inputs + wrt, [g for _, g in pairs], retain_graph=True, allow_unused=True
+        )
     for b, g in zip([b for b in blocks if b > 0 or record.input_requires_grad], below):
         if g is None:
             continue
