@@ -155,7 +155,7 @@ def _detect_in_model(model: nn.Module) -> str | None:
     except ImportError:  # pragma: no cover - torch without distributed
         DTensor = ()  # noqa: N806
     for name, param in model.named_parameters():
-        if getattr(param, "_is_flat_param", False) or type(param).__name__ == "FlatParameter":
+        if getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False):
             return f"FSDP1 (flattened parameter {name})"
         if isinstance(param, DTensor) and id(param) not in owned:
             return f"tensor parallelism (DTensor parameter {name} that no FSDP2 unit owns)"

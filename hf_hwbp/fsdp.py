@@ -552,6 +552,7 @@ def connect(root: nn.Module, patch) -> None:
     lifecycle = patch.lifecycle
     fingerprint = _fingerprint(root, patch)
     if isinstance(lifecycle, FSDP2Lifecycle) and lifecycle.fingerprint == fingerprint:
+        _check_backend(patch)
         lifecycle.forward_started()
         return
     if not isinstance(lifecycle, FSDP2Lifecycle) and _PLAIN.get(patch) == fingerprint:
@@ -566,12 +567,22 @@ def connect(root: nn.Module, patch) -> None:
             patch.lifecycle = ParameterLifecycle()
         _PLAIN[patch] = fingerprint
         return
+    _check_backend(patch)
     name = _SETTINGS.get(root, lifecycle.lifecycle if isinstance(lifecycle, FSDP2Lifecycle) else "per_block")
     new = FSDP2Lifecycle(patch, groups, fingerprint, name)
     new.check_layout()
     if isinstance(lifecycle, FSDP2Lifecycle):
         lifecycle.uninstall()
     new.install(patch)
+
+
+def _check_backend(patch) -> None:
+    if patch.config.backend == "batched":
+        raise FSDPHighwayError(
+            "Highway-BP under FSDP2: backend='batched' differentiates every block at once through their stacked "
+            "weights, which would need the whole stack gathered and bypasses FSDP's gradient reduction. Use "
+            "backend='sequential' (or 'auto') under FSDP2."
+        )
 
 
 def attach(model: nn.Module, lifecycle: str | None = None) -> FSDP2Lifecycle:

@@ -79,7 +79,7 @@ def test_raw_fully_shard_connects_itself_in_both_orders(results):
 def test_per_block_lifecycle_gathers_one_block_at_a_time(results):
     for rank_results in results:
         for name, r in rank_results["raw"].items():
-            if "raf=True,lifecycle=per_block" not in name:
+            if not name.startswith("patch_first") or "raf=True,lifecycle=per_block" not in name:
                 continue
             k, mode = int(name.rsplit("=", 1)[1]), name.split("mode=")[1].split(",")[0]
             stats = r["stats"]
@@ -231,3 +231,60 @@ def test_torch_still_has_the_fsdp2_internals_hf_hwbp_reads(one_process_group):
         if not hasattr(objects[kind], name)
     ]
     assert not missing, f"torch {torch.__version__} moved FSDP2 internals that hf_hwbp.fsdp reads: {missing}"
+
+
+def _sharded(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.transformer.h:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def _train_step(model):
+    model.train()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_a_model_connects_once_and_keeps_its_lifecycle_setting(one_process_group):
+    from trainer_helpers import tiny_gpt2
+
+    from hf_hwbp import highway_state, patch_model
+    from hf_hwbp.sharding import ParameterLifecycle
+
+    plain = patch_model(tiny_gpt2(n_layer=2), k=1)
+    _train_step(plain)  # in a process group, but nothing is sharded: the default lifecycle
+    assert type(highway_state(plain).lifecycle) is ParameterLifecycle and not hw_fsdp.is_attached(plain)
+
+    model = tiny_gpt2(n_layer=2)
+    hw_fsdp.set_lifecycle(model, "keep_gathered")  # before patching and sharding: kept for the model
+    model = _sharded(patch_model(model, k=1))
+    assert not hw_fsdp.is_attached(model)  # nothing is connected before the first training forward
+    _train_step(model)
+    lifecycle = highway_state(model).lifecycle
+    assert isinstance(lifecycle, hw_fsdp.FSDP2Lifecycle) and lifecycle.lifecycle == "keep_gathered"
+    model.zero_grad()
+    _train_step(model)
+    assert highway_state(model).lifecycle is lifecycle  # the next forwards find it in place
+    assert hw_fsdp.attach(model, "per_block") is lifecycle and lifecycle.lifecycle == "per_block"
+    with pytest.raises(ValueError, match="lifecycle must be one of"):
+        hw_fsdp.set_lifecycle(model, "gathered")
+
+
+def test_what_cannot_run_under_fsdp2_is_refused_before_any_gradient(one_process_group):
+    from trainer_helpers import tiny_gpt2
+
+    from hf_hwbp import HighwayBPError, UnsupportedDistributedSetupError, patch_model
+
+    batched = _sharded(patch_model(tiny_gpt2(n_layer=2), k=1, backend="batched"))
+    with pytest.raises(HighwayBPError, match="backend='sequential'"):
+        _train_step(batched)
+    assert all(p.grad is None for p in batched.parameters())
+
+    flattened = patch_model(tiny_gpt2(n_layer=2), k=1)
+    for param in flattened.transformer.h[1].parameters():
+        param._fsdp_flattened = True  # what FSDP1 marks the parameters it flattens with
+    with pytest.raises(UnsupportedDistributedSetupError, match="FSDP1"):
+        _train_step(flattened)
+    assert all(p.grad is None for p in flattened.parameters())
