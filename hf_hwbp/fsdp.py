@@ -252,10 +252,14 @@ class _LayerWatch:
         self.lifecycle, self.stack_index, self.layer_index, self.after = lifecycle, stack_index, layer_index, after
 
     def __call__(self, module, *_):
-        if self.after:
-            self.lifecycle._layer_ran(self.stack_index, self.layer_index)
+        lifecycle = self.lifecycle
+        patch = lifecycle._patch_ref()
+        if patch is None or patch.lifecycle is not lifecycle:  # unpatched, or replaced: the hooks go too
+            lifecycle.uninstall()
+        elif self.after:
+            lifecycle._layer_ran(patch, self.stack_index, self.layer_index)
         else:
-            self.lifecycle._layer_starts(self.stack_index, self.layer_index)
+            lifecycle._layer_starts(patch, self.stack_index, self.layer_index)
 
 
 class FSDP2Lifecycle(ParameterLifecycle):
@@ -268,7 +272,7 @@ class FSDP2Lifecycle(ParameterLifecycle):
             raise ValueError(f"lifecycle must be one of {LIFECYCLES}, got {lifecycle!r}.")
         self.lifecycle = lifecycle
         self.fingerprint = fingerprint
-        self._patch = weakref.proxy(patch)
+        self._patch_ref = weakref.ref(patch)  # the patch holds the lifecycle
         self._stacks = patch.hooked_stacks
         self._groups = groups
         self._layer_index: dict[int, tuple[int, int]] = {}  # id(layer module) -> (stack, layer)
@@ -328,8 +332,13 @@ class FSDP2Lifecycle(ParameterLifecycle):
                 "memory, shard each layer (Accelerate: fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP)."
             )
 
+    @property
+    def _group_size(self) -> int:
+        patch = self._patch_ref()
+        return patch.config.group_size if patch is not None else 1
+
     def _one_block(self, group: _Group) -> bool:
-        g = self._patch.config.group_size
+        g = self._group_size
         return not group.outside and len({(s, i // g) for s, i in group.layers}) <= 1
 
     def install(self, patch) -> None:
@@ -359,20 +368,20 @@ class FSDP2Lifecycle(ParameterLifecycle):
         self._held_back.clear()
 
     # ----- the forward -------------------------------------------------------------------------------------------
-    def _layer_starts(self, s: int, i: int) -> None:
-        if not self._patch.is_recording(s):
+    def _layer_starts(self, patch, s: int, i: int) -> None:
+        if not patch.is_recording(s):
             return
         records = self._records[s]
         if not self._open[s] or not records or i <= records[-1][-1][-1]:
             records.append([[i]])  # a new recorded forward of the stack: its first block
             self._open[s] = True
-        elif i % self._patch.config.group_size == 0:
+        elif i % patch.config.group_size == 0:
             records[-1].append([i])
         else:
             records[-1][-1].append(i)
 
-    def _layer_ran(self, s: int, i: int) -> None:
-        if not self._open[s] or self._patch.is_recording(s):
+    def _layer_ran(self, patch, s: int, i: int) -> None:
+        if not self._open[s] or patch.is_recording(s):
             return
         self._open[s] = False
         if i != len(self._stacks[s]) - 1:  # the patch dropped the record (a frozen first block): not recorded after all

@@ -11,9 +11,10 @@ Highway engine at exact steps too ("engine"; below L the two modes run the same 
 - "raw": ``fully_shard`` by hand, ``patch_model`` before and after sharding, ``reshard_after_forward`` True and
   False, both lifecycles ("per_block", the default, and "keep_gathered"; the default set-up for two steps: the
   second reuses FSDP's unsharded parameters), with what the lifecycle did in the last step (all-gathers, reduces,
-  groups gathered at once); gradient accumulation (two micro-batches per rank, the first without gradient sync); LoRA; a
-  mixed-precision policy (bf16 parameters, fp32 reduce) against FSDP2 backprop under the same policy as the
-  yardstick; a block split over units (attention and MLP sharded apart, the layer norms in the root's unit);
+  groups gathered at once); gradient accumulation (two micro-batches per rank, the first without gradient sync);
+  two forwards before one backward; LoRA; a mixed-precision policy (bf16 parameters, fp32 reduce) against FSDP2
+  backprop under the same policy as the yardstick; a block split over units (attention and MLP sharded apart, the
+  layer norms in the root's unit);
 - "refused": set-ups that cannot run raise ``HighwayBPError`` before any gradient (a missing root ``fully_shard``,
   ``attach`` on an unpatched or an unsharded model);
 - "accelerate": ``Accelerator`` with an FSDP2 plugin, the model patched before or after ``prepare`` shards it;
@@ -245,6 +246,16 @@ def raw_part() -> dict:
             results[f"accumulation,raf={raf},lifecycle={lifecycle},k=1"] = {
                 "rel_error": rel_error(gathered(model), reference(1))
             }
+    # two forwards (one row each) before one backward: two records of the stack wait for it
+    model = sharded_highway(1, patch_first=False)
+    reset_stats(model)
+    ids, labels = tensors(my_rows())
+    losses = [model(input_ids=ids[r : r + 1], labels=labels[r : r + 1]).loss for r in range(len(ids))]
+    (sum(losses) / len(losses)).backward()
+    results["two_forwards,k=1"] = {
+        "rel_error": rel_error(gathered(model), reference(1)),
+        "stats": lifecycle_stats(model),
+    }
     # LoRA: only the adapters train; the sharded base weights are frozen
     model = sharded_highway(1, patch_first=False, use_lora=True)
     step(model)

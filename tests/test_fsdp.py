@@ -108,11 +108,14 @@ def test_keep_gathered_and_no_reshard_gather_once(results):
                 assert stats["peak_groups"] == (N_LAYER if k > 0 else 2), (name, stats)
 
 
-def test_accumulation_lora_and_a_split_block(results):
+def test_accumulation_two_forwards_lora_and_a_split_block(results):
     for rank_results in results:
         raw = rank_results["raw"]
         accumulation = {n: r for n, r in raw.items() if n.startswith("accumulation")}
         assert len(accumulation) == 4 and all(r["rel_error"] <= FLOAT64 for r in accumulation.values()), accumulation
+        two = raw["two_forwards,k=1"]  # two records of the stack, one backward: each gathers block by block
+        assert two["rel_error"] <= FLOAT64, two
+        assert two["stats"]["reduces"] == 2 * N_LAYER and two["stats"]["peak_groups"] == 2, two
         lora = raw["lora,k=1"]
         assert lora["rel_error"] <= FLOAT64 and lora["rel_error_vs_exact"] > 1e-4, lora
         assert lora["trainable"] == 2 * N_LAYER, lora  # lora_A and lora_B of c_attn in every block
@@ -288,3 +291,26 @@ def test_what_cannot_run_under_fsdp2_is_refused_before_any_gradient(one_process_
     with pytest.raises(UnsupportedDistributedSetupError, match="FSDP1"):
         _train_step(flattened)
     assert all(p.grad is None for p in flattened.parameters())
+
+
+def test_unpatching_a_connected_model_leaves_plain_fsdp(one_process_group):
+    from trainer_helpers import tiny_gpt2
+
+    from hf_hwbp import patch_model, unpatch_model
+
+    def grads(model):
+        return {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+
+    plain = _sharded(tiny_gpt2(n_layer=2))
+    _train_step(plain)
+    model = _sharded(patch_model(tiny_gpt2(n_layer=2), k=1))
+    _train_step(model)
+    assert hw_fsdp.is_attached(model)
+    unpatch_model(model)
+    model.zero_grad(set_to_none=True)
+    _train_step(model)  # FSDP's own backprop, as if never patched; the lifecycle's layer hooks went
+    expected = grads(plain)
+    assert all(torch.equal(g, expected[n]) for n, g in grads(model).items())
+    for layer in model.transformer.h:
+        hooks = [*layer._forward_pre_hooks.values(), *layer._forward_hooks.values()]
+        assert not any(type(h).__module__ == "hf_hwbp.fsdp" for h in hooks), hooks
