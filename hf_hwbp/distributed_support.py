@@ -2,17 +2,18 @@
 
 Supported: one process, DDP (``torchrun``, ``accelerate launch`` with ``distributed_type: MULTI_GPU`` or
 ``MULTI_CPU``; each rank's Highway gradients are all-reduced like ordinary ones), FSDP2 (``fully_shard``, also
-``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2``; see ``hf_hwbp.fsdp``: the Highway
-gradients reach FSDP's unsharded parameters and are reduce-scattered once per step), DeepSpeed ZeRO stages 0-2
-(the weights stay whole; the Highway gradients reach the parameters through autograd, where the engine's reduction
-hooks take them) and the layer-parallel runner ``hf_hwbp.parallel``.
+``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2``; ``hf_hwbp.fsdp`` gathers one block
+at a time and reduce-scatters each block's gradients at its parameter step), DeepSpeed ZeRO stages 0-2 (the weights
+stay whole; the Highway gradients reach the parameters through autograd, where the engine's reduction hooks take
+them) and the layer-parallel runner ``hf_hwbp.parallel``.
 
-Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly), DeepSpeed ZeRO-3 (partitioned
-weights gathered by the engine's own module hooks, which wrap each block's input the way Highway-BP's cut cannot
-see through), and DeepSpeed whose ZeRO stage cannot be told. Highway-BP would produce missing or wrong gradients
-(or stop with a confusing error) there, so it raises before the first step instead. ``check_distributed_support``
-is called by ``HighwayCallback`` when the Trainer is built and again when training begins; on an FSDP2 model it
-also makes the patch that the callback then applies run under FSDP2 (``hf_hwbp.fsdp.attach_when_patched``).
+Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly), DeepSpeed ZeRO-3 (its hooks
+on every module wrap the block outputs Highway-BP cuts and count one backward per forward; docs/fsdp.md has what
+was measured), DeepSpeed whose ZeRO stage cannot be told, and tensor-parallel ``DTensor`` parameters. Highway-BP
+would produce missing or wrong gradients (or stop with a confusing error) there, so it raises before the first step
+instead. ``check_distributed_support`` is called by ``HighwayCallback`` when the Trainer is built and again when
+training begins, and by ``hf_hwbp.fsdp.connect`` at a patched model's training forwards in a process group; it also
+says, once, when the training arguments ask for FSDP that the run does not use (``fsdp_not_in_effect``).
 """
 
 from __future__ import annotations
