@@ -389,7 +389,7 @@ class FSDP2Lifecycle(ParameterLifecycle):
 
     def block_parameters(self, stack_index: int, layers: Sequence[nn.Module]) -> list[Tensor]:
         found: dict[int, Tensor] = {}
-        in_backward = torch._C._current_graph_task_id() != -1
+        in_backward = not torch.is_grad_enabled()  # the patch calls it from a training forward or from the backward
         block_layers = set()
         for layer in layers:
             where = self._layer_index.get(id(layer))
