@@ -2,17 +2,18 @@
 
 Supported: one process, DDP (``torchrun``, ``accelerate launch`` with ``distributed_type: MULTI_GPU`` or
 ``MULTI_CPU``; each rank's Highway gradients are all-reduced like ordinary ones), FSDP2 (``fully_shard``, also
-``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2``; see ``hf_hwbp.fsdp``: the Highway
-gradients reach FSDP's unsharded parameters and are reduce-scattered once per step), DeepSpeed ZeRO stages 0-2
-(the weights stay whole; the Highway gradients reach the parameters through autograd, where the engine's reduction
-hooks take them) and the layer-parallel runner ``hf_hwbp.parallel``.
+``accelerate launch`` with ``distributed_type: FSDP`` and ``fsdp_version: 2``; ``hf_hwbp.fsdp`` gathers one block
+at a time and reduce-scatters each block's gradients at its parameter step), DeepSpeed ZeRO stages 0-2 (the weights
+stay whole; the Highway gradients reach the parameters through autograd, where the engine's reduction hooks take
+them) and the layer-parallel runner ``hf_hwbp.parallel``.
 
-Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly), DeepSpeed ZeRO-3 (partitioned
-weights gathered by the engine's own module hooks, which wrap each block's input the way Highway-BP's cut cannot
-see through), and DeepSpeed whose ZeRO stage cannot be told. Highway-BP would produce missing or wrong gradients
-(or stop with a confusing error) there, so it raises before the first step instead. ``check_distributed_support``
-is called by ``HighwayCallback`` when the Trainer is built and again when training begins; on an FSDP2 model it
-also makes the patch that the callback then applies run under FSDP2 (``hf_hwbp.fsdp.attach_when_patched``).
+Refused: FSDP1 (flattened parameters that the blocks' forwards do not read directly), DeepSpeed ZeRO-3 (its hooks
+on every module wrap the block outputs Highway-BP cuts and count one backward per forward; docs/fsdp.md has what
+was measured), DeepSpeed whose ZeRO stage cannot be told, and tensor-parallel ``DTensor`` parameters. Highway-BP
+would produce missing or wrong gradients (or stop with a confusing error) there, so it raises before the first step
+instead. ``check_distributed_support`` is called by ``HighwayCallback`` when the Trainer is built and again when
+training begins, and by ``hf_hwbp.fsdp.connect`` at a patched model's training forwards in a process group; it also
+says, once, when the training arguments ask for FSDP that the run does not use (``fsdp_not_in_effect``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import os
 from typing import Any
 
 from torch import nn
+from transformers.utils import logging
 
 from .errors import HighwayBPError
+
+logger = logging.get_logger(__name__)
 
 _WAYS_OUT = (
     "Ways out: FSDP2 (`accelerate launch` with distributed_type FSDP and fsdp_version: 2, or torch's fully_shard), "
@@ -41,16 +45,24 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _accelerator_state():
+    """Accelerate's initialized state, read without constructing ``AcceleratorState`` (which copies the process
+    state's distributed type over its own), or None."""
+    try:
+        from accelerate.state import AcceleratorState, is_initialized
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    if not is_initialized():
+        return None
+    state = object.__new__(AcceleratorState)
+    state.__dict__ = AcceleratorState._shared_state
+    return state
+
+
 def _accelerate_distributed_type() -> tuple[str | None, int | None]:
     """The distributed type of an already initialized Accelerate state and its FSDP version (None, None when there
     is no state)."""
-    try:
-        from accelerate.state import AcceleratorState
-    except ImportError:  # pragma: no cover - accelerate is a dependency
-        return None, None
-    if not AcceleratorState._shared_state:
-        return None, None
-    state = AcceleratorState()
+    state = _accelerator_state()
     distributed_type = getattr(state, "distributed_type", None)
     if distributed_type is None:
         return None, None
@@ -80,9 +92,7 @@ def _deepspeed_refusal(stage: int | None, where: str) -> str | None:
 
 
 def _accelerate_zero_stage() -> int | None:
-    from accelerate.state import AcceleratorState
-
-    plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+    plugin = getattr(_accelerator_state(), "deepspeed_plugin", None)
     stage = getattr(plugin, "zero_stage", None)
     return stage if isinstance(stage, int) else None
 
@@ -146,7 +156,7 @@ def _detect_in_model(model: nn.Module) -> str | None:
     except ImportError:  # pragma: no cover - torch without distributed
         DTensor = ()  # noqa: N806
     for name, param in model.named_parameters():
-        if getattr(param, "_is_flat_param", False) or type(param).__name__ == "FlatParameter":
+        if getattr(param, "_is_flat_param", False) or getattr(param, "_fsdp_flattened", False):
             return f"FSDP1 (flattened parameter {name})"
         if isinstance(param, DTensor) and id(param) not in owned:
             return f"tensor parallelism (DTensor parameter {name} that no FSDP2 unit owns)"
@@ -156,20 +166,45 @@ def _detect_in_model(model: nn.Module) -> str | None:
 
 
 def check_distributed_support(model: nn.Module | None = None, args: Any = None) -> None:
-    """Raise ``UnsupportedDistributedSetupError`` if FSDP1 or DeepSpeed is in use (see the module docstring); on an
-    FSDP2 model, make the Highway-BP patch applied to it later run under FSDP2."""
+    """Raise ``UnsupportedDistributedSetupError`` if FSDP1 or DeepSpeed ZeRO-3 is in use (see the module docstring);
+    warn once when the training arguments ask for FSDP that the run does not use."""
     backend = detect_unsupported_backend(model, args)
-    if backend is None:
-        if model is not None:
-            from .fsdp import attach_when_patched, is_fsdp2
+    if backend is not None:
+        raise UnsupportedDistributedSetupError(
+            f"Highway-BP does not support {backend}. Its backward returns each block's parameter gradients itself; "
+            "flattened or partitioned parameters would get missing or wrong gradients. " + _WAYS_OUT
+        )
+    reason = fsdp_not_in_effect(args)
+    if reason is not None and reason not in _WARNED:
+        _WARNED.add(reason)
+        logger.warning(f"Highway-BP: FSDP is configured but not in effect: {reason}")
 
-            if is_fsdp2(model):
-                attach_when_patched(model)
-        return
-    raise UnsupportedDistributedSetupError(
-        f"Highway-BP does not support {backend}. Its backward returns each block's parameter gradients itself; "
-        "flattened or partitioned parameters would get missing or wrong gradients. " + _WAYS_OUT
-    )
+
+_WARNED: set[str] = set()
+
+
+def fsdp_not_in_effect(args: Any = None) -> str | None:
+    """Why FSDP, asked for by the training arguments (``fsdp``) or by ``accelerate launch`` (ACCELERATE_USE_FSDP), is
+    not what the run uses (None when it is, or when nobody asked for it). Accelerate decides when its state is
+    built: it turns FSDP on only for accelerator devices, and a launch of several processes on CPU without
+    ``use_cpu`` runs each process alone."""
+    asked = bool(getattr(args, "fsdp", None)) or _env_flag("ACCELERATE_USE_FSDP")
+    distributed_type, _ = _accelerate_distributed_type()
+    if not asked or distributed_type is None or distributed_type == "FSDP":
+        return None
+    world = os.environ.get("WORLD_SIZE", "1")
+    if distributed_type.startswith("MULTI_CPU"):
+        return (
+            "Accelerate enables FSDP only on accelerator devices; on CPU (use_cpu / --use_cpu, or no GPU) it runs "
+            "DDP over gloo instead: every process holds the whole model and trains on its own batch."
+        )
+    if distributed_type == "NO" and world.isdigit() and int(world) > 1:
+        return (
+            f"the launcher started {world} processes, but Accelerate runs each alone (distributed_type NO: a CPU "
+            "machine without use_cpu / --use_cpu): they do not communicate and write to the same output_dir. "
+            "Pass use_cpu=True (DDP over gloo) or run on accelerator devices."
+        )
+    return f"Accelerate runs distributed_type {distributed_type}, with nothing sharded."
 
 
 __all__ = ["UnsupportedDistributedSetupError", "check_distributed_support", "detect_unsupported_backend"]

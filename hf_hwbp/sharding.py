@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 
@@ -93,8 +94,13 @@ def trainable_parameters(layers: Sequence[nn.Module]) -> list[Tensor]:
 def connect(root: nn.Module, patch: PatchSeam) -> None:
     """Called by the patch at the start of every training forward of the patched model ``root``, before any layer
     runs: the place where an engine that shards parameters installs its ``ParameterLifecycle`` on ``patch`` (or
-    refuses the set-up with ``HighwayBPError``). It must be cheap when nothing changed. Ordinary models: nothing."""
-    return None
+    refuses the set-up with ``HighwayBPError``). It must be cheap when nothing changed. Without a process group
+    nothing is sharded: nothing to do. With one, ``hf_hwbp.fsdp.connect`` decides (FSDP2; what cannot run)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from . import fsdp  # the engines' side, imported once a process group exists (it imports this module)
+
+    fsdp.connect(root, patch)
 
 
 __all__ = ["ParameterLifecycle", "PatchSeam", "connect", "trainable_parameters"]

@@ -10,13 +10,17 @@ CPU, through Accelerate:
   step. Its HighwayCallback patches the unwrapped model when training begins, after Accelerate wrapped it in DDP;
 - "callback": the same step with a plain ``transformers.Trainer`` given ``callbacks=[HighwayCallback(config)]``.
 
-For each part the rank compares its gradients with (a) the other rank's and (b) single-process Highway-BP(k) on the
-concatenated batch, computed here without any process group, and writes ``rank{r}.json`` into ``--out``.
+Each part runs at k = 1 and k = L with the package's defaults (an exact step, k = L, runs the model's own backward)
+and at k = L with the Highway engine at exact steps too ("engine"; below L both modes run the engine; the raw
+Accelerate part also at k = 0 and 2). For each part the rank compares its gradients with (a) the other rank's and
+(b) single-process Highway-BP(k) on the concatenated batch, computed here without any process group, and writes
+``rank{r}.json`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,11 +37,29 @@ from hf_hwbp import (
     highway_state,
     is_patched,
     patch_model,
+    patching,
     unwrap_model,
 )
 from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 12, 4
+
+
+@contextlib.contextmanager
+def mode(name: str):
+    """Patches made inside run exact steps (k >= L) by the model's own backward ("defaults", the package's default)
+    or by the Highway engine ("engine")."""
+    previous = patching.EXACT_STEPS_BY_AUTOGRAD
+    patching.EXACT_STEPS_BY_AUTOGRAD = name == "defaults"
+    try:
+        yield
+    finally:
+        patching.EXACT_STEPS_BY_AUTOGRAD = previous
+
+
+def cases(ks: tuple[int, ...]) -> list[tuple[int, str]]:
+    """(k, mode) for each k with the defaults, and k = L with the engine at exact steps too."""
+    return [(k, "defaults") for k in ks] + [(N_LAYER, "engine")]
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -101,6 +123,7 @@ def accelerate_part(k: int) -> dict:
     loss = wrapped(input_ids=ids, labels=labels).loss
     accelerator.backward(loss)
     result = compare({n: p.grad for n, p in model.named_parameters()}, k)
+    result["engine_ran"] = highway_state(model).recorded_forwards > 0
     result.update(
         distributed_type=str(accelerator.distributed_type),
         multi_cpu=accelerator.distributed_type == DistributedType.MULTI_CPU,
@@ -202,11 +225,15 @@ def main() -> int:
         with open(os.path.join(options.out, f"rank{os.environ['RANK']}.json"), "w") as f:
             json.dump(refusal_part(options.k, options.out), f)
         return 0
-    results = {
-        "accelerate": accelerate_part(options.k),
-        "trainer": trainer_part(options.k, options.out),
-        "callback": callback_part(options.k, options.out),
-    }
+    results: dict[str, dict] = {"accelerate": {}, "trainer": {}, "callback": {}}
+    for k, mode_name in cases((0, options.k, 2, N_LAYER)):
+        with mode(mode_name):
+            results["accelerate"][f"mode={mode_name},k={k}"] = accelerate_part(k)
+    for k, mode_name in cases((options.k, N_LAYER)):
+        with mode(mode_name):
+            folder = os.path.join(options.out, f"{mode_name}-{k}")
+            results["trainer"][f"mode={mode_name},k={k}"] = trainer_part(k, folder)
+            results["callback"][f"mode={mode_name},k={k}"] = callback_part(k, folder)
     rank = dist.get_rank()
     with open(os.path.join(options.out, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, indent=1)

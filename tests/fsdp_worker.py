@@ -1,17 +1,26 @@
-"""One rank of the 2-process FSDP2 parity checks (launched by tests/test_fsdp.py with ``accelerate launch`` and an
-FSDP2 config; CPU, gloo).
+"""One rank of the 2-process FSDP2 checks (launched by tests/test_fsdp.py with ``accelerate launch`` and an FSDP2
+config; CPU, gloo).
 
-Every case runs Highway-BP(k) on a tiny GPT-2 whose blocks and root are ``fully_shard``-ed, each rank on its own
-half of the batch, gathers the sharded gradients (``DTensor.full_tensor()``) and compares them with single-process
-``patch_model`` gradients on the whole batch, computed here without any process group:
+Every case trains a tiny float64 GPT-2 whose blocks and root are ``fully_shard``-ed, each rank on its own half of
+the batch, gathers the sharded gradients (``DTensor.full_tensor()``) and compares them with single-process
+``patch_model`` gradients on the whole batch, computed here without any process group. No case calls
+``hf_hwbp.fsdp.attach``: the patched model connects itself at its first training forward. Each case runs at
+k = 0, 1, 2 and L with the package's defaults (exact steps by the model's own backward) and at k = L with the
+Highway engine at exact steps too ("engine"; below L the two modes run the same code):
 
-- "raw": ``fully_shard`` by hand, float64, k = 0, 1, 2 and k = L (exact), ``reshard_after_forward`` True and False,
-  ``patch_model`` before and after sharding, two steps each (the second reuses FSDP's unsharded parameters);
-  gradient accumulation (two micro-batches per rank, the first without gradient sync); LoRA; a mixed-precision
-  policy (bf16 parameters, fp32 reduce) against FSDP2 backprop under the same policy as the yardstick;
-- "accelerate": ``Accelerator`` with an FSDP2 plugin, the model patched before ``prepare`` shards it;
+- "raw": ``fully_shard`` by hand, ``patch_model`` before and after sharding, ``reshard_after_forward`` True and
+  False, both lifecycles ("per_block", the default, and "keep_gathered"; the default set-up for two steps: the
+  second reuses FSDP's unsharded parameters), with what the lifecycle did in the last step (all-gathers, reduces,
+  groups gathered at once); gradient accumulation (two micro-batches per rank, the first without gradient sync);
+  two forwards before one backward; LoRA; a mixed-precision policy (bf16 parameters, fp32 reduce) against FSDP2
+  backprop under the same policy as the yardstick; a block split over units (attention and MLP sharded apart, the
+  layer norms in the root's unit);
+- "refused": set-ups that cannot run raise ``HighwayBPError`` before any gradient (a missing root ``fully_shard``,
+  ``attach`` on an unpatched or an unsharded model);
+- "accelerate": ``Accelerator`` with an FSDP2 plugin, the model patched before or after ``prepare`` shards it;
 - "trainer" / "callback": ``HighwayTrainer``, and a ``Trainer`` with ``HighwayCallback``, one optimizer step over
-  2 accumulated micro-batches per rank, gradients read just before the optimizer step.
+  2 accumulated micro-batches per rank, gradients read just before the optimizer step;
+- "not_in_effect": a Trainer asked for FSDP on CPU runs DDP, and says so once.
 
 Accelerate turns FSDP on only for accelerator devices (on CPU it falls back to MULTI_CPU, i.e. DDP), so the worker
 switches an initialized CPU state to FSDP with the plugin the launch config describes (``force_fsdp2_on_cpu``):
@@ -27,7 +36,10 @@ Writes ``rank{r}.json`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import logging
 import os
 import sys
 
@@ -36,11 +48,26 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from hf_hwbp import HighwayCallback, HighwayConfig, highway_state, is_patched, patch_model
+from hf_hwbp import HighwayBPError, HighwayCallback, HighwayConfig, highway_state, is_patched, patch_model, patching
 from hf_hwbp import fsdp as hw_fsdp
 from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 8, 3
+# (k, mode): the package's defaults at every k; the Highway engine at exact steps too at k = L (below L both modes
+# run the engine)
+CASES = [(0, "defaults"), (1, "defaults"), (2, "defaults"), (N_LAYER, "defaults"), (N_LAYER, "engine")]
+
+
+@contextlib.contextmanager
+def mode(name: str):
+    """Patches made inside run exact steps (k >= L) by the model's own backward ("defaults", the package's default)
+    or by the Highway engine ("engine")."""
+    previous = patching.EXACT_STEPS_BY_AUTOGRAD
+    patching.EXACT_STEPS_BY_AUTOGRAD = name == "defaults"
+    try:
+        yield
+    finally:
+        patching.EXACT_STEPS_BY_AUTOGRAD = previous
 
 
 def tiny_gpt2(dtype=torch.float64) -> GPT2LMHeadModel:
@@ -79,17 +106,24 @@ def my_rows() -> list[dict]:
     return dataset()[rank * ROWS // world : (rank + 1) * ROWS // world]
 
 
+_REFERENCES: dict = {}
+
+
 def reference(k: int | None, *, use_lora: bool = False, dtype=torch.float64) -> dict[str, torch.Tensor]:
     """Single process, whole batch: Highway-BP(k) (None: backprop), trainable parameters only."""
-    model = tiny_gpt2(dtype)
-    if use_lora:
-        model = lora(model)
-    if k is not None:
-        patch_model(model, k=k)
-    model.train()
-    ids, labels = tensors(dataset())
-    model(input_ids=ids, labels=labels).loss.backward()
-    return {_name(n): p.grad.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+    key = (k, use_lora, dtype)
+    if key not in _REFERENCES:
+        model = tiny_gpt2(dtype)
+        if use_lora:
+            model = lora(model)
+        if k is not None:
+            patch_model(model, k=k)
+        model.train()
+        ids, labels = tensors(dataset())
+        model(input_ids=ids, labels=labels).loss.backward()
+        grads = {_name(n): p.grad.detach().double().clone() for n, p in model.named_parameters() if p.requires_grad}
+        _REFERENCES[key] = grads
+    return _REFERENCES[key]
 
 
 def _name(name: str) -> str:
@@ -118,12 +152,20 @@ def rel_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> f
     return ((mine - theirs).norm() / theirs.norm()).item()
 
 
-def shard(model, reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy | None = None):
+def blocks_of(model):
+    return model.transformer.h if hasattr(model, "transformer") else model.base_model.model.transformer.h
+
+
+def shard(model, reshard_after_forward: bool = True, mp_policy: MixedPrecisionPolicy | None = None, split=False):
     kwargs = {"reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for block in model.transformer.h if hasattr(model, "transformer") else model.base_model.model.transformer.h:
-        fully_shard(block, **kwargs)
+    for block in blocks_of(model):
+        if split:  # attention and MLP apart; the layer norms stay in the root's unit
+            fully_shard(block.attn, **kwargs)
+            fully_shard(block.mlp, **kwargs)
+        else:
+            fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
 
@@ -138,68 +180,142 @@ def step(model, micro_batches: int = 1) -> None:
         (model(input_ids=ids, labels=labels).loss / micro_batches).backward()
 
 
-def sharded_highway(k: int, *, patch_first: bool, raf: bool, use_lora: bool = False, mp=None, dtype=torch.float64):
-    model = tiny_gpt2(dtype)
+def sharded_highway(k: int, *, patch_first: bool, raf: bool = True, lifecycle: str | None = None, **shard_kwargs):
+    use_lora = shard_kwargs.pop("use_lora", False)
+    model = tiny_gpt2(shard_kwargs.pop("dtype", torch.float64))
     if use_lora:
         model = lora(model)
+    if lifecycle is not None:
+        hw_fsdp.set_lifecycle(model, lifecycle)
     if patch_first:
         patch_model(model, k=k)
-        shard(model, raf, mp)
+        shard(model, raf, **shard_kwargs)
     else:
-        shard(model, raf, mp)
+        shard(model, raf, **shard_kwargs)
         patch_model(model, k=k)
-    hw_fsdp.attach(model)
     model.train()
     return model
 
 
+def lifecycle_stats(model) -> dict | None:
+    lifecycle = highway_state(model).lifecycle
+    stats = getattr(lifecycle, "stats", None)
+    return None if stats is None else dict(vars(stats))
+
+
+def reset_stats(model) -> None:
+    stats = getattr(highway_state(model).lifecycle, "stats", None)
+    if stats is not None:
+        stats.reset()
+
+
+def raw_case(k: int, mode_name: str, steps: int = 1, **kwargs) -> dict:
+    with mode(mode_name):
+        model = sharded_highway(k, **kwargs)
+        errors = []
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            reset_stats(model)
+            step(model)
+            grads = gathered(model)
+            errors.append(rel_error(grads, reference(k)))
+    return {
+        "rel_error": max(errors),
+        "rel_error_vs_exact": rel_error(grads, reference(None)),
+        "iterations": highway_state(model).last_iterations,
+        "param_type": type(next(model.parameters())).__name__,
+        "attached": hw_fsdp.is_attached(model),
+        "stats": lifecycle_stats(model),
+    }
+
+
 def raw_part() -> dict:
     results: dict[str, dict] = {}
-    refs = {k: reference(k) for k in (0, 1, 2, N_LAYER)}
-    exact = reference(None)
     for patch_first in (False, True):
-        for raf in (True, False):
-            for k in (0, 1, 2, N_LAYER):
-                model = sharded_highway(k, patch_first=patch_first, raf=raf)
-                errors = []
-                for _ in range(2):
-                    model.zero_grad(set_to_none=True)
-                    step(model)
-                    grads = gathered(model)
-                    errors.append(rel_error(grads, refs[k]))
-                results[f"patch_first={patch_first},raf={raf},k={k}"] = {
-                    "rel_error": max(errors),
-                    "rel_error_vs_exact": rel_error(grads, exact),
-                    "iterations": highway_state(model).last_iterations,
-                    "param_type": type(next(model.parameters())).__name__,
-                }
+        for raf, lifecycle in [(True, "per_block"), (True, "keep_gathered"), (False, "per_block")]:
+            for k, mode_name in CASES:
+                name = f"patch_first={patch_first},raf={raf},lifecycle={lifecycle},mode={mode_name},k={k}"
+                # the default set-up runs two steps (the second reuses FSDP's unsharded parameters)
+                steps = 2 if raf and lifecycle == "per_block" else 1
+                results[name] = raw_case(k, mode_name, steps, patch_first=patch_first, raf=raf, lifecycle=lifecycle)
     # gradient accumulation: two micro-batches per rank, the first without gradient sync
-    model = sharded_highway(1, patch_first=False, raf=True)
-    step(model, micro_batches=2)
-    results["accumulation,k=1"] = {"rel_error": rel_error(gathered(model), refs[1])}
+    for raf in (True, False):
+        for lifecycle in hw_fsdp.LIFECYCLES:
+            model = sharded_highway(1, patch_first=False, raf=raf, lifecycle=lifecycle)
+            step(model, micro_batches=2)
+            results[f"accumulation,raf={raf},lifecycle={lifecycle},k=1"] = {
+                "rel_error": rel_error(gathered(model), reference(1))
+            }
+    # two forwards (one row each) before one backward: two records of the stack wait for it
+    model = sharded_highway(1, patch_first=False)
+    reset_stats(model)
+    ids, labels = tensors(my_rows())
+    losses = [model(input_ids=ids[r : r + 1], labels=labels[r : r + 1]).loss for r in range(len(ids))]
+    (sum(losses) / len(losses)).backward()
+    results["two_forwards,k=1"] = {
+        "rel_error": rel_error(gathered(model), reference(1)),
+        "stats": lifecycle_stats(model),
+    }
     # LoRA: only the adapters train; the sharded base weights are frozen
-    model = sharded_highway(1, patch_first=False, raf=True, use_lora=True)
+    model = sharded_highway(1, patch_first=False, use_lora=True)
     step(model)
-    lora_ref = reference(1, use_lora=True)
     results["lora,k=1"] = {
-        "rel_error": rel_error(gathered(model), lora_ref),
+        "rel_error": rel_error(gathered(model), reference(1, use_lora=True)),
         "rel_error_vs_exact": rel_error(gathered(model), reference(None, use_lora=True)),
         "trainable": sum(1 for p in model.parameters() if p.requires_grad),
     }
     # mixed precision: bf16 parameters, fp32 reduce; FSDP2 backprop under the same policy is the yardstick
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    model = sharded_highway(1, patch_first=False, raf=True, mp=policy, dtype=torch.float32)
+    model = sharded_highway(1, patch_first=False, mp_policy=policy, dtype=torch.float32)
     step(model)
     highway_mp = gathered(model)
     baseline = shard(tiny_gpt2(torch.float32), True, policy)
     baseline.train()
     step(baseline)
-    backprop_mp = gathered(baseline)
     results["mixed_precision,k=1"] = {
-        "rel_error": rel_error(highway_mp, refs[1]),
-        "backprop_rel_error": rel_error(backprop_mp, exact),
+        "rel_error": rel_error(highway_mp, reference(1)),
+        "backprop_rel_error": rel_error(gathered(baseline), reference(None)),
         "grad_dtype": str(next(model.parameters()).grad.dtype),
     }
+    # a block split over units: attention and MLP sharded apart, the layer norms in the root's unit
+    for k, mode_name in [(1, "defaults"), (N_LAYER, "engine")]:
+        results[f"split,mode={mode_name},k={k}"] = raw_case(k, mode_name, patch_first=True, split=True)
+    return results
+
+
+def refused(run) -> dict:
+    """Run ``run()``; what it raised, and whether any gradient existed afterwards."""
+    try:
+        model = run()
+    except HighwayBPError as err:
+        return {"error": type(err).__name__, "message": str(err), "grads": None}
+    return {"error": None, "message": "", "grads": sum(p.grad is not None for p in model.parameters())}
+
+
+def refused_part() -> dict:
+    results = {}
+    models = []
+
+    def no_root():
+        model = patch_model(tiny_gpt2(), k=1)
+        models.append(model)
+        for block in model.transformer.h:
+            fully_shard(block)
+        step(model.train())
+        return model
+
+    results["no_root"] = refused(no_root)
+    results["no_root"]["grads"] = sum(p.grad is not None for p in models[-1].parameters())
+
+    def unpatched():
+        return hw_fsdp.attach(shard(tiny_gpt2()))
+
+    results["attach_unpatched"] = refused(unpatched)
+
+    def unsharded():
+        return hw_fsdp.attach(patch_model(tiny_gpt2(), k=1))
+
+    results["attach_unsharded"] = refused(unsharded)
     return results
 
 
@@ -236,26 +352,36 @@ class FSDPHighwayTrainer(_OnCPU, HighwayTrainer):
     pass
 
 
-def accelerate_part(k: int) -> dict:
+def accelerate_part() -> dict:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
     force_fsdp2_on_cpu()
-    model = patch_model(tiny_gpt2(), k=k)  # patched before Accelerate shards it
-    model = accelerator.prepare(model)
-    hw_fsdp.attach(model)
-    model.train()
-    ids, labels = tensors(my_rows())
-    accelerator.backward(model(input_ids=ids, labels=labels).loss)
-    grads = gathered(model)
-    return {
-        "distributed_type": str(accelerator.distributed_type),
-        "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version,
-        "is_fsdp2": hw_fsdp.is_fsdp2(model),
-        "rel_error": rel_error(grads, reference(k)),
-        "rel_error_vs_exact": rel_error(grads, reference(None)),
-        "iterations": highway_state(model).last_iterations,
-    }
+    results = {}
+    for patch_first in (True, False):
+        for k, mode_name in CASES:
+            with mode(mode_name):
+                model = tiny_gpt2()
+                if patch_first:
+                    patch_model(model, k=k)
+                model = accelerator.prepare(model)
+                if not patch_first:
+                    patch_model(model, k=k)
+                model.train()
+                reset_stats(model)
+                ids, labels = tensors(my_rows())
+                accelerator.backward(model(input_ids=ids, labels=labels).loss)
+            grads = gathered(model)
+            results[f"patch_first={patch_first},mode={mode_name},k={k}"] = {
+                "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version,
+                "is_fsdp2": hw_fsdp.is_fsdp2(model),
+                "attached": hw_fsdp.is_attached(model),
+                "rel_error": rel_error(grads, reference(k)),
+                "rel_error_vs_exact": rel_error(grads, reference(None)),
+                "iterations": highway_state(model).last_iterations,
+                "stats": lifecycle_stats(model),
+            }
+    return results
 
 
 class _Grads(TrainerCallback):
@@ -263,10 +389,12 @@ class _Grads(TrainerCallback):
         self.grads = None
         self.patched = False
         self.attached = False
+        self.stats = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.patched = is_patched(model)
         self.attached = hw_fsdp.is_attached(model)
+        self.stats = lifecycle_stats(model)
         self.grads = gathered(model)
 
 
@@ -288,30 +416,52 @@ def _arguments(arguments_class, out: str, **extra):
     )
 
 
-def trainer_parts(k: int, out: str) -> dict:
-    results = {}
-    for part in ("trainer", "callback"):
-        model = tiny_gpt2()
-        recorder = _Grads()
-        if part == "trainer":
-            args = _arguments(HighwayTrainingArguments, os.path.join(out, part), hwbp_k=k)
-            trainer = FSDPHighwayTrainer(model=model, args=args, train_dataset=dataset(), callbacks=[recorder])
-        else:
-            args = _arguments(TrainingArguments, os.path.join(out, part))
-            callbacks = [HighwayCallback(HighwayConfig(k=k)), recorder]
-            trainer = FSDPTrainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
-        trainer.train()
-        entries = [e for e in trainer.state.log_history if "loss" in e]
-        results[part] = {
-            "rel_error": rel_error(recorder.grads, reference(k)),
-            "rel_error_vs_exact": rel_error(recorder.grads, reference(None)),
-            "patched": recorder.patched,
-            "attached": recorder.attached,
-            "is_fsdp2": hw_fsdp.is_fsdp2(trainer.model_wrapped),
-            "unpatched_after": not is_patched(model),
-            "logged_iterations": [e.get("hwbp_iterations") for e in entries],
-        }
+def trainer_parts(out: str) -> dict:
+    results: dict[str, dict] = {"trainer": {}, "callback": {}}
+    for part in results:
+        for k, mode_name in CASES:
+            model = tiny_gpt2()
+            recorder = _Grads()
+            folder = os.path.join(out, f"{part}-{mode_name}-{k}")
+            with mode(mode_name):
+                if part == "trainer":
+                    args = _arguments(HighwayTrainingArguments, folder, hwbp_k=k)
+                    trainer = FSDPHighwayTrainer(model=model, args=args, train_dataset=dataset(), callbacks=[recorder])
+                else:
+                    args = _arguments(TrainingArguments, folder)
+                    callbacks = [HighwayCallback(HighwayConfig(k=k)), recorder]
+                    trainer = FSDPTrainer(model=model, args=args, train_dataset=dataset(), callbacks=callbacks)
+                trainer.train()
+            entries = [e for e in trainer.state.log_history if "loss" in e]
+            results[part][f"mode={mode_name},k={k}"] = {
+                "rel_error": rel_error(recorder.grads, reference(k)),
+                "rel_error_vs_exact": rel_error(recorder.grads, reference(None)),
+                "patched": recorder.patched,
+                "attached": recorder.attached,
+                "stats": recorder.stats,
+                "is_fsdp2": hw_fsdp.is_fsdp2(trainer.model_wrapped),
+                "unpatched_after": not is_patched(model),
+                "logged_iterations": [e.get("hwbp_iterations") for e in entries],
+            }
     return results
+
+
+def not_in_effect_part(out: str) -> dict:
+    """A Trainer asked for FSDP on CPU (use_cpu): Accelerate runs DDP; the callback says so when the Trainer is
+    built, once."""
+    from transformers.utils import logging as hf_logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    hf_logging.get_logger("hf_hwbp").addHandler(handler)
+    try:
+        args = _arguments(TrainingArguments, os.path.join(out, "not_in_effect"), fsdp="full_shard")
+        trainer = Trainer(
+            model=tiny_gpt2(), args=args, train_dataset=dataset(), callbacks=[HighwayCallback(HighwayConfig(k=1))]
+        )
+    finally:
+        hf_logging.get_logger("hf_hwbp").removeHandler(handler)
+    return {"log": stream.getvalue(), "distributed_type": str(trainer.accelerator.distributed_type)}
 
 
 def deepspeed_part() -> dict:
@@ -368,8 +518,11 @@ def main() -> int:
     else:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
-        results = {"raw": raw_part(), "accelerate": accelerate_part(options.k)}
-        results.update(trainer_parts(options.k, options.out))
+        results = {"not_in_effect": not_in_effect_part(options.out)}  # first: nothing was said yet in this process
+        results.update(raw=raw_part())
+        results.update(refused=refused_part())
+        results.update(accelerate=accelerate_part())
+        results.update(trainer_parts(options.out))
     with open(os.path.join(options.out, f"rank{dist.get_rank()}.json"), "w") as f:
         json.dump(results, f, indent=1)
     dist.barrier()

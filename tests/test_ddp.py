@@ -2,7 +2,8 @@
 
 - DDP (``distributed_type: MULTI_GPU``; on a CPU-only machine the worker's ``use_cpu=True`` makes Accelerate use
   MULTI_CPU with gloo): each rank's gradients after a Highway step equal single-process Highway-BP gradients on the
-  concatenated batch, through raw Accelerate, ``HighwayTrainer`` and a plain ``Trainer`` with ``HighwayCallback``.
+  concatenated batch, through raw Accelerate, ``HighwayTrainer`` and a plain ``Trainer`` with ``HighwayCallback``,
+  with the package's defaults (k = L: the model's own backward) and with the Highway engine at exact steps.
 - FSDP1 (``distributed_type: FSDP``, ``fsdp_version: 1``): Highway-BP refuses it when the Trainer is built, with a
   message that names FSDP1 and the ways out (FSDP2 runs: tests/test_fsdp.py).
 """
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ddp_worker import N_LAYER
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 K = 1
@@ -96,31 +98,39 @@ def ddp_results(tmp_path_factory) -> list[dict]:
 @pytest.mark.parametrize("part", PARTS)
 def test_ddp_gradients_match_single_process(ddp_results, part):
     for rank, results in enumerate(ddp_results):
-        r = results[part]
-        assert r["wrapped_is_ddp"], (rank, r)
-        assert r["max_abs_diff_between_ranks"] == 0.0, (rank, r)  # DDP all-reduced the Highway gradients
-        # float64, the same operations in another order (two half batches, all-reduce): rounding only
-        assert r["rel_error_vs_single_process"] <= 1e-10, (rank, r)
-        assert r["rel_error_vs_exact"] > 1e-4, (rank, r)  # Highway-BP(1) really ran: not the exact gradient
+        assert len(results[part]) == (5 if part == "accelerate" else 3), sorted(results[part])
+        for name, r in results[part].items():
+            k, engine = int(name.rsplit("=", 1)[1]), "mode=engine" in name
+            assert r["wrapped_is_ddp"], (rank, name, r)
+            assert r["max_abs_diff_between_ranks"] == 0.0, (rank, name, r)  # DDP all-reduced the Highway gradients
+            # float64, the same operations in another order (two half batches, all-reduce): rounding only
+            assert r["rel_error_vs_single_process"] <= 1e-10, (rank, name, r)
+            # Highway-BP(k) really ran below L (not the exact gradient); exact at k = L
+            assert (r["rel_error_vs_exact"] > 1e-4) == (k < N_LAYER), (rank, name, r)
+            if part == "accelerate":  # at k = L the defaults run the model's own backward, the engine records
+                assert r["engine_ran"] == (k < N_LAYER or engine), (rank, name, r)
 
 
 def test_accelerate_ran_multi_cpu_gloo(ddp_results):
     for results in ddp_results:
-        assert results["accelerate"]["multi_cpu"] and results["accelerate"]["backend"] == "gloo", results
-        assert results["accelerate"]["iterations"] == K and results["accelerate"]["patched_inner"]
+        for name, r in results["accelerate"].items():
+            assert r["multi_cpu"] and r["backend"] == "gloo", (name, r)
+            assert r["iterations"] == int(name.rsplit("=", 1)[1]) and r["patched_inner"], (name, r)
 
 
 @pytest.mark.parametrize("part", ["trainer", "callback"])
 def test_trainers_patch_inside_ddp_and_log(ddp_results, part):
     for results in ddp_results:
-        r = results[part]
-        assert r["patched_during_training"] and r["unpatched_after"] and r["wrapped_inner_is_model"], r
-        assert r["world_size"] == 2 and r["logged_k"] == [K] and r["logged_iterations"] == [K], r
-    fidelity = [results[part]["fidelity_cosine"][0] for results in ddp_results]
-    if part == "trainer":  # HighwayTrainer measures fidelity; the callback alone cannot
-        assert all(0.5 < c <= 1 + 1e-9 for c in fidelity), fidelity
-    else:
-        assert fidelity == [None, None]
+        for name, r in results[part].items():
+            k = int(name.rsplit("=", 1)[1])
+            assert r["patched_during_training"] and r["unpatched_after"] and r["wrapped_inner_is_model"], r
+            assert r["world_size"] == 2 and r["logged_k"] == [k] and r["logged_iterations"] == [k], r
+    for name in ddp_results[0][part]:
+        fidelity = [results[part][name]["fidelity_cosine"][0] for results in ddp_results]
+        if part == "trainer":  # HighwayTrainer measures fidelity; the callback alone cannot
+            assert all(0.5 < c <= 1 + 1e-9 for c in fidelity), (name, fidelity)
+        else:
+            assert fidelity == [None, None], name
 
 
 def test_fsdp_is_refused_with_a_clear_message(tmp_path):

@@ -8,6 +8,7 @@ markers (TrainingArguments.deepspeed, ACCELERATE_USE_DEEPSPEED, ZeRO-3 partition
 from __future__ import annotations
 
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -102,3 +103,45 @@ def test_partitioned_and_sharded_parameters():
     with pytest.raises(UnsupportedDistributedSetupError) as err:
         check_distributed_support(model)
     _assert_clear(err, "FSDP1")
+
+
+def test_fsdp1_original_parameters_are_refused():
+    model = tiny_gpt2()
+    model.transformer.h[0].attn.c_attn.weight._fsdp_flattened = True  # FSDP1 (also with use_orig_params=True)
+    with pytest.raises(UnsupportedDistributedSetupError) as err:
+        check_distributed_support(model)
+    _assert_clear(err, "FSDP1")
+
+
+@pytest.mark.parametrize(
+    "distributed_type, why",
+    [
+        ("MULTI_CPU", "runs DDP over gloo instead"),
+        ("NO", "with nothing sharded"),
+    ],
+)
+def test_fsdp_configured_but_not_in_effect_is_said_once(monkeypatch, caplog, distributed_type, why):
+    from hf_hwbp import distributed_support
+
+    monkeypatch.setattr(distributed_support, "_WARNED", set())
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setattr(distributed_support, "_accelerate_distributed_type", lambda: (distributed_type, None))
+    asked = SimpleNamespace(fsdp=True, fsdp_config={}, deepspeed=None)
+    with caplog.at_level("WARNING"):
+        check_distributed_support(tiny_gpt2(), asked)
+        check_distributed_support(tiny_gpt2(), asked)  # the callback checks when built and when training begins
+        check_distributed_support(tiny_gpt2(), SimpleNamespace(fsdp=False, deepspeed=None))  # nobody asked
+    said = [r.getMessage() for r in caplog.records if "FSDP is configured but not in effect" in r.getMessage()]
+    assert len(said) == 1 and why in said[0], said
+
+
+def test_fsdp_not_in_effect_names_the_reason():
+    from hf_hwbp.distributed_support import fsdp_not_in_effect
+
+    asked = SimpleNamespace(fsdp=True)
+    with mock.patch("hf_hwbp.distributed_support._accelerate_distributed_type", return_value=("FSDP", 2)):
+        assert fsdp_not_in_effect(asked) is None
+    with mock.patch("hf_hwbp.distributed_support._accelerate_distributed_type", return_value=("NO", None)):
+        with mock.patch.dict("os.environ", {"WORLD_SIZE": "2"}):
+            reason = fsdp_not_in_effect(asked)
+    assert "started 2 processes" in reason and "use_cpu" in reason, reason
