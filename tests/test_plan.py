@@ -8,6 +8,7 @@ the same steps within a generous factor (never a wall-clock bound).
 from __future__ import annotations
 
 import json
+import pickle
 import statistics
 import subprocess
 import sys
@@ -50,13 +51,18 @@ def planned(tmp_path_factory):
     model, batch = tiny_gpt2(), tiny_batch()
     hf_hwbp.patch_model(model, k=3)  # the planner must leave it as it found it
     out = tmp_path_factory.mktemp("plan")
+    hooks = {name: len(m._forward_pre_hooks) for name, m in model.named_modules()}
     result = hf_hwbp.plan(
-        model, batch, ks=[0], backends=["sequential"], rounds=3, progress=False, threads=THREADS, output_dir=out
-    )
+        model, batch, ks=[0], backends=["sequential", "batched"], rounds=3, progress=False, threads=THREADS,
+        output_dir=out,
+    )  # fmt: skip
     left = {
         "k": hf_hwbp.get_highway_config(model).k if hf_hwbp.is_patched(model) else None,
         "training": model.training,
         "grads": sum(p.grad is not None for p in model.parameters()),
+        # the batched backend's capture hooks are gone again (they would also make the model unpicklable)
+        "hooks": {name: len(m._forward_pre_hooks) for name, m in model.named_modules()} == hooks,
+        "picklable": len(pickle.dumps(model)) > 0,
     }
     return model, batch, result, out, left
 
@@ -116,7 +122,7 @@ def test_predicted_rows_are_the_simulators_output_for_the_measured_costs(planned
 
 def test_the_model_is_left_as_it_was_found(planned):
     *_, left = planned
-    assert left == {"k": 3, "training": True, "grads": 0}
+    assert left == {"k": 3, "training": True, "grads": 0, "hooks": True, "picklable": True}
 
 
 def test_table_recommendation_and_files(planned):

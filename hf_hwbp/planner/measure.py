@@ -11,12 +11,14 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..api import highway_state, last_highway_iterations, patch_model, unpatch_model
+from ..batched import _CAPTURE_ATTR as CAPTURE_ATTR
 from .memory import PeakMemory
 
 
@@ -90,6 +92,23 @@ def peak_step(model: nn.Module, batch: dict, device: torch.device) -> float | No
     return peak.mib
 
 
+@contextmanager
+def hooks_restored(model: nn.Module):
+    """Leave every submodule's forward pre-hooks (and the batched backend's capture attribute) as they were: the
+    batched backend installs a capture pre-hook on the layers the first time it runs, which ``unpatch_model``
+    does not remove (it would keep costing every forward and makes the model unpicklable)."""
+    before = {module: (set(module._forward_pre_hooks), vars(module).get(CAPTURE_ATTR)) for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, (hooks, capture) in before.items():
+            for hook_id in set(module._forward_pre_hooks) - hooks:
+                del module._forward_pre_hooks[hook_id]
+                module._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+            if capture is None and CAPTURE_ATTR in vars(module):
+                delattr(module, CAPTURE_ATTR)
+
+
 def measure_steps(
     model: nn.Module,
     batch: dict,
@@ -105,6 +124,11 @@ def measure_steps(
     untimed step each for the peak memory. ``tick()`` is called after every step (progress),
     ``between_rounds()`` before every round (with the model unpatched: e.g. a calibration that should see the
     machine as the steps see it)."""
+    with hooks_restored(model):
+        return _measure_steps(model, batch, methods, rounds, warmup, tick, between_rounds)
+
+
+def _measure_steps(model, batch, methods, rounds, warmup, tick, between_rounds) -> dict[Method, StepTimes]:
     device = next(model.parameters()).device
     model.train()
     out = {m: StepTimes(m) for m in methods}
