@@ -203,6 +203,17 @@ def test_bad_flags_are_one_line_usage_errors(flags, says, capsys):
     assert "Traceback" not in err
 
 
+def test_model_type_alone_builds_the_scripts_small_recipe():
+    from hf_hwbp.planner.cli import build_model, example_batch, parse_args
+
+    args = parse_args(["--model_type", "gpt2", "--batch_size", "2", "--seq_len", "8"])
+    model, task = build_model(args)
+    config = model.config
+    assert (task, config.n_layer, config.n_embd, config.n_head, config.vocab_size) == ("causal-LM", 4, 128, 4, 2048)
+    batch = example_batch(model, task, args)
+    assert batch["input_ids"].shape == (2, 8) and torch.equal(batch["input_ids"], batch["labels"])
+
+
 class NoStack(nn.Module):
     def __init__(self):
         super().__init__()

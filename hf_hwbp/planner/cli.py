@@ -38,6 +38,7 @@ from .evidence import REGIMES
 logger = logging.get_logger(__name__)
 
 PROG = "python -m hf_hwbp.plan"
+SCRIPT_VOCAB_SIZE = 2048  # the BPE tokenizer scripts/run_clm_hwbp.py trains when given none
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 TASKS = {
     "causal-LM": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -65,7 +66,7 @@ class PlanArguments:
         default=None,
         metadata={
             "help": "With --model_type: config settings, e.g. n_layer=8,n_embd=256,n_head=8. Default: the example "
-            "scripts' small recipe (4 layers, width 128, 4 heads)."
+            "scripts' small recipe (4 layers, width 128, 4 heads; causal LMs: vocabulary 2048, their tokenizer's)."
         },
     )
     dtype: str = field(default="float32", metadata={"help": "Parameter dtype.", "choices": list(DTYPES)})
@@ -161,8 +162,13 @@ def build_model(args: PlanArguments):
     else:
         model_type = args.model_type or "gpt2"
         config = CONFIG_MAPPING[model_type]()
-        config.update_from_string(args.config_overrides or small_config_overrides(model_type))
         task = _task(model_type)
+        overrides = args.config_overrides
+        if overrides is None:  # the example scripts' small recipe, with the vocabulary of their default tokenizer
+            overrides = small_config_overrides(model_type)
+            if task == "causal-LM":
+                overrides += f",vocab_size={SCRIPT_VOCAB_SIZE}"
+        config.update_from_string(overrides)
         log_model_to_build(MODEL_CLASSES[task], config, logger)
         torch.manual_seed(args.seed)
         model = MODEL_CLASSES[task].from_config(config)

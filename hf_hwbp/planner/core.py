@@ -101,7 +101,7 @@ def _unique_bytes(modules: Sequence[nn.Module] | nn.Module, trainable: bool = Fa
     return sum(p.numel() * p.element_size() for p in seen.values())
 
 
-def _stack_costs_or_reason(model: nn.Module) -> str | None:
+def _no_recipe_reason(model: nn.Module) -> str | None:
     """None when ``hf_hwbp.parallel`` has a stage recipe for the model (layer-parallel, per-layer costs);
     otherwise why not."""
     try:
@@ -211,7 +211,7 @@ def _plan(
     evidence = recommended_k(model_type, regime)
     ks = sorted(set(ks) | {evidence.k})
     notes: list[str] = []
-    no_recipe = _stack_costs_or_reason(model)
+    no_recipe = _no_recipe_reason(model)
 
     # ----- one device, measured; the per-layer costs at the batch's size measured before every round
     methods = [Method()] + [Method(k, b) for b in backends for k in ks if k < num_blocks or b == backends[0]]
@@ -479,10 +479,11 @@ def _setup(model, batch, device, num_blocks, rounds, load_before, started, comma
     load_after = _loadavg()
     elapsed = time.perf_counter() - started
     name = type(model).__name__
+    threads = torch.get_num_threads()
     load = f"; 1-minute load {load_before[0]:.2f} before, {load_after[0]:.2f} after" if load_before else ""
     description = (
         f"{name}, {params / 1e6:.2f} M parameters, {num_blocks} Highway blocks, {dtype}; batch "
-        f"{_describe_batch(batch)} on {device} ({torch.get_num_threads()} threads"
+        f"{_describe_batch(batch)} on {device} ({threads} thread{'s' * (threads > 1)}"
         f"{f', shared by {processes} processes' if processes > 1 and device.type == 'cpu' else ''}); "
         f"{rounds} interleaved rounds, medians{load}; planned in {elapsed:.0f} s (torch {torch.__version__})."
     )

@@ -109,7 +109,9 @@ class Plan:
     extras: dict = field(default_factory=dict)
 
     def table(self) -> str:
-        return table(self.rows, self.ks)
+        """The table, then what each row's numbers are (its note), one line per row that has one."""
+        said = [f"- {row.mode} ({row.source}): {row.note}" for row in self.rows if row.note]
+        return "\n".join([table(self.rows, self.ks), "", *said]).rstrip()
 
     def __str__(self) -> str:
         return f"{self.table()}\n\n{self.recommendation}"
