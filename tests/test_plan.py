@@ -273,3 +273,32 @@ def test_per_layer_costs_from_an_example_batch_of_images():
     costs = measure_stack_costs(model, [2, 4], reps=1, example=batch)
     assert costs.num_layers == 2 and costs.activation_bytes_per_sample == (4 + 1) * 16 * 4  # 4 patches + [CLS]
     assert all(getattr(costs.by_batch[b], kind) > 0 for b in (2, 4) for kind in ("f", "b", "v", "w", "head_f"))
+
+
+def test_overheads_fitted_on_near_free_runs_are_recovered():
+    from dataclasses import replace
+
+    from hf_hwbp.parallel.simulate import WorkCosts
+    from hf_hwbp.planner.predict import fit_overheads, predict_run
+
+    work = WorkCosts(f=1e-3, b=2e-3, v=1.2e-3, w=1.8e-3, bi=1.2e-3, bw=0.8e-3, head_f=5e-4, head_b=1e-3, add=1e-5)
+    costs = StackCosts("unit", 4, 1, 1024.0, {2: work, 4: work}, latency=1e-4)
+    truth = replace(costs, task_overhead=6e-4, torch_task_overhead=1.3e-3)
+    runs = [{"method": "highway", "k": k, "M": m} for k in (0, 1) for m in (1, 2)]
+    runs += [{"method": s, "k": None, "M": m} for s in ("pipeline", "gpipe", "zbv") for m in (1, 2)]
+    for run in runs:
+        run["median_s"] = predict_run(run, truth, 2, 4)
+    fitted = fit_overheads(runs, costs, 2, 4)
+    assert fitted["hf_hwbp"] == pytest.approx(6e-4, rel=1e-6)
+    assert fitted["torch"] == pytest.approx(1.3e-3, rel=1e-6)
+
+
+def test_the_overhead_copy_keeps_type_and_depth_at_width_16():
+    from hf_hwbp.planner.worker import near_free_batch, near_free_copy
+
+    model = tiny_gpt2(layers=3)
+    tiny = near_free_copy(model)
+    assert type(tiny) is type(model) and tiny.config.n_layer == 3
+    assert (tiny.config.n_embd, tiny.config.n_head, tiny.config.vocab_size) == (16, 2, 64)
+    batch = near_free_batch(tiny, 4, torch.device("cpu"))
+    assert batch["input_ids"].shape == (4, 8) and tiny(**batch).loss is not None

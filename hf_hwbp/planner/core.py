@@ -292,7 +292,7 @@ def _plan(
 
     # ----- N processes
     link = None
-    extras: dict = {}
+    extras: dict = {"one_device_times_s": {m.name: t.times for m, t in steps.items()}}
     cells: list[dict] = []
     map_basis = ""
     map_costs = one_costs
