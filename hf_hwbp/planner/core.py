@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from ..api import get_highway_config, is_patched, patch_model, unpatch_model
 from ..config import BACKEND_NAMES
@@ -45,6 +46,8 @@ from .predict import (
     speedup_map,
 )
 from .report import MEASURED, PREDICTED, SCHEDULE_LABELS, Plan, Row, recommend
+
+logger = hf_logging.get_logger(__name__)
 
 DEFAULT_STAGES = (2, 4, 8, 16, 32, 64)
 DEFAULT_MAP_MICROBATCHES = (1, 2, 4, 8)
@@ -206,6 +209,12 @@ def _plan(
 ) -> Plan:  # fmt: skip
     started, load_before = time.perf_counter(), _loadavg()
     device = next(model.parameters()).device
+    cores = os.cpu_count() or 1
+    if device.type == "cpu" and load_before and load_before[0] >= cores and torch.get_num_threads() > 1:
+        logger.warning(
+            f"This machine is busy (1-minute load {load_before[0]:.1f} on {cores} cores): steps with "
+            f"{torch.get_num_threads()} threads are oversubscribed, slow and erratic; threads=1 (--threads 1) helps."
+        )
     num_blocks, block_layers = find_blocks(model)  # refuses an unpatchable model before anything is timed
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     evidence = recommended_k(model_type, regime)
@@ -341,7 +350,6 @@ def _plan(
         cells = speedup_map(map_costs, size, ks, grid, [m for m in map_microbatches if m <= size])
     recommendation = recommend(rows, evidence, cells)
     setup = _setup(model, batch, device, num_blocks, rounds, load_before, started, command, processes)
-    cores = os.cpu_count() or 1
     if device.type == "cpu" and load_before and max(load_before[0], setup["load_after"][0]) > cores:
         notes.append(
             f"The machine was busy (1-minute load up to {max(load_before[0], setup['load_after'][0]):.1f} on {cores} "
