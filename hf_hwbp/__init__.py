@@ -40,6 +40,7 @@ _LAZY = {
     "FidelityReport": ".fidelity",
     "HighwayGRU": ".rnn",
     "HighwayLSTM": ".rnn",
+    "plan": ".planner",
 }
 
 
@@ -79,6 +80,7 @@ __all__ = [
     "last_highway_iterations",
     "measure_fidelity",
     "patch_model",
+    "plan",
     "set_highway_config",
     "set_highway_k",
     "unpatch_model",

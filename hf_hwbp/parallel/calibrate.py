@@ -1,6 +1,7 @@
 """Measure what the simulator needs on this machine: per-layer costs of each kind of work, and the link.
 
-    costs = measure_stack_costs(model, batch_sizes=[8, 4, 2], seq_len=128)     # one process
+    costs = measure_stack_costs(model, batch_sizes=[8, 4, 2], seq_len=128)     # one process, random tokens
+    costs = measure_stack_costs(model, [8, 2], example=batch)                  # or rows of a real batch (ViT too)
     latency, seconds_per_byte = measure_link(comm, nbytes)                     # two ranks (0 and 1)
 
 Layers are timed one at a time on the model's own layers (with the side inputs the stage builds), each kind
@@ -12,6 +13,7 @@ norm, LM head, loss) and the embeddings are timed the same way. Medians over ``r
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -46,12 +48,33 @@ def _median_time(fn: Callable[[], object], reps: int, setup: Callable[[], object
     return statistics.median(times[1:])
 
 
-def _layer_costs(stage: Stage, batch: int, seq_len: int, reps: int, generator: torch.Generator) -> dict[str, float]:
+def _model_inputs(
+    stage: Stage, batch: int, seq_len: int | None, generator: torch.Generator, example: dict | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model input, labels) of ``batch`` samples: the first rows of ``example`` (repeated if it has fewer), or
+    random token ids of ``seq_len`` (causal LMs, labels = ids)."""
+    if example is None:
+        if seq_len is None:
+            raise ValueError("measure the costs with seq_len (random token ids) or with an example batch.")
+        ids = torch.randint(0, stage.config.vocab_size, (batch, seq_len), generator=generator).to(stage.device)
+        return ids, ids
+    name = stage.recipe.input_name
+    if name not in example or "labels" not in example:
+        raise ValueError(f"The example batch needs {name!r} and 'labels' to measure {stage.recipe.name}'s costs.")
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(stage.device)
+        return t.repeat(-(-batch // t.shape[0]), *([1] * (t.dim() - 1)))[:batch]
+
+    return rows(example[name]), rows(example["labels"])
+
+
+def _layer_costs(stage: Stage, model_input: torch.Tensor, reps: int, generator: torch.Generator) -> dict[str, float]:
     """Per-layer seconds of f, b, v, w, bi, bw: each kind timed over all the stage's layers in a row (as a step
     runs them, caches included), divided by their number."""
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
-    shape = (batch, seq_len, stage.config.hidden_size)
+    shape = stage.activation_shape(model_input)
     h = torch.randn(shape, generator=generator, dtype=stage.dtype).to(stage.device)
     g = torch.randn(shape, generator=generator, dtype=stage.dtype).to(stage.device) * 1e-2
     kwargs = stage.layer_kwargs(h)
@@ -90,22 +113,23 @@ def _layer_costs(stage: Stage, batch: int, seq_len: int, reps: int, generator: t
     return {k: v / n for k, v in totals.items()}
 
 
-def _end_costs(model: nn.Module, batch: int, seq_len: int, reps: int, generator: torch.Generator) -> dict:
-    """Seconds of the embeddings and of the head (final norm, LM head, the model's loss) for one micro-batch."""
+def _end_costs(
+    model: nn.Module, model_input: torch.Tensor, labels: torch.Tensor, reps: int, generator: torch.Generator
+) -> dict:
+    """Seconds of the embeddings and of the head (final norm, head, the model's loss) for one micro-batch."""
     recipe = recipe_for(model)
-    config = model.config
     num_layers = len(get_module(model, recipe.layers))
     first = Stage(model, 0, make_layout(num_layers, 1), recipe)  # one stage: embeddings and head together
     device, dtype = first.device, first.dtype
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=generator).to(device)
-    h = torch.randn((batch, seq_len, config.hidden_size), generator=generator, dtype=dtype).to(device)
+    ids = model_input
+    h = torch.randn(first.activation_shape(model_input), generator=generator, dtype=dtype).to(device)
     g = torch.randn_like(h) * 1e-2
     head_params = [p for p in first.head.parameters() if p.requires_grad]
     embed_params = [p for p in first.embeddings.parameters() if p.requires_grad]
 
     def head_forward():
         x = h.detach().requires_grad_(True)
-        return x, first.loss(first.logits(x), ids)
+        return x, first.loss(first.logits(x), labels)
 
     out = {"head_f": _median_time(head_forward, reps)}
     out["head_b"] = _median_time(
@@ -125,10 +149,18 @@ def _end_costs(model: nn.Module, batch: int, seq_len: int, reps: int, generator:
 
 
 def measure_work_costs(
-    model: nn.Module, batch: int, seq_len: int, *, layers: range | None = None, reps: int = 5, seed: int = 0
+    model: nn.Module,
+    batch: int,
+    seq_len: int | None = None,
+    *,
+    layers: range | None = None,
+    reps: int = 5,
+    seed: int = 0,
+    example: dict | None = None,
 ) -> WorkCosts:
     """Costs of every kind of work for micro-batches of ``batch`` samples (per layer: averaged over ``layers``,
-    default all of them)."""
+    default all of them), on random token ids of ``seq_len`` or on the first rows of ``example`` (a batch of the
+    model's own inputs with ``labels``)."""
     recipe = recipe_for(model)
     num_layers = len(get_module(model, recipe.layers))
     generator = torch.Generator().manual_seed(seed)
@@ -136,36 +168,46 @@ def measure_work_costs(
     stage = Stage(model, 0, layout, recipe)
     if layers is not None:
         stage.layers = nn.ModuleList([stage.layers[i] for i in layers])
-    per_layer = _layer_costs(stage, batch, seq_len, reps, generator)
-    ends = _end_costs(model, batch, seq_len, reps, generator)
+    model_input, labels = _model_inputs(stage, batch, seq_len, generator, example)
+    per_layer = _layer_costs(stage, model_input, reps, generator)
+    ends = _end_costs(model, model_input, labels, reps, generator)
     return WorkCosts(**per_layer, **ends)
 
 
 def measure_stack_costs(
     model: nn.Module,
     batch_sizes: list[int],
-    seq_len: int,
+    seq_len: int | None = None,
     *,
     layers: range | None = None,
     layers_per_block: int = 1,
     reps: int = 5,
     name: str | None = None,
+    example: dict | None = None,
+    tick: Callable[[], object] = lambda: None,
 ) -> StackCosts:
-    """``StackCosts`` of ``model`` for each micro-batch size (no link: add it with ``measure_link``)."""
+    """``StackCosts`` of ``model`` for each micro-batch size (no link: add it with ``measure_link``); inputs as in
+    ``measure_work_costs``. ``tick()`` is called after each size (progress)."""
     recipe = recipe_for(model)
     config = model.config
     element = next(model.parameters()).element_size()
-    by_batch = {b: measure_work_costs(model, b, seq_len, layers=layers, reps=reps) for b in batch_sizes}
+    by_batch = {}
+    for b in batch_sizes:
+        by_batch[b] = measure_work_costs(model, b, seq_len, layers=layers, reps=reps, example=example)
+        tick()
+    probe = Stage(model, 0, make_layout(len(get_module(model, recipe.layers)), 1), recipe)
+    shape = probe.activation_shape(_model_inputs(probe, 1, seq_len, torch.Generator(), example)[0])
+    tokens = shape[1] if len(shape) == 3 else None
     return StackCosts(
-        name=name or f"{config.model_type} h={config.hidden_size} seq={seq_len}",
+        name=name or f"{config.model_type} h={config.hidden_size} seq={tokens}",
         num_layers=len(get_module(model, recipe.layers)),
         layers_per_block=layers_per_block,
-        activation_bytes_per_sample=float(seq_len * config.hidden_size * element),
+        activation_bytes_per_sample=float(math.prod(shape[1:]) * element),
         by_batch=by_batch,
         notes={
-            "seq_len": seq_len,
+            "seq_len": tokens,
             "hidden": config.hidden_size,
-            "vocab": config.vocab_size,
+            "vocab": getattr(config, "vocab_size", None),
             "threads": torch.get_num_threads(),
         },
     )

@@ -355,20 +355,23 @@ def highway_timeline(
     k: int,
     batch: int | None = None,
     plan_costs: StackCosts | None = None,
+    fuse: bool = True,
 ):
     """The Highway-BP(k) step for ``batch`` samples (default: M): the graph and its timeline with ``costs``, in
     the order list scheduling chooses with ``plan_costs`` (default: the same costs; the runtime plans with the
-    costs it was given, which may be an earlier measurement)."""
+    costs it was given, which may be an earlier measurement). ``fuse``: a block whose delta is final gets its
+    input and parameter VJPs in one pass, as the layer-parallel runtime does; ``fuse=False`` is the one-device
+    engine of ``patch_model`` (every block's parameter VJP in the final sweep)."""
     batch = microbatches if batch is None else batch
     sizes = split_batch(batch, microbatches)
     shape = highway_shape(costs.num_layers, costs.layers_per_block, num_ranks, microbatches, k)
     graph = highway_graph(shape)
-    cost = highway_task_cost(shape, costs, sizes)
+    cost = highway_task_cost(shape, costs, sizes, fuse)
     latency = message_latency(graph, costs, sizes)
     if plan_costs is None:
         return graph, list_schedule(graph, cost, latency)
     planned = list_schedule(
-        graph, highway_task_cost(shape, plan_costs, sizes), message_latency(graph, plan_costs, sizes)
+        graph, highway_task_cost(shape, plan_costs, sizes, fuse), message_latency(graph, plan_costs, sizes)
     )
     fixed = StepGraph(graph.num_ranks, graph.placement, graph.deps, planned.order, graph.info)
     return fixed, replay(fixed, cost, latency)
@@ -399,12 +402,13 @@ def predict(
     batch: int | None = None,
     plan_costs: StackCosts | None = None,
     overhead: float | None = None,
+    fuse: bool = True,
 ) -> float:
-    """Predicted seconds per step of ``method`` ("highway" or a backprop schedule name); ``plan_costs``: see
-    ``highway_timeline``; ``overhead``: per task of a backprop schedule (default torch's; ``costs.task_overhead``
-    for pipeline backprop through ``LayerParallelHighway``)."""
+    """Predicted seconds per step of ``method`` ("highway" or a backprop schedule name); ``plan_costs`` and
+    ``fuse``: see ``highway_timeline``; ``overhead``: per task of a backprop schedule (default torch's;
+    ``costs.task_overhead`` for pipeline backprop through ``LayerParallelHighway``)."""
     if method == "highway":
-        return highway_timeline(costs, num_ranks, microbatches, k, batch, plan_costs)[1].makespan
+        return highway_timeline(costs, num_ranks, microbatches, k, batch, plan_costs, fuse)[1].makespan
     return backprop_timeline(method, costs, num_ranks, microbatches, batch, overhead)[1].makespan
 
 
