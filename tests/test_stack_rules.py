@@ -69,15 +69,13 @@ class TwoLists(nn.Module):
         self.front = nn.ModuleList([Widen(4) if i == widen_at else Residual(widths[i]) for i in range(2)])
         self.layers = nn.ModuleList([Residual(8) for _ in range(3)])
         self.head = nn.Linear(8, 1)
-        self.loops = 1
 
     def forward(self, x):
         h = self.embed(x)
         for layer in self.front:
             h = layer(h)
-        for _ in range(self.loops):
-            for layer in self.layers:
-                h = layer(h)
+        for layer in self.layers:
+            h = layer(h)
         return self.head(h).pow(2).sum()
 
 
@@ -111,20 +109,6 @@ def test_a_later_layer_that_changes_the_shape_is_refused_before_any_gradient():
     with pytest.raises(hf_hwbp.HighwayBPError, match="keep the hidden state's shape.*layers="):
         model(inputs()).backward()
     assert all(p.grad is None for p in model.parameters())
-
-
-def test_a_stack_run_twice_in_one_forward_is_refused_before_any_gradient():
-    model = TwoLists()
-    model.loops = 2  # the same layers at two depths
-    hf_hwbp.patch_model(model, k=1, layers=model.layers)
-    with pytest.raises(hf_hwbp.HighwayBPError, match="second time in one forward"):
-        model(inputs()).backward()
-    assert all(p.grad is None for p in model.parameters())
-    hf_hwbp.set_highway_k(model, 3)  # an exact step is the model's own backward: nothing to refuse
-    with hf_hwbp.exact_backprop(model):
-        exact = grads_of(model, lambda m: m(inputs()))
-    hf_hwbp.highway_state(model).exact_steps_by_autograd = True
-    assert max_error(grads_of(model, lambda m: m(inputs())), exact) == 0
 
 
 def test_discovery_follows_the_definition():
