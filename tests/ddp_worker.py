@@ -29,13 +29,14 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from hf_hwbp import (
     HighwayCallback,
     HighwayConfig,
+    HighwayTrainer,
+    HighwayTrainingArguments,
     UnsupportedDistributedSetupError,
     highway_state,
     is_patched,
     patch_model,
     unwrap_model,
 )
-from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 12, 4
 

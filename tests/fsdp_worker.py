@@ -36,9 +36,16 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from hf_hwbp import HighwayCallback, HighwayConfig, highway_state, is_patched, patch_model
+from hf_hwbp import (
+    HighwayCallback,
+    HighwayConfig,
+    HighwayTrainer,
+    HighwayTrainingArguments,
+    highway_state,
+    is_patched,
+    patch_model,
+)
 from hf_hwbp import fsdp as hw_fsdp
-from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 8, 3
 
