@@ -1,4 +1,10 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files.
+
+The tests run the package with its defaults, as users get it. One default is changed on request only: a step whose k
+reaches the number of blocks runs the model's own backward (``HighwayPatch.exact_steps_by_autograd``), so a test that
+checks the Highway *engine's* exactness at k >= L against autograd asks for the engine there with the marker
+``@pytest.mark.engine_at_exact_steps`` (or ``pytestmark = pytest.mark.engine_at_exact_steps`` for a whole file).
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,12 @@ def float64_default():
 
 
 @pytest.fixture(autouse=True)
-def highway_engine_at_exact_steps(monkeypatch):
-    """The tests check the Highway engine's own exactness at k >= L against autograd, so patches made in a test run
-    the engine on exact steps too (users get the model's own backward there: tests/test_exact_steps.py checks that
-    default by turning this back on with ``highway_state(model).exact_steps_by_autograd = True``)."""
+def _engine_at_exact_steps_when_marked(request, monkeypatch):
+    """Under ``@pytest.mark.engine_at_exact_steps``: patches made in the test run the Highway engine on exact steps
+    too (users get the model's own backward there, the same gradient at backprop's cost), so that k >= L checks the
+    engine's own exactness against autograd."""
+    if request.node.get_closest_marker("engine_at_exact_steps") is None:
+        return
     from hf_hwbp import patching
 
     monkeypatch.setattr(patching, "EXACT_STEPS_BY_AUTOGRAD", False)

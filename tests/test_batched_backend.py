@@ -19,7 +19,9 @@ from hf_hwbp.config import HighwayConfig
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import reference_highway_grads  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+# k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
+# the model's own backward there: the same gradient; tests/conftest.py).
+pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.engine_at_exact_steps]
 LAYERS = 3
 
 

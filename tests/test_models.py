@@ -16,6 +16,10 @@ from transformers import AutoModelForCausalLM, BertConfig, BertModel, GPT2Config
 import hf_hwbp
 from hf_hwbp.discovery import find_stacks
 
+# k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
+# the model's own backward there: the same gradient; tests/conftest.py).
+pytestmark = pytest.mark.engine_at_exact_steps
+
 
 def find_stack(model):
     (stack,) = find_stacks(model)

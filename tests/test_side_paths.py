@@ -14,6 +14,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import hf_hwbp
 
+# k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
+# the model's own backward there: the same gradient; tests/conftest.py).
+pytestmark = pytest.mark.engine_at_exact_steps
+
 L = ZOO_LAYERS
 SEED = 7
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # as in test_zoo.py

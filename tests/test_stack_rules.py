@@ -20,7 +20,9 @@ from transformers.utils import logging as hf_logging
 import hf_hwbp
 from hf_hwbp.discovery import find_stacks
 
-pytestmark = pytest.mark.usefixtures("float64_default")
+# k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
+# the model's own backward there: the same gradient; tests/conftest.py).
+pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.engine_at_exact_steps]
 
 
 def grads_of(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
@@ -150,7 +152,7 @@ def test_exact_steps_run_the_models_own_backward():
     exact = grads_of(model, lm_loss(batch))
     hf_hwbp.patch_model(model, k=3)
     patch = hf_hwbp.highway_state(model)
-    patch.exact_steps_by_autograd = True  # the users' default (the test suite turns it off)
+    patch.exact_steps_by_autograd = True  # the users' default (this file runs the engine at exact steps)
     loss = lm_loss(batch)(model)
     assert patch.recorded_forwards == 0 and "_StackEntry" not in repr(loss.grad_fn)
     model.zero_grad(set_to_none=True)
