@@ -150,7 +150,8 @@ class HighwayCallback(TrainerCallback):
         schedule = self.schedule(num_blocks, total_steps)
         return config.engine_config(step, num_blocks=num_blocks, total_steps=total_steps, schedule=schedule)
 
-    def _check_layer_parallel(self, args) -> None:
+    def check_layer_parallel(self, args) -> None:
+        """Refuse layer-parallel arguments unless a LayerParallelTrainer drives this callback."""
         if getattr(args, "layer_parallel", False) and not self.layer_parallel_by_trainer:
             raise UnsupportedTrainingSetupError(
                 "layer_parallel=True is run by hf_hwbp.LayerParallelTrainer (its training step drives the stages); "
@@ -164,7 +165,7 @@ class HighwayCallback(TrainerCallback):
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._check_layer_parallel(args)
+        self.check_layer_parallel(args)
         self.resolve_settings(args)
         if self.enabled:
             check_distributed_support(model, args)
@@ -172,7 +173,7 @@ class HighwayCallback(TrainerCallback):
                 check_peft_model(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._check_layer_parallel(args)
+        self.check_layer_parallel(args)
         if self.config is None:  # added after the Trainer was built: on_init_end did not run
             self.resolve_settings(args)
         if model is None:

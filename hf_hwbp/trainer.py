@@ -81,7 +81,7 @@ class HighwayTrainer(Trainer):
         self.highway_callback = HighwayCallback(highway_config, k_schedule=k_schedule)
         self.highway_callback.fidelity_by_trainer = True
         self.highway_callback.layer_parallel_by_trainer = self.runs_layer_parallel
-        self.highway_callback._check_layer_parallel(training_args)
+        self.highway_callback.check_layer_parallel(training_args)
         self._hwbp_fidelity_step: int | None = None
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if any(isinstance(cb, HighwayCallback) or cb is HighwayCallback for cb in callbacks):

@@ -110,29 +110,23 @@ def test_card_of_a_resumed_run_lists_every_step(tmp_path):
     """A run resumed from a checkpoint: "k used" covers the steps trained before the resume too (the schedule is
     pure), as the mean iterations (from the whole log history) do."""
 
-    def trainer(**extra):
-        args = make_args(
-            tmp_path, max_steps=6, hwbp_k=0, hwbp_k_schedule="step", hwbp_k_step_every=2, save_strategy="steps",
-            save_steps=3, **extra,
-        )  # fmt: skip
-        return HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data())
+    def trainer(**settings):
+        args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, **settings)
+        return HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=8))
 
-    trainer().train()
-    resumed = trainer()
-    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    step_schedule = dict(hwbp_k=0, hwbp_k_schedule="step", hwbp_k_step_every=1)
+    trainer(**step_schedule).train()
+    resumed = trainer(**step_schedule)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     resumed.create_model_card()
     text = (tmp_path / "out" / "README.md").read_text()
-    assert "| k used | k=0 for steps 1-2; k=1 for steps 3-4; k=2 for steps 5-6 |" in text
-    assert "| Highway iterations per backward (mean) | 1.00 |" in text  # (0 + 0 + 1 + 1 + 2 + 2) / 6
+    assert "| k used | k=0 at step 1; k=1 at step 2; k=2 at step 3; k=3 at step 4 |" in text
+    assert "| Highway iterations per backward (mean) | 1.50 |" in text  # (0 + 1 + 2 + 3) / 4
 
     # Resumed with other settings: the steps before the resume are not claimed.
-    other = HighwayTrainer(
-        model=tiny_gpt2(),
-        args=make_args(tmp_path, max_steps=6, hwbp_k=2, save_strategy="no"),
-        train_dataset=repetitive_data(),
-    )
-    other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    other = trainer(hwbp_k=2)
+    other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     other.create_model_card()
     text = (tmp_path / "out" / "README.md").read_text()
-    not_claimed = "steps 1-3 not recorded (trained before the resume with other settings); k=2 for steps 4-6"
+    not_claimed = "steps 1-2 not recorded (trained before the resume with other settings); k=2 for steps 3-4"
     assert f"| k used | {not_claimed} |" in text
