@@ -34,7 +34,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_hwbp
-from hf_hwbp.config import AUTO_DEFAULT_TOL
+from hf_hwbp.training_config import AUTO_DEFAULT_TOL
 
 MODELS = {
     "gpt2": lambda: GPT2LMHeadModel(

@@ -2,7 +2,9 @@
 
 The definition it implements is docs/algorithm.md. Entry points: ``patch_model`` (any training loop),
 ``HighwayCallback`` (any transformers Trainer), ``HighwayTrainer`` (a Trainer with the callback built in and
-gradient-fidelity logging), ``HighwayConfig`` (every setting, JSON and command line).
+gradient-fidelity logging), ``LayerParallelTrainer`` (one pipeline stage per process). Settings: ``HighwayConfig``
+(what a patched model's backward reads) and ``HighwayTrainingConfig`` (a training run's: k schedule, ``k="auto"``,
+fidelity; JSON and command line).
 """
 
 from .api import (
@@ -20,6 +22,7 @@ from .api import (
 from .config import HighwayConfig
 from .engine import HighwayResult, highway_backward, highway_iterations
 from .errors import HighwayBPError, UnsupportedModelError
+from .training_config import HighwayTrainingConfig, UnsupportedTrainingSetupError
 
 __version__ = "0.1.0"
 
@@ -30,12 +33,12 @@ _LAZY = {
     "HighwayArguments": ".arguments",
     "HighwayTrainingArguments": ".arguments",
     "HighwayTrainer": ".trainer",
+    "LayerParallelTrainer": ".layer_parallel_trainer",
     "check_lora_targets": ".peft_checks",
     "add_highway_section": ".model_card",
     "UnsupportedDistributedSetupError": ".distributed_support",
     "check_distributed_support": ".distributed_support",
-    "build_schedule": ".schedules",
-    "SCHEDULE_NAMES": ".config",
+    "SCHEDULE_NAMES": ".schedules",
     "measure_fidelity": ".fidelity",
     "FidelityReport": ".fidelity",
     "HighwayGRU": ".rnn",
@@ -64,11 +67,13 @@ __all__ = [
     "HighwayResult",
     "HighwayTrainer",
     "HighwayTrainingArguments",
+    "HighwayTrainingConfig",
+    "LayerParallelTrainer",
     "UnsupportedDistributedSetupError",
     "UnsupportedModelError",
+    "UnsupportedTrainingSetupError",
     "add_highway_callback",
     "add_highway_section",
-    "build_schedule",
     "check_distributed_support",
     "check_lora_targets",
     "exact_backprop",

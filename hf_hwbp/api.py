@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 from transformers.utils import logging
 
-from .config import ENGINE_FIELDS, HighwayConfig
+from .config import HighwayConfig
 from .discovery import describe, find_stacks, stacks_from_layers
 from .patching import _ATTR, HighwayPatch
 
@@ -86,6 +85,13 @@ def _engine_config(k, config: HighwayConfig | None, options: dict) -> HighwayCon
         raise TypeError("patch_model got a HighwayConfig as k: pass it as patch_model(model, config=config).")
     if config is None:
         return HighwayConfig.from_options(k=k, **options)
+    if hasattr(config, "engine_config"):  # a HighwayTrainingConfig: its schedule is applied per step, not here
+        raise TypeError(
+            f"patch_model takes a HighwayConfig, not a {type(config).__name__}: "
+            "its k schedule and fidelity settings HighwayCallback / HighwayTrainer apply per step. Pass it to "
+            "HighwayCallback(config) or HighwayTrainingArguments(hwbp_config=...), or patch with one step's settings: "
+            "patch_model(model, config=training_config.engine_config(step, num_blocks=..., total_steps=...))."
+        )
     if not isinstance(config, HighwayConfig):
         raise TypeError(f"config must be a HighwayConfig, got {type(config).__name__}.")
     if options or k not in (2, config.k):
@@ -94,26 +100,7 @@ def _engine_config(k, config: HighwayConfig | None, options: dict) -> HighwayCon
             f"patch_model got config= and {', '.join(given)}: pass one or the other, e.g. "
             f"patch_model(model, config=config.updated({', '.join(f'{n}=...' for n in given)}))."
         )
-    refuse_training_settings(config)
-    return HighwayConfig.from_options(**{name: getattr(config, name) for name in ENGINE_FIELDS})
-
-
-def refuse_training_settings(config: HighwayConfig) -> None:
-    """A config given to ``patch_model`` may set only what a patched model's backward reads (``ENGINE_FIELDS``):
-    the training settings are applied per step by HighwayCallback / HighwayTrainer, so setting them here would
-    silently do nothing."""
-    defaults = HighwayConfig()
-    changed = [
-        f.name
-        for f in dataclasses.fields(HighwayConfig)
-        if f.name not in ENGINE_FIELDS and getattr(config, f.name) != getattr(defaults, f.name)
-    ]
-    if changed:
-        raise TypeError(
-            f"patch_model applies k, tol, group_size and backend; the config also sets {', '.join(changed)}, training "
-            "settings that HighwayCallback / HighwayTrainer apply per step. Pass the config to HighwayCallback(config) "
-            "or HighwayTrainingArguments(hwbp_config=...), or leave those settings at their defaults."
-        )
+    return config.updated()
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:

@@ -4,15 +4,15 @@ transformers' own ``TrainingArguments`` cannot gain fields from outside, so the 
 mixin, in the shape of Liger-Kernel's ``use_liger_kernel`` + ``liger_kernel_config``:
 
 - ``use_highway_bp`` (default True) switches Highway-BP on;
-- ``hwbp_config`` holds a whole ``HighwayConfig``: a dict, a JSON string or the path of a .json file;
-- ``hwbp_k``, ``hwbp_tol``, ... (one flag per ``HighwayConfig`` field, prefixed ``hwbp_``) are aliases that set one
-  entry each; a flag given beats the same entry of ``hwbp_config`` (as a command-line flag beats a config file),
-  a setting given nowhere takes the ``HighwayConfig`` default.
+- ``hwbp_config`` holds a whole ``HighwayTrainingConfig``: a dict, a JSON string or the path of a .json file;
+- ``hwbp_k``, ``hwbp_tol``, ... (one flag per ``HighwayTrainingConfig`` field, prefixed ``hwbp_``) are aliases that
+  set one entry each; a flag given beats the same entry of ``hwbp_config`` (as a command-line flag beats a config
+  file), a setting given nowhere takes the ``HighwayTrainingConfig`` default.
 
 ``__post_init__`` validates the result and stores it in ``hwbp_config`` (a complete dict); the ``hwbp_*`` flags keep
 the values given (parsed: ``hwbp_k`` reads back ``1`` or ``"auto"``; a flag not given stays None), so a copy of the
-arguments resolves the same way. Read the settings as ``args.highway_config`` (a ``HighwayConfig``): it is resolved
-again at every read, so ``args.hwbp_k = 4`` set after construction takes effect (and is validated there).
+arguments resolves the same way. Read the settings as ``args.highway_config`` (a ``HighwayTrainingConfig``): it is
+resolved again at every read, so ``args.hwbp_k = 4`` set after construction takes effect (and is validated there).
 
 ``HighwayTrainingArguments`` is ``TrainingArguments`` with the mixin. Any other arguments class takes it the same way,
 e.g. TRL's::
@@ -24,9 +24,9 @@ e.g. TRL's::
 The callback (``HighwayCallback()``, no config) reads the settings from such arguments, so
 ``SFTTrainer(..., args=HighwaySFTConfig(...), callbacks=[HighwayCallback()])`` trains with Highway-BP.
 
-``layer_parallel`` (``--layer_parallel``) switches ``HighwayTrainer`` to layer-parallel training: one pipeline stage
-per process (stages = world size, under ``torchrun`` / ``accelerate launch``), the batch cut into
-``layer_parallel_microbatches`` micro-batches (see ``hf_hwbp.parallel``).
+``layer_parallel`` (``--layer_parallel``) asks for layer-parallel training, which ``LayerParallelTrainer`` runs
+(``hf_hwbp.layer_parallel_trainer``): one pipeline stage per process (stages = world size, under ``torchrun`` /
+``accelerate launch``), the batch cut into ``layer_parallel_microbatches`` micro-batches (see ``hf_hwbp.parallel``).
 """
 
 from __future__ import annotations
@@ -38,14 +38,20 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .config import BACKEND_NAMES, SCHEDULE_NAMES, HighwayConfig, normalized_settings
+from .config import BACKEND_NAMES
+from .schedules import SCHEDULE_NAMES
+from .training_config import (
+    HighwayTrainingConfig,
+    UnsupportedTrainingSetupError,
+    normalized_training_settings,
+)
 
 FLAG_PREFIX = "hwbp_"
 
 
 def _alias(name: str, **extra) -> Any:
-    """A flat ``hwbp_<name>`` field: default None (= not given), help text from ``HighwayConfig``'s field."""
-    source = HighwayConfig.__dataclass_fields__[name]
+    """A flat ``hwbp_<name>`` field: default None (= not given), help text from ``HighwayTrainingConfig``'s field."""
+    source = HighwayTrainingConfig.__dataclass_fields__[name]
     default = source.default
     # `%(default).0s` prints nothing and keeps argparse from appending its own "(default: None)" (None = not given).
     help_text = f"{source.metadata['help']} Sets hwbp_config['{name}'] (default {default!r}).%(default).0s"
@@ -67,7 +73,7 @@ def _parse_k_flag(value: Any) -> Any:
 
 def _parse_config_value(value: Any) -> dict[str, Any]:
     """``hwbp_config`` as a dict: a dict, a JSON object string, or the path of a .json file holding one."""
-    if isinstance(value, HighwayConfig):
+    if isinstance(value, HighwayTrainingConfig):
         return value.to_dict()
     if isinstance(value, dict):
         return dict(value)
@@ -82,7 +88,7 @@ def _parse_config_value(value: Any) -> dict[str, Any]:
                 except json.JSONDecodeError as err:
                     raise ValueError(
                         f"hwbp_config (--hwbp_config): the file {text!r} is not valid JSON ({err}); it must hold a "
-                        'JSON object such as {"k": 2} (HighwayConfig.save_pretrained writes one).'
+                        'JSON object such as {"k": 2} (HighwayTrainingConfig.save_pretrained writes one).'
                     ) from None
         else:
             try:
@@ -110,9 +116,9 @@ class HighwayArguments:
     hwbp_config: dict[str, Any] | str | None = field(
         default=None,
         metadata={
-            "help": 'All Highway-BP settings at once (a HighwayConfig): a JSON object, e.g. \'{"k": 1, '
+            "help": 'All Highway-BP settings at once (a HighwayTrainingConfig): a JSON object, e.g. \'{"k": 1, '
             '"k_schedule": "exact_last", "exact_last_steps": 100}\', or the path of a .json file '
-            "(HighwayConfig.save_pretrained writes hwbp_config.json). The hwbp_* flags set single entries."
+            "(HighwayTrainingConfig.save_pretrained writes hwbp_config.json). The hwbp_* flags set single entries."
         },
     )
     # `str`, not `int | str`: HfArgumentParser turns `int | str` into type=int, which would reject "auto".
@@ -128,11 +134,11 @@ class HighwayArguments:
     layer_parallel: bool = field(
         default=False,
         metadata={
-            "help": "Layer-parallel training (HighwayTrainer): one pipeline stage per process, stages = world size "
-            "(launch with `torchrun --nproc_per_node S` or `accelerate launch --num_processes S`); every rank gets "
-            "the same batches and runs its stage's Highway backward at the same time as the others. GPT-2 and "
-            "Llama-family causal LMs, ViT image classification. With use_highway_bp=False: pipeline backprop over "
-            "the same stages."
+            "help": "Layer-parallel training (LayerParallelTrainer, which the example scripts pick for this flag): one "
+            "pipeline stage per process, stages = world size (launch with `torchrun --nproc_per_node S` or "
+            "`accelerate launch --num_processes S`); every rank gets the same batches and runs its stage's Highway "
+            "backward at the same time as the others. GPT-2 and Llama-family causal LMs, ViT image classification. "
+            "With use_highway_bp=False: pipeline backprop over the same stages."
         },
     )
     layer_parallel_microbatches: int = field(
@@ -148,9 +154,9 @@ class HighwayArguments:
             parent()
 
     @property
-    def highway_config(self) -> HighwayConfig:
+    def highway_config(self) -> HighwayTrainingConfig:
         """The validated Highway settings of these arguments (``hwbp_config`` with the ``hwbp_*`` flags over it)."""
-        return HighwayConfig(**self._merged_highway_settings())
+        return HighwayTrainingConfig(**self._merged_highway_settings())
 
     def _check_layer_parallel_settings(self) -> None:
         """Refuse layer-parallel settings that cannot run, before anything is built."""
@@ -159,24 +165,12 @@ class HighwayArguments:
         microbatches = self.layer_parallel_microbatches
         if isinstance(microbatches, bool) or not isinstance(microbatches, int) or microbatches < 1:
             raise ValueError(f"layer_parallel_microbatches must be an int >= 1, got {microbatches!r}.")
-        if not self.layer_parallel or not self.use_highway_bp:
-            return
-        config = self.highway_config
-        if config.tol is not None and microbatches > 1:
-            raise ValueError(
-                "The adaptive stop (hwbp_tol, or hwbp_k='auto') needs layer_parallel_microbatches=1 in layer-parallel "
-                "training (every micro-batch would stop on its own collective). Use one micro-batch, or an int hwbp_k "
-                "without hwbp_tol."
-            )
-        if config.fidelity_steps:
-            raise ValueError(
-                "hwbp_fidelity_steps is not measured in layer-parallel training (it needs the whole model's exact "
-                "gradient on one process): set hwbp_fidelity_steps=0, or measure fidelity in a single-process run."
-            )
+        if self.layer_parallel:
+            check_layer_parallel_settings(self)
 
     def _merged_highway_settings(self) -> dict[str, Any]:
         """``hwbp_config`` (or the defaults) with the ``hwbp_*`` flags given over it, validated."""
-        base = HighwayConfig().to_dict()
+        base = HighwayTrainingConfig().to_dict()
         given = _parse_config_value(self.hwbp_config) if self.hwbp_config is not None else {}
         unknown = sorted(set(given) - set(base))
         if unknown:
@@ -187,7 +181,7 @@ class HighwayArguments:
             if flag is not None:
                 settings[name] = _parse_k_flag(flag) if name == "k" else flag
         try:
-            return normalized_settings(settings, prefix=FLAG_PREFIX)
+            return normalized_training_settings(settings, prefix=FLAG_PREFIX)
         except TypeError as err:  # argument errors are ValueErrors, as in TrainingArguments
             raise ValueError(str(err)) from None
 
@@ -196,7 +190,7 @@ class HighwayArguments:
         if not isinstance(self.use_highway_bp, bool):
             raise ValueError(f"use_highway_bp must be True or False, got {self.use_highway_bp!r}.")
         settings = self._merged_highway_settings()
-        self.hwbp_config = HighwayConfig(**settings).to_dict()
+        self.hwbp_config = HighwayTrainingConfig(**settings).to_dict()
         for name in settings:  # the flags given read back parsed (hwbp_k "1" -> 1); the others stay None
             if getattr(self, FLAG_PREFIX + name) is not None:
                 setattr(self, FLAG_PREFIX + name, settings[name])
@@ -218,11 +212,6 @@ class HighwayTrainingArguments(HighwayArguments, TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()  # the Highway settings, then TrainingArguments
         self._check_activation_checkpointing()
-        if self.layer_parallel and self.fp16:
-            raise ValueError(
-                "layer_parallel does not support fp16: its loss scaler would have to scale a backward that the stages "
-                "run themselves. Use bf16 (no loss scaling), or train without layer_parallel."
-            )
 
     def _check_activation_checkpointing(self) -> None:
         # After TrainingArguments.__post_init__, which resolves the activation/gradient checkpointing aliases and
@@ -250,11 +239,44 @@ class HighwayTrainingArguments(HighwayArguments, TrainingArguments):
                 self.gradient_checkpointing_kwargs = kwargs
 
 
-def highway_settings_of(args: Any) -> tuple[bool, HighwayConfig] | None:
-    """``(use_highway_bp, HighwayConfig)`` of training arguments that carry Highway settings; None otherwise."""
+def check_layer_parallel_settings(args: Any) -> None:
+    """Refuse training arguments that layer-parallel training cannot run (``UnsupportedTrainingSetupError``).
+
+    ``LayerParallelTrainer`` calls it on its arguments; ``HighwayArguments`` calls it when ``layer_parallel`` is set,
+    so that a script refuses them before anything is built."""
+    settings = highway_settings_of(args)
+    if getattr(args, "fp16", False):
+        raise UnsupportedTrainingSetupError(
+            "layer_parallel does not support fp16: its loss scaler would have to scale a backward that the stages run "
+            "themselves. Use bf16 (no loss scaling), or train without layer_parallel."
+        )
+    if settings is None or not settings[0]:
+        return
+    config = settings[1]
+    if config.tol is not None and getattr(args, "layer_parallel_microbatches", 1) > 1:
+        raise UnsupportedTrainingSetupError(
+            "The adaptive stop (hwbp_tol, or hwbp_k='auto') needs layer_parallel_microbatches=1 in layer-parallel "
+            "training (every micro-batch would stop on its own collective). Use one micro-batch, or an int hwbp_k "
+            "without hwbp_tol."
+        )
+    if config.fidelity_steps:
+        raise UnsupportedTrainingSetupError(
+            "hwbp_fidelity_steps is not measured in layer-parallel training (it needs the whole model's exact "
+            "gradient on one process): set hwbp_fidelity_steps=0, or measure fidelity in a single-process run."
+        )
+
+
+def highway_settings_of(args: Any) -> tuple[bool, HighwayTrainingConfig] | None:
+    """``(use_highway_bp, HighwayTrainingConfig)`` of training arguments that carry Highway settings; None otherwise."""
     if isinstance(args, HighwayArguments):
         return args.use_highway_bp, args.highway_config
     return None
 
 
-__all__ = ["FLAG_PREFIX", "HighwayArguments", "HighwayTrainingArguments", "highway_settings_of"]
+__all__ = [
+    "FLAG_PREFIX",
+    "HighwayArguments",
+    "HighwayTrainingArguments",
+    "check_layer_parallel_settings",
+    "highway_settings_of",
+]

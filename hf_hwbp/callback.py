@@ -1,36 +1,39 @@
 """HighwayCallback: Highway-BP for any transformers Trainer (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, ...).
 
-    from hf_hwbp import HighwayCallback, HighwayConfig
+    from hf_hwbp import HighwayCallback, HighwayTrainingConfig
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[HighwayCallback(HighwayConfig(k=2))])
+    config = HighwayTrainingConfig(k=2)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[HighwayCallback(config)])
     trainer.train()
 
 What it does, at the Trainer's own events:
 
 - when the Trainer is built and when training begins: refuses FSDP and DeepSpeed (``hf_hwbp.distributed_support``)
   and LoRA targets that match nothing (``hf_hwbp.peft_checks``);
-- at train begin: patches the model (the transformers model inside PEFT / DDP / Accelerate wrappers), tags it
-  ``hf_hwbp`` for the model card, and sets k for the first step;
-- before every optimizer step: sets k (and the adaptive stop) from the k schedule at ``state.global_step``, so a run
-  resumed from a checkpoint continues the schedule where it stopped;
+- at train begin: patches the model (the transformers model inside PEFT / DDP / Accelerate wrappers) with the
+  settings of the first step, and tags it ``hf_hwbp`` for the model card;
+- before every optimizer step: sets the model's ``HighwayConfig`` to ``config.engine_config(state.global_step, ...)``
+  (k from the schedule, no adaptive stop on exact steps), so a run resumed from a checkpoint continues the schedule
+  where it stopped (and the model card lists the k of the steps trained before the resume too);
 - after every micro-batch: reads how many Highway iterations its backward ran (``last_highway_iterations``, which
   it only reads: a callback of yours sees the same number) and keeps its own count; if a whole optimizer step
-  recorded no Highway forward although the stack has trainable parameters and the step is not exact, it raises (the
-  loss came from another model than the one the Trainer gives its callbacks);
+  recorded no Highway forward although the stack has trainable parameters and the step is not exact, it raises a
+  ``HighwayBPError`` (the loss came from another model than the one the Trainer gives its callbacks);
 - on every training log entry (the ones with ``"loss"``): adds ``hwbp_k`` (the k the last optimizer step ran, clamped
   to the number of Highway blocks) and
   ``hwbp_iterations`` (iterations per backward since the previous entry, averaged) to the entry the Trainer records
   in ``state.log_history`` and to the ``logs`` dict that the callbacks after this one receive;
 - at train end: unpatches the model (or restores the settings it had if the caller had patched it).
 
-In layer-parallel training (``HighwayTrainer`` with ``layer_parallel=True``) the trainer hands the callback its
-runner (``use_runner``): the callback then patches nothing and applies the schedule to the runner, which runs the
-Highway backward of this rank's stage; the logs are the same.
+In layer-parallel training (``LayerParallelTrainer``) the trainer hands the callback its runner (``use_runner``): the
+callback then patches nothing and applies the schedule to the runner, which runs the Highway backward of this rank's
+stage; the logs are the same.
 
-Settings: ``HighwayCallback(config)`` with a ``HighwayConfig`` (or its dict); ``HighwayCallback()`` reads them from
-training arguments that carry Highway settings (``HighwayTrainingArguments`` or any arguments class with the
-``HighwayArguments`` mixin, whose ``use_highway_bp=False`` turns the callback off), else uses the ``HighwayConfig``
-defaults.
+Settings: ``HighwayCallback(config)`` with a ``HighwayTrainingConfig`` (or its dict; a ``HighwayConfig`` trains
+with those engine settings at every step); ``HighwayCallback()`` reads them from training arguments that carry
+Highway settings (``HighwayTrainingArguments`` or any arguments class with the ``HighwayArguments`` mixin, whose
+``use_highway_bp=False`` turns the callback off), else uses the ``HighwayTrainingConfig`` defaults. Refusals raise
+``HighwayBPError`` (``UnsupportedTrainingSetupError`` for a set-up the callback cannot train).
 
 Logging order: the Trainer calls its callbacks in list order, and the ``report_to`` integrations (TensorBoard, W&B,
 ...) are created before the callbacks passed as ``callbacks=[...]``. Use ``add_highway_callback(trainer, ...)`` (or
@@ -49,24 +52,27 @@ from transformers import DefaultFlowCallback, TrainerCallback
 from .api import highway_state, is_patched, patch_model, unpatch_model, unwrap_model
 from .arguments import highway_settings_of
 from .config import HighwayConfig
+from .discovery import find_stacks
 from .distributed_support import check_distributed_support
+from .errors import HighwayBPError
 from .peft_checks import check_peft_model
-from .schedules import CallableSchedule, KSchedule, build_schedule
+from .schedules import CallableSchedule, KSchedule
+from .training_config import HighwayTrainingConfig, UnsupportedTrainingSetupError
 
 logger = logging.getLogger(__name__)
 
 MODEL_TAG = "hf_hwbp"
 """Tag added to a model trained with Highway-BP (it reaches the model card through the Trainer)."""
 
-_DEFAULT_K = HighwayConfig().k
+_DEFAULT_K = HighwayTrainingConfig().k
 
 
 class HighwayCallback(TrainerCallback):
     """Trains with Highway-BP under any ``transformers.Trainer`` (see the module docstring).
 
     Args:
-        config: the settings (``HighwayConfig`` or a dict of its fields). None: read them from the training
-            arguments (``HighwayArguments``), else the ``HighwayConfig`` defaults.
+        config: the settings (``HighwayTrainingConfig`` or a dict of its fields). None: read them from the training
+            arguments (``HighwayArguments``), else the ``HighwayTrainingConfig`` defaults.
         k_schedule: optional callable ``step -> k`` (an int >= 0) used instead of ``k`` / ``k_schedule``; ``step``
             is ``state.global_step`` before the optimizer step, i.e. the 0-based index of the step about to run. A
             ``KSchedule`` works too; where its ``exact_at(step)`` is true the adaptive stop is dropped.
@@ -74,20 +80,25 @@ class HighwayCallback(TrainerCallback):
 
     def __init__(
         self,
-        config: HighwayConfig | dict[str, Any] | None = None,
+        config: HighwayTrainingConfig | dict[str, Any] | None = None,
         *,
         k_schedule: Callable[[int], int] | None = None,
     ):
         if isinstance(config, dict):
-            config = HighwayConfig.from_dict(config)
-        if config is not None and not isinstance(config, HighwayConfig):
-            raise TypeError(f"config must be a HighwayConfig, a dict or None, not {type(config).__name__}.")
+            config = HighwayTrainingConfig.from_dict(config)
+        if isinstance(config, HighwayConfig):
+            config = HighwayTrainingConfig.from_engine_config(config)
+        if config is not None and not isinstance(config, HighwayTrainingConfig):
+            raise TypeError(
+                f"config must be a HighwayTrainingConfig (or a HighwayConfig), a dict or None, not "
+                f"{type(config).__name__}."
+            )
         self._given_config = config
         self._user_schedule = None if k_schedule is None else CallableSchedule(k_schedule)
-        self.config: HighwayConfig | None = None  # resolved from config / the training arguments
+        self.config: HighwayTrainingConfig | None = None  # resolved from config / the training arguments
         self.enabled = True
         self.fidelity_by_trainer = False  # set by HighwayTrainer, which measures fidelity itself
-        self.layer_parallel_by_trainer = False  # set by HighwayTrainer, which runs the layer-parallel mode
+        self.layer_parallel_by_trainer = False  # set by LayerParallelTrainer, which runs the layer-parallel mode
         self._model: nn.Module | None = None  # the patched (unwrapped) model during a run
         self._runner = None  # a layer-parallel runner that runs the Highway backward instead of a patch
         self._target: _PatchTarget | _RunnerTarget | None = None  # where k is set and iterations are read
@@ -100,12 +111,12 @@ class HighwayCallback(TrainerCallback):
         self.k_history: list[tuple[int, int]] = []  # (first optimizer step, k) at every change of k: the model card
 
     # ----- settings ---------------------------------------------------------------------------------------------
-    def resolve_settings(self, args: Any) -> HighwayConfig:
+    def resolve_settings(self, args: Any) -> HighwayTrainingConfig:
         """Settle the settings against the training arguments (once per callback); return them."""
         from_args = highway_settings_of(args)
         if self._given_config is not None:
             if from_args is not None and from_args[1] != self._given_config:
-                raise ValueError(
+                raise UnsupportedTrainingSetupError(
                     f"HighwayCallback got {self._given_config} but the training arguments carry {from_args[1]} "
                     "(hwbp_config / --hwbp_*): give the settings in one place (HighwayCallback() reads them from the "
                     "arguments)."
@@ -114,9 +125,9 @@ class HighwayCallback(TrainerCallback):
         elif from_args is not None:
             enabled, config = from_args
         else:
-            config, enabled = HighwayConfig(), True
+            config, enabled = HighwayTrainingConfig(), True
         if self._user_schedule is not None and (config.k_schedule != "constant" or config.k != _DEFAULT_K):
-            raise ValueError(
+            raise UnsupportedTrainingSetupError(
                 "Pass either k_schedule=<callable> or the k / k_schedule settings, not both (k_schedule replaces them)."
             )
         self.config, self.enabled = config, enabled
@@ -126,27 +137,25 @@ class HighwayCallback(TrainerCallback):
         """The k schedule of this run for a model with ``num_blocks`` Highway blocks and ``total_steps`` steps."""
         if self._user_schedule is not None:
             return self._user_schedule
-        config = self.config if self.config is not None else HighwayConfig()
-        k = num_blocks if config.k == "auto" else config.k
-        key = (k, num_blocks, total_steps)
+        config = self.config if self.config is not None else HighwayTrainingConfig()
+        key = (num_blocks, total_steps)
         if self._schedule_cache is None or self._schedule_cache[0] != key:
-            schedule = build_schedule(
-                config.k_schedule,
-                k=k,
-                num_blocks=num_blocks,
-                total_steps=total_steps,
-                step_every=config.k_step_every,
-                k_max=config.k_max,
-                exact_last_steps=config.exact_last_steps,
-            )
-            self._schedule_cache = (key, schedule)
+            self._schedule_cache = (key, config.schedule(num_blocks, total_steps))
         return self._schedule_cache[1]
 
-    def _check_layer_parallel(self, args) -> None:
+    def engine_config(self, step: int, num_blocks: int, total_steps: int) -> HighwayConfig:
+        """What the model's backward runs at optimizer step ``step`` (0-based): k from the schedule, no adaptive stop
+        on a step the schedule makes exact."""
+        config = self.config if self.config is not None else HighwayTrainingConfig()
+        schedule = self.schedule(num_blocks, total_steps)
+        return config.engine_config(step, num_blocks=num_blocks, total_steps=total_steps, schedule=schedule)
+
+    def check_layer_parallel(self, args) -> None:
+        """Refuse layer-parallel arguments unless a LayerParallelTrainer drives this callback."""
         if getattr(args, "layer_parallel", False) and not self.layer_parallel_by_trainer:
-            raise ValueError(
-                "layer_parallel=True is run by HighwayTrainer (its training step drives the stages); this Trainer "
-                "would silently train without it. Use HighwayTrainer, or set layer_parallel=False."
+            raise UnsupportedTrainingSetupError(
+                "layer_parallel=True is run by hf_hwbp.LayerParallelTrainer (its training step drives the stages); "
+                "this Trainer would silently train without it. Use LayerParallelTrainer, or set layer_parallel=False."
             )
 
     def use_runner(self, runner) -> None:
@@ -156,7 +165,7 @@ class HighwayCallback(TrainerCallback):
 
     # ----- lifecycle --------------------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        self._check_layer_parallel(args)
+        self.check_layer_parallel(args)
         self.resolve_settings(args)
         if self.enabled:
             check_distributed_support(model, args)
@@ -164,11 +173,13 @@ class HighwayCallback(TrainerCallback):
                 check_peft_model(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._check_layer_parallel(args)
+        self.check_layer_parallel(args)
         if self.config is None:  # added after the Trainer was built: on_init_end did not run
             self.resolve_settings(args)
         if model is None:
-            raise ValueError("HighwayCallback needs the Trainer's model; the Trainer passed none to its callbacks.")
+            raise UnsupportedTrainingSetupError(
+                "HighwayCallback needs the Trainer's model; the Trainer passed none to its callbacks."
+            )
         target = unwrap_model(model)
         self._model = target
         self._restore = None
@@ -188,20 +199,28 @@ class HighwayCallback(TrainerCallback):
         check_peft_model(model)
         if self.config.fidelity_steps and not self.fidelity_by_trainer:
             logger.warning(
-                "HighwayConfig.fidelity_steps is measured by HighwayTrainer only (it needs the loss function); "
+                "HighwayTrainingConfig.fidelity_steps is measured by HighwayTrainer only (it needs the loss function); "
                 "this Trainer will not log hwbp_fidelity/*."
             )
-        patch_model(target, k=0, tol=None, group_size=self.config.group_size, backend=self.config.backend)
+        # Patched with the settings of the first step, so that patch_model's log line says what will run.
+        first = self.engine_config(state.global_step, self._blocks_before_patching(target), state.max_steps)
+        patch_model(target, **first.to_dict())
         highway_state(target).enabled = True
         self._start(target, _PatchTarget(target), state)
+
+    def _blocks_before_patching(self, model: nn.Module) -> int:
+        """Highway blocks the model will have under this run's group_size (for the first step's k)."""
+        stacks = highway_state(model).stacks if is_patched(model) else find_stacks(model)
+        group_size = self.config.group_size
+        return max((-(-len(stack) // group_size) for stack in stacks), default=0)
 
     def _begin_with_runner(self, model: nn.Module, state) -> None:
         if not self.enabled:
             return
         if is_patched(model):
-            raise ValueError(
+            raise UnsupportedTrainingSetupError(
                 "Layer-parallel training runs the Highway backward itself: unpatch the model (hf_hwbp.unpatch_model) "
-                "before training it with layer_parallel=True."
+                "before training it with LayerParallelTrainer."
             )
         self._start(model, _RunnerTarget(self._runner), state)
 
@@ -212,11 +231,33 @@ class HighwayCallback(TrainerCallback):
             model.add_model_tags([MODEL_TAG])
         self._reset_counters()
         self._pending_logs.clear()
-        self.k_history = []
-        self._report_settings(model, target)
+        self.k_history = self._history_before(state)
+        self._report_settings(model, target, state)
         self._apply_schedule(state)
 
-    def _report_settings(self, model: nn.Module, target) -> None:
+    def _history_before(self, state) -> list[tuple[int, int]]:
+        """``k_history`` of the steps a resumed run has already trained (the schedule is pure: the same step gives
+        the same k), checked against the ``hwbp_k`` the checkpoint's log recorded; empty when they disagree (the
+        card then says those steps are not known)."""
+        done, blocks = state.global_step, self._target.num_blocks
+        if done <= 0:
+            return []
+        schedule = self.schedule(blocks, state.max_steps)
+        ks = [min(schedule(step), blocks) for step in range(done)]
+        logged = {e["step"]: e["hwbp_k"] for e in state.log_history if "hwbp_k" in e and 1 <= e.get("step", 0) <= done}
+        if any(ks[step - 1] != k for step, k in logged.items()):
+            logger.warning(
+                f"Highway-BP: the k schedule now gives other k than the resumed run logged for its first {done} steps "
+                "(the settings changed?): the model card lists the k of the steps trained from here on only."
+            )
+            return []
+        history: list[tuple[int, int]] = []
+        for step, k in enumerate(ks, start=1):
+            if not history or history[-1][1] != k:
+                history.append((step, k))
+        return history
+
+    def _report_settings(self, model: nn.Module, target, state) -> None:
         """Log what will run (k clamped to the blocks, 'auto' resolved); warn about settings that do nothing."""
         config, blocks = self.config, target.num_blocks
         layers = getattr(getattr(target, "patch", None), "num_layers", None)
@@ -231,6 +272,17 @@ class HighwayCallback(TrainerCallback):
             logger.warning(
                 f"Highway-BP: k={config.k} is more than the {blocks} Highway blocks of {name}: k is clamped to "
                 f"{blocks}, which is exact backprop (at least backprop's cost). Use a k below the number of blocks."
+            )
+        schedule = self.schedule(blocks, state.max_steps)
+        if schedule.exact_at(state.global_step):  # a schedule's exact steps come last: all the remaining ones
+            reason = (
+                f"exact_last_steps={config.exact_last_steps} is not below the run's {state.max_steps} optimizer steps"
+                if self._user_schedule is None and config.k_schedule == "exact_last"
+                else "the k schedule makes the first step exact"
+            )
+            logger.warning(
+                f"Highway-BP: every step of this run is exact backprop ({reason}): no step trains with Highway-BP. "
+                "Ask for fewer exact steps than max_steps, or use_highway_bp=False."
             )
         if config.k == "auto":
             k_text = f"auto = up to {blocks} iterations, stopping at tol={config.tol:g}"
@@ -258,7 +310,7 @@ class HighwayCallback(TrainerCallback):
             return
         self._collect_iterations()
         if self._backwards_this_step == 0 and not self._exact_step and self._target.has_stack_parameters():
-            raise RuntimeError(
+            raise HighwayBPError(
                 f"Highway-BP: optimizer step {state.global_step + 1} ran no Highway backward, although "
                 f"{type(self._model).__name__} (the model HighwayCallback patched) has trainable parameters in its "
                 "stack: the Trainer computes its loss with another model than the one it passes to its callbacks, or "
@@ -325,14 +377,12 @@ class HighwayCallback(TrainerCallback):
         self._exact_step = False
 
     def _apply_schedule(self, state) -> None:
-        """Set k (and the adaptive stop) for the optimizer step ``state.global_step``."""
-        step = state.global_step
-        schedule = self.schedule(self._target.num_blocks, state.max_steps)
-        k = schedule(step)
-        tol = None if schedule.exact_at(step) else self.config.tol
-        self._target.set(k, tol)
-        self.last_k = min(k, self._target.num_blocks)  # what runs: k past the number of blocks is exact backprop
-        self._exact_step = tol is None and k >= self._target.num_blocks
+        """Set the engine settings (k, adaptive stop) of the optimizer step ``state.global_step``."""
+        blocks = self._target.num_blocks
+        engine = self.engine_config(state.global_step, blocks, state.max_steps)
+        self._target.set(engine)
+        self.last_k = min(engine.k, blocks)  # what runs: k past the number of blocks is exact backprop
+        self._exact_step = engine.tol is None and engine.k >= blocks
 
     def _collect_iterations(self) -> None:
         iterations = self._target.read_iterations()
@@ -351,9 +401,9 @@ class _PatchTarget:
     def num_blocks(self) -> int:
         return self.patch.num_blocks
 
-    def set(self, k: int, tol: float | None) -> None:
-        if self.patch.config.k != k or self.patch.config.tol != tol:
-            self.patch.config = self.patch.config.updated(k=k, tol=tol)
+    def set(self, engine: HighwayConfig) -> None:
+        if self.patch.config != engine:
+            self.patch.config = engine
 
     def __init__(self, model: nn.Module):
         self.patch = highway_state(model)
@@ -386,9 +436,9 @@ class _RunnerTarget:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
-    def set(self, k: int, tol: float | None) -> None:
-        if self.runner.k != k or self.runner.tol != tol:
-            self.runner.k, self.runner.tol = k, tol
+    def set(self, engine: HighwayConfig) -> None:
+        if self.runner.k != engine.k or self.runner.tol != engine.tol:
+            self.runner.k, self.runner.tol = engine.k, engine.tol
 
     def mark(self) -> None:
         self.runner.last_iterations = None  # the runner's own record (not a public per-model value)
@@ -403,7 +453,7 @@ class _RunnerTarget:
 
 def add_highway_callback(
     trainer,
-    config: HighwayConfig | dict[str, Any] | None = None,
+    config: HighwayTrainingConfig | dict[str, Any] | None = None,
     *,
     k_schedule: Callable[[int], int] | None = None,
 ) -> HighwayCallback:

@@ -11,26 +11,19 @@ import os
 from typing import Any
 
 from .callback import MODEL_TAG, HighwayCallback
-from .config import HighwayConfig
+from .training_config import HighwayTrainingConfig
 
 SECTION_START = "<!-- hf_hwbp: start -->"
 SECTION_END = "<!-- hf_hwbp: end -->"
 FIDELITY_KEY = "hwbp_fidelity/cosine"
 
 
-def _schedule_text(config: HighwayConfig) -> str:
-    if config.k_schedule == "step":
-        cap = "the number of Highway blocks" if config.k_max is None else str(config.k_max)
-        return f"step: k = {config.k} + step // {config.k_step_every}, at most {cap}"
-    if config.k_schedule == "exact_last":
-        return f"exact_last: k = {config.k}, exact backprop for the last {config.exact_last_steps} optimizer steps"
-    return "constant"
-
-
 def _k_history_text(k_history: list[tuple[int, int]], last_step: int | None) -> str:
     if not k_history:
         return "-"
     parts = []
+    if k_history[0][0] > 1:  # a resumed run whose earlier steps the callback could not account for
+        parts.append(f"steps 1-{k_history[0][0] - 1} not recorded (trained before the resume with other settings)")
     for i, (start, k) in enumerate(k_history):
         end = k_history[i + 1][0] - 1 if i + 1 < len(k_history) else last_step
         parts.append(f"k={k} for steps {start}-{end}" if end is not None and end != start else f"k={k} at step {start}")
@@ -38,7 +31,7 @@ def _k_history_text(k_history: list[tuple[int, int]], last_step: int | None) -> 
 
 
 def highway_model_card_section(
-    config: HighwayConfig,
+    config: HighwayTrainingConfig,
     log_history: list[dict[str, Any]],
     *,
     k_history: list[tuple[int, int]] | None = None,
@@ -53,7 +46,7 @@ def highway_model_card_section(
     k_text = "auto (up to the number of Highway blocks, adaptive stop)" if config.k == "auto" else str(config.k)
     rows = [
         ("k (Highway iterations)", k_text),
-        ("k schedule", _schedule_text(config)),
+        ("k schedule", config.describe_schedule()),
         ("k used", _k_history_text(k_history or [], last_step)),
         ("adaptive stop (tol)", "off" if config.tol is None else f"{config.tol:g}"),
         ("layers per Highway block (group_size)", str(config.group_size)),
@@ -81,7 +74,7 @@ def highway_model_card_section(
     elif config.fidelity_steps:
         fidelity_text = "not measured (fidelity is measured by HighwayTrainer; this card comes from another Trainer)"
     else:
-        fidelity_text = "not measured (HighwayConfig.fidelity_steps = 0)"
+        fidelity_text = "not measured (HighwayTrainingConfig.fidelity_steps = 0)"
     rows.append(("gradient fidelity (Highway vs exact gradient, all trainable parameters)", fidelity_text))
     lines = [
         SECTION_START,
@@ -96,7 +89,7 @@ def highway_model_card_section(
         "|---|---|",
         *[f"| {name} | {value} |" for name, value in rows],
         "",
-        "Settings (`hf_hwbp.HighwayConfig`):",
+        "Settings (`hf_hwbp.HighwayTrainingConfig`):",
         "",
         "```json",
         config.to_json_string().rstrip(),

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .training_config import UnsupportedTrainingSetupError
+
 _LORA_WRAPPABLE = ("Linear", "Conv1D", "Conv1d", "Conv2d", "Conv3d", "Embedding", "MultiheadAttention")
 
 
@@ -26,8 +28,9 @@ def check_lora_targets(model: nn.Module, target_modules: str | Iterable[str] | N
     ``target_modules`` follows PEFT: a list of names (a module matches a name when its qualified name equals it or
     ends with ``"." + name``), a single string (a regular expression that must match a whole qualified name), or
     ``"all-linear"``. PEFT itself only complains when *no* name matches; a typo in one of several names is silently
-    ignored. This raises a ValueError naming every target that matches no module, with the layer names the model
-    does have. Works on a plain transformers model or a PEFT model (its base model is searched).
+    ignored. This raises an ``UnsupportedTrainingSetupError`` (a ``ValueError``) naming every target that matches no
+    module, with the layer names the model does have. Works on a plain transformers model or a PEFT model (its base
+    model is searched).
 
     Returns the qualified names of the matched modules.
     """
@@ -52,7 +55,7 @@ def check_lora_targets(model: nn.Module, target_modules: str | Iterable[str] | N
             return [n for n, m in base.named_modules() if type(m).__name__ in ("Linear", "Conv1D")]
         matched = [n for n in names if re.fullmatch(target_modules, n)]
         if not matched:
-            raise ValueError(
+            raise UnsupportedTrainingSetupError(
                 f"LoRA target_modules regex {target_modules!r} matches no module of {model_name} (a regex must "
                 f"match the whole qualified name, e.g. 'model.layers.0.self_attn.q_proj'). Its layers: {available()}."
             )
@@ -62,7 +65,7 @@ def check_lora_targets(model: nn.Module, target_modules: str | Iterable[str] | N
         raise ValueError("LoRA target_modules is empty: name the layers LoRA should adapt (e.g. ['q_proj', 'v_proj']).")
     missing = [t for t in targets if not any(_lora_target_matches(t, n) for n in names)]
     if missing:
-        raise ValueError(
+        raise UnsupportedTrainingSetupError(
             f"LoRA target_modules {missing} match no module of {model_name}; LoRA would silently skip them. "
             f"Names of its layers that LoRA can adapt: {available()}."
         )
@@ -80,8 +83,8 @@ def check_peft_model(model: nn.Module) -> None:
             continue
         try:
             check_lora_targets(model, targets)
-        except ValueError as err:
-            raise ValueError(f"PEFT adapter {adapter!r}: {err}") from None
+        except UnsupportedTrainingSetupError as err:
+            raise UnsupportedTrainingSetupError(f"PEFT adapter {adapter!r}: {err}") from None
 
 
 __all__ = ["check_lora_targets", "check_peft_model"]

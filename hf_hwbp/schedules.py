@@ -4,13 +4,15 @@ A schedule maps ``step`` (the 0-based index of the optimizer step about to run, 
 before that step) to k, an int >= 0. Schedules are pure: the same step always gives the same k, which is what makes
 a run resumed from a checkpoint continue exactly where it stopped.
 
-Named schedules (``HighwayConfig.k_schedule``, the ``--hwbp_k_schedule`` flag):
+Each named schedule is one small class that owns its settings: ``settings`` names the ``HighwayTrainingConfig``
+fields it reads, ``check_settings`` validates them, ``from_settings`` builds it for a run and ``describe`` says what
+it does (the model card). ``SCHEDULES`` maps ``HighwayTrainingConfig.k_schedule`` (``--hwbp_k_schedule``) to them:
 
 - ``"constant"``: ``k`` at every step.
-- ``"step"``: ``min(k + step // every, k_max)``: k starts at ``k`` and grows by one every ``every`` optimizer steps, up
-  to ``k_max`` (``None`` = the number of Highway blocks, where Highway-BP is exact backprop).
-- ``"exact_last"``: ``k`` except for the last ``last_steps`` optimizer steps of the run (``step >= total_steps -
-  last_steps``), which use exact backprop (k = number of blocks, and no adaptive stop).
+- ``"step"``: ``min(k + step // k_step_every, k_max)``: k starts at ``k`` and grows by one every ``k_step_every``
+  optimizer steps, up to ``k_max`` (``None`` = the number of Highway blocks, where Highway-BP is exact backprop).
+- ``"exact_last"``: ``k`` except for the last ``exact_last_steps`` optimizer steps of the run (``step >= total_steps -
+  exact_last_steps``), which use exact backprop (k = number of blocks, and no adaptive stop).
 
 Any callable ``step -> int`` works as a schedule too (see ``CallableSchedule``).
 """
@@ -18,10 +20,11 @@ Any callable ``step -> int`` works as a schedule too (see ``CallableSchedule``).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from .config import SCHEDULE_NAMES, validate_k
+from .config import check_int, validate_k
 
 
 def _check_step(step) -> int:
@@ -31,7 +34,14 @@ def _check_step(step) -> int:
 
 
 class KSchedule:
-    """Base class: ``schedule(step) -> k``; ``exact_at(step)`` says whether that step is meant as exact backprop."""
+    """Base class: ``schedule(step) -> k``; ``exact_at(step)`` says whether that step is meant as exact backprop.
+
+    A named schedule also says which training settings it reads (``settings``), checks them (``check_settings``),
+    builds itself from them (``from_settings``) and describes them (``describe``).
+    """
+
+    name: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ()  # the HighwayTrainingConfig fields this schedule reads besides k
 
     def __call__(self, step: int) -> int:
         raise NotImplementedError
@@ -40,11 +50,28 @@ class KSchedule:
         """True where the schedule asks for exact backprop (the trainer then also drops the adaptive stop)."""
         return False
 
+    @classmethod
+    def check_settings(cls, values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+        """This schedule's settings among ``values`` (a ``HighwayTrainingConfig``'s), checked and normalized."""
+        return {}
+
+    @classmethod
+    def from_settings(cls, values: Mapping[str, Any], *, k: int, num_blocks: int, total_steps: int) -> KSchedule:
+        """The schedule of a run of ``total_steps`` optimizer steps on a model with ``num_blocks`` Highway blocks;
+        ``k`` is the starting k (``"auto"`` already resolved to ``num_blocks``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, values: Mapping[str, Any]) -> str:
+        """One line for the model card: what this schedule does with ``values``."""
+        return cls.name
+
 
 @dataclass(frozen=True)
 class ConstantSchedule(KSchedule):
     """``k`` at every step."""
 
+    name: ClassVar[str] = "constant"
     k: int
 
     def __post_init__(self) -> None:
@@ -54,6 +81,10 @@ class ConstantSchedule(KSchedule):
         _check_step(step)
         return self.k
 
+    @classmethod
+    def from_settings(cls, values, *, k, num_blocks, total_steps) -> ConstantSchedule:
+        return cls(k)
+
 
 @dataclass(frozen=True)
 class StepSchedule(KSchedule):
@@ -62,6 +93,8 @@ class StepSchedule(KSchedule):
     ``k_max=None`` lets k grow without cap (the model clamps it to its number of blocks, i.e. exact backprop).
     """
 
+    name: ClassVar[str] = "step"
+    settings: ClassVar[tuple[str, ...]] = ("k_step_every", "k_max")
     k: int
     every: int
     k_max: int | None = None
@@ -81,6 +114,34 @@ class StepSchedule(KSchedule):
         k = self.k + _check_step(step) // self.every
         return k if self.k_max is None else min(k, self.k_max)
 
+    @classmethod
+    def check_settings(cls, values, prefix=""):
+        k = values["k"]
+        if k == "auto":
+            raise ValueError(
+                f"{prefix}k='auto' already runs up to exact backprop; it has no 'step' schedule. Use an int "
+                f"{prefix}k (the starting k), or {prefix}k_schedule='constant'."
+            )
+        every = check_int(values["k_step_every"], prefix + "k_step_every", 1, "optimizer steps per increase of k")
+        k_max = values["k_max"]
+        if k_max is not None:
+            if isinstance(k_max, bool) or not isinstance(k_max, numbers.Integral) or k_max < 0:
+                raise ValueError(f"{prefix}k_max must be an int >= 0 or None, got {k_max!r}.")
+            if k_max < k:
+                raise ValueError(f"{prefix}k_max ({k_max}) must be >= {prefix}k ({k}).")
+            k_max = int(k_max)
+        return {"k_step_every": every, "k_max": k_max}
+
+    @classmethod
+    def from_settings(cls, values, *, k, num_blocks, total_steps) -> StepSchedule:
+        k_max = values["k_max"]
+        return cls(k, values["k_step_every"], max(k, num_blocks) if k_max is None else k_max)
+
+    @classmethod
+    def describe(cls, values) -> str:
+        cap = "the number of Highway blocks" if values["k_max"] is None else str(values["k_max"])
+        return f"step: k = {values['k']} + step // {values['k_step_every']}, at most {cap}"
+
 
 @dataclass(frozen=True)
 class ExactLastSchedule(KSchedule):
@@ -90,6 +151,8 @@ class ExactLastSchedule(KSchedule):
     number of Highway blocks).
     """
 
+    name: ClassVar[str] = "exact_last"
+    settings: ClassVar[tuple[str, ...]] = ("exact_last_steps",)
     base: KSchedule | int
     last_steps: int
     total_steps: int
@@ -118,6 +181,25 @@ class ExactLastSchedule(KSchedule):
             return self.exact_k
         return self.base(step) if callable(self.base) else self.base
 
+    @classmethod
+    def check_settings(cls, values, prefix=""):
+        steps = values["exact_last_steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise ValueError(
+                f"{prefix}k_schedule='exact_last' needs {prefix}exact_last_steps >= 1 (optimizer steps of exact "
+                f"backprop at the end of the run), got {steps!r}."
+            )
+        return {"exact_last_steps": int(steps)}
+
+    @classmethod
+    def from_settings(cls, values, *, k, num_blocks, total_steps) -> ExactLastSchedule:
+        return cls(k, values["exact_last_steps"], total_steps, num_blocks)
+
+    @classmethod
+    def describe(cls, values) -> str:
+        steps = values["exact_last_steps"]
+        return f"exact_last: k = {values['k']}, exact backprop for the last {steps} optimizer steps"
+
 
 class CallableSchedule(KSchedule):
     """Wraps a user function ``step -> k`` and checks what it returns.
@@ -125,6 +207,8 @@ class CallableSchedule(KSchedule):
     The function gets the 0-based index of the optimizer step about to run (``trainer.state.global_step``) and must
     return an int >= 0. If it has an ``exact_at(step) -> bool`` method, that is used too.
     """
+
+    name: ClassVar[str] = "callable"
 
     def __init__(self, fn: Callable[[int], int]):
         if not callable(fn):
@@ -146,30 +230,30 @@ class CallableSchedule(KSchedule):
         return f"CallableSchedule({self.fn!r})"
 
 
-def build_schedule(
-    name: str,
-    *,
-    k: int,
-    num_blocks: int,
-    total_steps: int | None = None,
-    step_every: int | None = None,
-    k_max: int | None = None,
-    exact_last_steps: int | None = None,
-) -> KSchedule:
-    """The named schedule (one of ``SCHEDULE_NAMES``) for a model with ``num_blocks`` Highway blocks.
+SCHEDULES: dict[str, type[KSchedule]] = {cls.name: cls for cls in (ConstantSchedule, StepSchedule, ExactLastSchedule)}
+"""The named schedules, by ``HighwayTrainingConfig.k_schedule``."""
 
-    ``total_steps`` (the run's number of optimizer steps) is needed by ``"exact_last"`` only; ``step_every`` and
-    ``k_max`` by ``"step"`` only (``k_max=None`` = ``num_blocks``).
-    """
-    validate_k(k)
-    if name == "constant":
-        return ConstantSchedule(k)
-    if name == "step":
-        if step_every is None:
-            raise ValueError("The 'step' schedule needs step_every (optimizer steps per increase of k).")
-        return StepSchedule(k, step_every, max(k, num_blocks) if k_max is None else k_max)
-    if name == "exact_last":
-        if exact_last_steps is None or total_steps is None:
-            raise ValueError("The 'exact_last' schedule needs exact_last_steps and total_steps.")
-        return ExactLastSchedule(k, exact_last_steps, total_steps, num_blocks)
-    raise ValueError(f"Unknown k schedule {name!r}; choose one of {', '.join(SCHEDULE_NAMES)} (or pass a callable).")
+SCHEDULE_NAMES: tuple[str, ...] = tuple(SCHEDULES)
+
+
+def schedule_class(name: str, setting: str = "k_schedule") -> type[KSchedule]:
+    """The schedule class named ``name``; ``ValueError`` naming the choices otherwise."""
+    try:
+        return SCHEDULES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown {setting} {name!r}; choose one of {', '.join(SCHEDULE_NAMES)} (or pass k_schedule=<callable "
+            "step -> k> to HighwayCallback / HighwayTrainer)."
+        ) from None
+
+
+__all__ = [
+    "SCHEDULES",
+    "SCHEDULE_NAMES",
+    "CallableSchedule",
+    "ConstantSchedule",
+    "ExactLastSchedule",
+    "KSchedule",
+    "StepSchedule",
+    "schedule_class",
+]

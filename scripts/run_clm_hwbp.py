@@ -5,25 +5,29 @@ The flags are run_clm's (``--model_name_or_path``, ``--model_type``/``--config_o
 ``--dataset_name``, ``--train_file``/``--validation_file``, ``--block_size``, ``--max_train_samples``, ... and every
 ``TrainingArguments`` flag) plus Highway-BP's (``--hwbp_k``, ``--hwbp_config``, ``--use_highway_bp false``, ...; see
 ``hf_hwbp.HighwayTrainingArguments``), LoRA (``--use_lora``), ``--compare_backprop`` and ``--layer_parallel``
-(layer-parallel Highway-BP through the same ``HighwayTrainer``: one pipeline stage per process, launched with
+(layer-parallel Highway-BP with ``hf_hwbp.LayerParallelTrainer``: one pipeline stage per process, launched with
 ``torchrun --nproc_per_node S``; ``--layer_parallel_microbatches M``). A single ``.json`` argument is read as an
-arguments file.
+arguments file. A bad flag value is a usage error in one line (exit status 2).
 
 Defaults that differ from run_clm, all shown by ``--help`` for the command line it is given with:
 
-- always: ``--do_train`` and ``--do_eval`` true, ``--output_dir outputs/run_clm_hwbp``;
+- always: ``--do_train`` and ``--do_eval`` true, ``--output_dir outputs/run_clm_hwbp``, and no checkpoints
+  (``--save_strategy no``) unless ``--save_steps N`` or ``--save_strategy`` is given (the final model is always saved
+  in ``--output_dir``);
 - a model from scratch (no ``--model_name_or_path`` / ``--config_name``): the small recipe, whatever
   ``--model_type`` (default gpt2): 4 layers, width 128, 4 heads (``--config_overrides`` replaces that) trained with
-  lr 1e-3, cosine, 5 epochs of 8 x 128 tokens, ...; the script logs the parameter count and memory before building;
-- no checkpoints (``--save_strategy no``) unless ``--save_steps N`` or ``--save_strategy`` is given (the final model
-  is always saved in ``--output_dir``);
+  lr 1e-3, cosine, 5 epochs of 8 x 128 tokens, a log entry every 2 % of the run and an evaluation every 10 % of it
+  (``--logging_steps 0.02 --eval_steps 0.1``), ...; the script logs the parameter count and memory before building;
 - no data argument either: the embedded corpus, the Python reference manual that ships with CPython
-  (``hf_hwbp.data``), through the same ``map``/``group_texts`` path as files;
+  (``hf_hwbp.examples.data``), through the same ``map``/``group_texts`` path as files;
 - no tokenizer: a byte-level BPE tokenizer trained on the training texts (run_clm refuses).
 
-Any flag you pass wins over these defaults. No download; the default run (575 steps) took 7 minutes on 2 busy CPU
-cores with ``OMP_NUM_THREADS=1`` (validation loss 4.68, perplexity 108); on a machine shared with other jobs use
-``OMP_NUM_THREADS=1``::
+Any flag you pass wins over these defaults. ``--use_lora`` on a model from scratch saves its (random, frozen) base
+model in ``<output_dir>/base_model`` and names it in the adapter's config, so that
+``AutoPeftModelForCausalLM.from_pretrained(output_dir)`` loads the result offline. The last line the script prints
+says where the model, its card and its metrics are. No download; the default run (575 steps) took 7 minutes on 2
+busy CPU cores with ``OMP_NUM_THREADS=1`` (validation loss 4.68, perplexity 108); on a machine shared with other jobs
+use ``OMP_NUM_THREADS=1``::
 
     python scripts/run_clm_hwbp.py                          # embedded default, Highway-BP(2)
     python scripts/run_clm_hwbp.py --compare_backprop       # + the same run with plain backprop, beside output_dir
@@ -57,7 +61,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from hf_hwbp import HighwayTrainer, HighwayTrainingArguments
+from hf_hwbp import HighwayTrainer, HighwayTrainingArguments, LayerParallelTrainer
 from hf_hwbp.examples import (
     ComparisonArguments,
     LoraArguments,
@@ -67,9 +71,17 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
-from hf_hwbp.examples.arguments import check_launch, log_model_to_build, small_config_overrides, user_gave
-from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
+from hf_hwbp.examples.arguments import (
+    FlagError,
+    check_launch,
+    log_model_to_build,
+    small_config_overrides,
+    usage_errors,
+    user_gave,
+)
+from hf_hwbp.examples.comparison import compare_with_backprop
 from hf_hwbp.examples.data import reference_manual_datasets, train_bpe_tokenizer
+from hf_hwbp.examples.outputs import outputs_line
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +92,7 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "output_dir": os.path.join("outputs", "run_clm_hwbp"),
     "do_train": True,
     "do_eval": True,
+    "save_strategy": "no",  # the final model is saved anyway; --save_steps N turns checkpoints on
     "dataloader_pin_memory": torch.cuda.is_available(),  # no pinned-memory warning on CPU-only machines
 }
 EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # a model from scratch (GPT-2 unless --model_type): small, and its recipe
@@ -93,10 +106,9 @@ EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # a model from scratch (GPT-2 unles
     "weight_decay": 0.1,
     "warmup_steps": 0.1,
     "lr_scheduler_type": "cosine",
-    "logging_steps": 10,
+    "logging_steps": 0.02,  # a ratio of the run: 50 points on the curves, whatever --max_steps
     "eval_strategy": "steps",
-    "eval_steps": 50,
-    "save_strategy": "no",
+    "eval_steps": 0.1,
 }
 EMBEDDED_DATA_DEFAULTS: dict[str, Any] = {"validation_split_percentage": 10}  # no data argument: the embedded corpus
 PRETRAINED_KEYS = ("model_name_or_path", "config_name")
@@ -108,8 +120,10 @@ def script_defaults(given: dict[str, Any]) -> dict[str, Any]:
 
     A model from scratch (no ``--model_name_or_path`` / ``--config_name``) gets the small recipe whatever its
     ``--model_type``: 4 layers, width 128 (``small_config_overrides``), and the recipe's training settings. Giving
-    ``--save_steps`` makes the default ``--save_strategy`` "steps" (the recipe's is "no")."""
+    ``--save_steps`` makes the default ``--save_strategy`` "steps" (the script's is "no")."""
     defaults = dict(SCRIPT_DEFAULTS)
+    if user_gave(given, "save_steps", HighwayTrainingArguments):
+        defaults["save_strategy"] = "steps"
     if all(given.get(key) is None for key in PRETRAINED_KEYS):
         defaults.update(EMBEDDED_MODEL_DEFAULTS)
         model_type = given.get("model_type")
@@ -117,8 +131,6 @@ def script_defaults(given: dict[str, Any]) -> dict[str, Any]:
             del defaults["model_type"]
             if model_type in MODEL_TYPES:  # an unknown type is refused by ModelArguments, naming the known ones
                 defaults["config_overrides"] = small_config_overrides(model_type)
-        if user_gave(given, "save_steps", HighwayTrainingArguments):
-            defaults["save_strategy"] = "steps"
     if all(given.get(key) is None for key in DATA_KEYS):
         defaults.update(EMBEDDED_DATA_DEFAULTS)
     return defaults
@@ -242,15 +254,23 @@ class DataTrainingArguments:
 ARGUMENT_TYPES = (ModelArguments, DataTrainingArguments, HighwayTrainingArguments, LoraArguments, ComparisonArguments)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple:
-    """The script's arguments: run_clm's, Highway-BP's (layer-parallel included), LoRA, comparison."""
-    return parse_args_with_defaults(ARGUMENT_TYPES, argv, script_defaults)
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    model_args, data_args, training_args, lora_args, compare_args = parse_args(argv)
+def check_flags(parsed: tuple) -> None:
+    """Flag combinations refused before anything is built (a ValueError: a usage error)."""
+    _, _, training_args, _, compare_args = parsed
     compare_args.check(training_args)
     check_launch(training_args)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """The script's arguments: run_clm's, Highway-BP's (layer-parallel included), LoRA, comparison."""
+    return parse_args_with_defaults(
+        ARGUMENT_TYPES, argv, script_defaults, check=check_flags, prog=os.path.basename(__file__)
+    )
+
+
+@usage_errors(os.path.basename(__file__))
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, training_args, lora_args, compare_args = parse_args(argv)
 
     # Setup logging
     logging.basicConfig(
@@ -325,7 +345,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         logger.info(f"A new {model_args.model_type} config from scratch.")
         if model_args.config_overrides is not None:
             logger.info(f"Overriding config: {model_args.config_overrides}")
-            config.update_from_string(model_args.config_overrides)
+            try:
+                config.update_from_string(model_args.config_overrides)
+            except ValueError as err:  # a key the config does not have, a value it cannot read
+                raise FlagError(f"--config_overrides: {err}") from None
     check_highway_supported(config.model_type, training_args.use_highway_bp, "causal-LM")
 
     first_split = "train" if training_args.do_train else "validation"
@@ -349,8 +372,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if not (model_args.model_name_or_path or model_args.config_name):
         config = fit_config_to_tokenizer(config, tokenizer, data_args.block_size, model_args.config_overrides)
 
-    def build_model():
-        set_seed(training_args.seed)  # the same initial weights in every run (--compare_backprop)
+    def build_model(args=training_args):
+        set_seed(args.seed)  # the same initial weights in every run (--compare_backprop)
         if model_args.model_name_or_path:
             dtype = model_args.dtype if model_args.dtype in ["auto", None] else getattr(torch, model_args.dtype)
             model = AutoModelForCausalLM.from_pretrained(
@@ -365,7 +388,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if len(tokenizer) > embedding_size:
             model.resize_token_embeddings(len(tokenizer))
         if lora_args.use_lora:
-            model = apply_lora(model, lora_args, task_type="CAUSAL_LM")
+            from_scratch = not model_args.model_name_or_path
+            model = apply_lora(
+                model,
+                lora_args,
+                task_type="CAUSAL_LM",
+                scratch_output_dir=args.output_dir if from_scratch else None,
+                write_base=args.should_save,
+            )
         return model
 
     if not model_args.model_name_or_path:
@@ -390,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         block_size = min(tokenizer.model_max_length, max_pos_embeddings, 1024)
     else:
         if data_args.block_size > max_pos_embeddings:
-            raise ValueError(f"--block_size {data_args.block_size} exceeds the model's {max_pos_embeddings} positions.")
+            raise FlagError(f"--block_size {data_args.block_size} exceeds the model's {max_pos_embeddings} positions.")
         block_size = data_args.block_size
 
     # Main data processing function that will concatenate all texts from our dataset and generate chunks of block_size.
@@ -417,13 +447,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if training_args.do_train:
         if "train" not in tokenized_datasets:
-            raise ValueError("--do_train requires a train dataset")
+            raise FlagError("--do_train requires a train dataset")
         train_dataset = lm_datasets["train"]
         if data_args.max_train_samples is not None:
             train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
     if training_args.do_eval:
         if "validation" not in tokenized_datasets:
-            raise ValueError("--do_eval requires a validation dataset")
+            raise FlagError("--do_eval requires a validation dataset")
         eval_dataset = lm_datasets["validation"]
         if data_args.max_eval_samples is not None:
             eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
@@ -443,7 +473,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     for name, split in (("train", training_args.do_train), ("validation", training_args.do_eval)):
         if split and len(lm_datasets[name]) == 0:
-            raise ValueError(f"The {name} split has fewer than --block_size={block_size} tokens.")
+            raise FlagError(f"The {name} split has fewer than --block_size={block_size} tokens.")
 
     # Saved with the model: its real limit (a tokenizer trained here says 1e30), set after tokenizing the long texts.
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
@@ -451,7 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer.model_max_length = positions
 
     def build_trainer(args, model):
-        return HighwayTrainer(
+        trainer_class = LayerParallelTrainer if args.layer_parallel else HighwayTrainer
+        return trainer_class(
             model=model,
             args=args,
             train_dataset=train_dataset if args.do_train else None,
@@ -460,7 +491,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             data_collator=default_data_collator,
             compute_metrics=compute_metrics if args.do_eval else None,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics if args.do_eval else None,
-            callbacks=[StepTimer()] if compare_args.compare_backprop else None,
         )
 
     trainer = build_trainer(training_args, model)
@@ -506,16 +536,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         trainer.create_model_card(**kwargs)
 
+    comparison = None
     if compare_args.compare_backprop:
-        compare_with_backprop(
+        paths = compare_with_backprop(
             trainer,
             metrics,
-            lambda args: build_trainer(args, build_model()),
+            lambda args: build_trainer(args, build_model(args)),
             columns=[("eval loss", "eval_loss", ".4f"), ("perplexity", "perplexity", ".2f")],
             title="Causal LM: Highway-BP vs backprop",
             comparison_dir=compare_args.comparison_dir,
+            timing_rounds=compare_args.comparison_timing_rounds,
             extra_eval=perplexity,
         )
+        comparison = os.path.dirname(paths["markdown"]) if paths else None
+    if training_args.should_save:
+        print(outputs_line(training_args.output_dir, comparison))
     return metrics
 
 

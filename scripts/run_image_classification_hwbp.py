@@ -5,8 +5,9 @@ The flags are run_image_classification's (``--model_name_or_path``, ``--dataset_
 ``--validation_dir``, ``--train_val_split``, ``--image_column_name``, ``--label_column_name``,
 ``--max_train_samples``, ``--ignore_mismatched_sizes``, ... and every ``TrainingArguments`` flag), plus
 ``--model_type`` / ``--config_overrides`` to train from scratch, Highway-BP's (``--hwbp_k``, ``--hwbp_config``,
-``--use_highway_bp false``, ...), LoRA (``--use_lora``) and ``--compare_backprop``. A single ``.json`` argument is read
-as an arguments file.
+``--use_highway_bp false``, ...), LoRA (``--use_lora``), ``--compare_backprop`` and ``--layer_parallel`` (ViT, with
+``hf_hwbp.LayerParallelTrainer`` under ``torchrun``). A single ``.json`` argument is read as an arguments file. A bad
+flag value is a usage error in one line (exit status 2).
 
 Images are resized and normalized by the model's image processor (``--image_processor_name`` or the checkpoint's;
 for a model trained from scratch a ViT image processor at its image size, mean = std = 0.5). ``--max_train_samples``
@@ -15,14 +16,19 @@ and ``--max_eval_samples`` take a seeded random subset (shuffle, then select).
 Defaults that differ from run_image_classification, all shown by ``--help`` for the command line it is given with:
 
 - always: ``--do_train`` / ``--do_eval`` true, ``--output_dir outputs/run_image_classification_hwbp``,
-  ``--remove_unused_columns false`` (the image column feeds the transform);
+  ``--remove_unused_columns false`` (the image column feeds the transform), and no checkpoints (``--save_strategy
+  no``) unless ``--save_steps N`` or ``--save_strategy`` is given;
 - no model argument (``--model_name_or_path``, ``--config_name``, ``--model_type``): the embedded recipe, a small
-  ViT (4 layers, hidden size 64, 16x16 one-channel images in 4x4 patches) trained from scratch for 15 epochs;
-- no data argument: the embedded data set, scikit-learn's handwritten digits (``hf_hwbp.vision_data``; 1797 8x8
-  images, no download; ``pip install hf_hwbp[vision]``).
+  ViT (4 layers, hidden size 64, 16x16 one-channel images in 4x4 patches) trained from scratch for 15 epochs, a log
+  entry every 2 % of the run and an evaluation every 10 % (``--logging_steps 0.02 --eval_steps 0.1``); with your
+  own images instead of the digits, the same ViT in RGB (every image converted to 3 channels; ``--config_overrides
+  num_channels=1`` for grayscale) at the image size of the first image (at most 64, a multiple of the patch size);
+- no data argument: the embedded data set, scikit-learn's handwritten digits (``hf_hwbp.examples.vision_data``;
+  1797 8x8 images, no download; ``pip install hf_hwbp[vision]``).
 
-The default run (675 steps) took 1.6 minutes on 2 busy CPU cores with ``OMP_NUM_THREADS=1`` (validation accuracy
-0.98)::
+``--use_lora`` on a model from scratch saves its base model in ``<output_dir>/base_model`` and names it in the adapter's
+config. The last line the script prints says where the model, its card and its metrics are. The default run (675
+steps) took 1.6 minutes on 2 busy CPU cores with ``OMP_NUM_THREADS=1`` (validation accuracy 0.98)::
 
     python scripts/run_image_classification_hwbp.py                     # embedded default
     python scripts/run_image_classification_hwbp.py --compare_backprop   # + plain backprop, beside output_dir
@@ -53,7 +59,7 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
 
-from hf_hwbp import HighwayTrainer, HighwayTrainingArguments
+from hf_hwbp import HighwayTrainer, HighwayTrainingArguments, LayerParallelTrainer
 from hf_hwbp.examples import (
     ComparisonArguments,
     LoraArguments,
@@ -62,8 +68,15 @@ from hf_hwbp.examples import (
     highway_model_types,
     parse_args_with_defaults,
 )
-from hf_hwbp.examples.arguments import check_launch, log_model_to_build, user_gave
-from hf_hwbp.examples.comparison import StepTimer, compare_with_backprop
+from hf_hwbp.examples.arguments import (
+    FlagError,
+    check_launch,
+    log_model_to_build,
+    usage_errors,
+    user_gave,
+)
+from hf_hwbp.examples.comparison import compare_with_backprop
+from hf_hwbp.examples.outputs import outputs_line
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +87,7 @@ SCRIPT_DEFAULTS: dict[str, Any] = {
     "do_train": True,
     "do_eval": True,
     "remove_unused_columns": False,  # the image column feeds the on-the-fly transform
+    "save_strategy": "no",  # the final model is saved anyway; --save_steps N turns checkpoints on
     "dataloader_pin_memory": torch.cuda.is_available(),
 }
 EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # no model argument: a small ViT from scratch, and its recipe
@@ -87,11 +101,11 @@ EMBEDDED_MODEL_DEFAULTS: dict[str, Any] = {  # no model argument: a small ViT fr
     "weight_decay": 0.05,
     "warmup_steps": 0.06,
     "lr_scheduler_type": "cosine",
-    "logging_steps": 10,
-    "eval_strategy": "epoch",
-    "save_strategy": "no",
+    "logging_steps": 0.02,  # ratios of the run: 50 points on the loss curves and 10 evaluations, whatever --max_steps
+    "eval_strategy": "steps",
+    "eval_steps": 0.1,
 }
-# Your images and no model: the same small ViT, its image size and channels taken from the data (see main).
+# Your images and no model: the same small ViT in RGB, its image size taken from the data (see main).
 DATA_FOLLOWING_OVERRIDES = "patch_size=4,hidden_size=64,num_hidden_layers=4,num_attention_heads=4,intermediate_size=128"
 SCRATCH_CONV_IMAGE_SIZE = 32  # images fed to a from-scratch model whose config has no image size (ResNet)
 MAX_SCRATCH_IMAGE_SIZE = 64  # a from-scratch image size taken from the data is at most this (set image_size to choose)
@@ -103,12 +117,12 @@ DATA_KEYS = ("dataset_name", "train_dir", "validation_dir")
 def script_defaults(given: dict[str, Any]) -> dict[str, Any]:
     """The defaults for a command line whose flags are ``given`` (user flags still win over them)."""
     defaults = dict(SCRIPT_DEFAULTS)
+    if user_gave(given, "save_steps", HighwayTrainingArguments):
+        defaults["save_strategy"] = "steps"
     if all(given.get(key) is None for key in MODEL_KEYS):
         defaults.update(EMBEDDED_MODEL_DEFAULTS)
         if any(given.get(key) is not None for key in DATA_KEYS):  # your images: size and channels from them
             defaults["config_overrides"] = DATA_FOLLOWING_OVERRIDES
-        if user_gave(given, "save_steps", HighwayTrainingArguments):
-            defaults["save_strategy"] = "steps"
     if all(given.get(key) is None for key in DATA_KEYS):
         defaults.update(EMBEDDED_DATA_DEFAULTS)
     return defaults
@@ -129,26 +143,33 @@ def apply_config_overrides(config, overrides: str) -> set[str]:
     keys = set()
     for item in filter(None, (i.strip() for i in items)):
         if "=" not in item:
-            raise ValueError(f"--config_overrides: {item!r} is not key=value.")
+            raise FlagError(f"--config_overrides: {item!r} is not key=value.")
         key, value = (part.strip() for part in item.split("=", 1))
         if value.startswith("["):
             if not hasattr(config, key):
-                raise ValueError(f"--config_overrides: {config.model_type} configs have no {key!r}.")
+                raise FlagError(f"--config_overrides: {config.model_type} configs have no {key!r}.")
             try:
                 setattr(config, key, json.loads(value))
             except json.JSONDecodeError as err:
-                raise ValueError(f"--config_overrides: {key}={value} is not a list ({err}).") from None
+                raise FlagError(f"--config_overrides: {key}={value} is not a list ({err}).") from None
         else:
-            config.update_from_string(f"{key}={value}")
+            try:
+                config.update_from_string(f"{key}={value}")
+            except ValueError as err:  # a key the config does not have, a value it cannot read
+                raise FlagError(f"--config_overrides: {err}") from None
         keys.add(key)
     return keys
 
 
 def fit_config_to_images(config, image, given: set[str]) -> str:
-    """A from-scratch ``config``'s channels and image size from a training ``image``, except where given; says what."""
+    """A from-scratch ``config``'s channels and image size for your images, except where given; says what.
+
+    Channels: 3 (RGB; every image is converted, a grayscale one loses nothing), whatever the first image is: a folder
+    may mix grayscale and colour images. Image size: the first ``image``'s shorter side, at most
+    ``MAX_SCRATCH_IMAGE_SIZE``, a multiple of the patch size (the image processor resizes every image to it)."""
     changed = []
     if "num_channels" not in given and hasattr(config, "num_channels"):
-        config.num_channels = 1 if image.mode in ("L", "1", "I", "F") else 3
+        config.num_channels = 3
         changed.append(f"num_channels={config.num_channels}")
     if "image_size" not in given and hasattr(config, "image_size"):
         patch = getattr(config, "patch_size", 1) or 1
@@ -248,8 +269,17 @@ class DataTrainingArguments:
 ARGUMENT_TYPES = (ModelArguments, DataTrainingArguments, HighwayTrainingArguments, LoraArguments, ComparisonArguments)
 
 
+def check_flags(parsed: tuple) -> None:
+    """Flag combinations refused before anything is built (a ValueError: a usage error)."""
+    _, _, training_args, _, compare_args = parsed
+    compare_args.check(training_args)
+    check_launch(training_args)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple:
-    return parse_args_with_defaults(ARGUMENT_TYPES, argv, script_defaults)
+    return parse_args_with_defaults(
+        ARGUMENT_TYPES, argv, script_defaults, check=check_flags, prog=os.path.basename(__file__)
+    )
 
 
 def collate_fn(examples):
@@ -258,10 +288,9 @@ def collate_fn(examples):
     return {"pixel_values": pixel_values, "labels": labels}
 
 
+@usage_errors(os.path.basename(__file__))
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, training_args, lora_args, compare_args = parse_args(argv)
-    compare_args.check(training_args)
-    check_launch(training_args)
 
     # Setup logging
     logging.basicConfig(
@@ -302,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     first_split = "train" if "train" in dataset else "validation"
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in dataset[first_split].column_names:
-            raise ValueError(
+            raise FlagError(
                 f"--{'image' if column == data_args.image_column_name else 'label'}_column_name {column!r} is not a "
                 f"column of the dataset (columns: {', '.join(dataset[first_split].column_names)})."
             )
@@ -362,15 +391,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             fitted = fit_config_to_images(config, dataset[first_split][0][data_args.image_column_name], given)
             if fitted:
                 logger.warning(
-                    f"From scratch on your images: {fitted} (from the first image; at most "
-                    f"{MAX_SCRATCH_IMAGE_SIZE} pixels). Choose them with --config_overrides."
+                    f"From scratch on your images: {fitted} (RGB: every image converted to 3 channels; the size of "
+                    f"the first image, at most {MAX_SCRATCH_IMAGE_SIZE} pixels). Choose them with --config_overrides."
                 )
         config.num_labels, config.label2id, config.id2label = len(labels), label2id, id2label
         if not config.architectures:  # some types map to several classes (DeiT): take the plain classifier
             classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
             config.architectures = [classes[0] if isinstance(classes, (list, tuple)) else classes]
         if getattr(config, "patch_size", None) and getattr(config, "image_size", 0) % config.patch_size:
-            raise ValueError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}.")
+            raise FlagError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}.")
     check_highway_supported(config.model_type, training_args.use_highway_bp, "image-classification")
 
     if model_args.image_processor_name or model_args.model_name_or_path:
@@ -387,8 +416,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     image_mode = "L" if getattr(config, "num_channels", 3) == 1 else "RGB"
 
-    def build_model():
-        set_seed(training_args.seed)  # the same initial weights in every run (--compare_backprop)
+    def build_model(args=training_args):
+        set_seed(args.seed)  # the same initial weights in every run (--compare_backprop)
         if model_args.model_name_or_path:
             model = AutoModelForImageClassification.from_pretrained(
                 model_args.model_name_or_path,
@@ -402,7 +431,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             heads = ("classifier", "score", "head")
             head = [name for name in heads if isinstance(getattr(model, name, None), torch.nn.Module)]
             model = apply_lora(
-                model, lora_args, task_type=None, default_targets=["q_proj", "v_proj"], modules_to_save=head or None
+                model,
+                lora_args,
+                task_type=None,
+                default_targets=["q_proj", "v_proj"],
+                modules_to_save=head or None,
+                scratch_output_dir=None if model_args.model_name_or_path else args.output_dir,
+                write_base=args.should_save,
             )
         return model
 
@@ -416,21 +451,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     if training_args.do_train:
         if "train" not in dataset:
-            raise ValueError("--do_train requires a train dataset")
+            raise FlagError("--do_train requires a train dataset")
         if data_args.max_train_samples is not None:
             n = min(len(dataset["train"]), data_args.max_train_samples)
             dataset["train"] = dataset["train"].shuffle(seed=training_args.seed).select(range(n))
         dataset["train"].set_transform(transforms)
     if training_args.do_eval:
         if "validation" not in dataset:
-            raise ValueError("--do_eval requires a validation dataset")
+            raise FlagError("--do_eval requires a validation dataset")
         if data_args.max_eval_samples is not None:
             n = min(len(dataset["validation"]), data_args.max_eval_samples)
             dataset["validation"] = dataset["validation"].shuffle(seed=training_args.seed).select(range(n))
         dataset["validation"].set_transform(transforms)
 
     def build_trainer(args, model):
-        return HighwayTrainer(
+        trainer_class = LayerParallelTrainer if args.layer_parallel else HighwayTrainer
+        return trainer_class(
             model=model,
             args=args,
             train_dataset=dataset["train"] if args.do_train else None,
@@ -438,7 +474,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             compute_metrics=compute_metrics,
             processing_class=image_processor,
             data_collator=collate_fn,
-            callbacks=[StepTimer()] if compare_args.compare_backprop else None,
         )
 
     if not model_args.model_name_or_path:
@@ -464,10 +499,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
 
     # Write model card and (optionally) push to hub
+    embedded = data_args.dataset_name is None and data_args.train_dir is None and data_args.validation_dir is None
     kwargs = {
         "finetuned_from": model_args.model_name_or_path,
         "tasks": "image-classification",
-        "dataset": data_args.dataset_name,
+        "dataset": (
+            "embedded data set (scikit-learn's handwritten digits, hf_hwbp.examples.vision_data)"
+            if embedded
+            else data_args.dataset_name or "your image folders"
+        ),
         "tags": ["image-classification", "vision"],
     }
     if training_args.push_to_hub:
@@ -475,15 +515,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         trainer.create_model_card(**kwargs)
 
+    comparison = None
     if compare_args.compare_backprop:
-        compare_with_backprop(
+        paths = compare_with_backprop(
             trainer,
             metrics,
-            lambda args: build_trainer(args, build_model()),
+            lambda args: build_trainer(args, build_model(args)),
             columns=[("eval loss", "eval_loss", ".4f"), ("accuracy", "eval_accuracy", ".4f")],
             title="Image classification: Highway-BP vs backprop",
             comparison_dir=compare_args.comparison_dir,
+            timing_rounds=compare_args.comparison_timing_rounds,
         )
+        comparison = os.path.dirname(paths["markdown"]) if paths else None
+    if training_args.should_save:
+        print(outputs_line(training_args.output_dir, comparison))
     return metrics
 
 

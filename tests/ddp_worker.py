@@ -33,6 +33,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 from hf_hwbp import (
     HighwayCallback,
     HighwayConfig,
+    HighwayTrainer,
+    HighwayTrainingArguments,
     UnsupportedDistributedSetupError,
     highway_state,
     is_patched,
@@ -40,7 +42,6 @@ from hf_hwbp import (
     patching,
     unwrap_model,
 )
-from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 12, 4
 

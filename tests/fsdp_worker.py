@@ -48,9 +48,18 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from hf_hwbp import HighwayBPError, HighwayCallback, HighwayConfig, highway_state, is_patched, patch_model, patching
+from hf_hwbp import (
+    HighwayBPError,
+    HighwayCallback,
+    HighwayConfig,
+    HighwayTrainer,
+    HighwayTrainingArguments,
+    highway_state,
+    is_patched,
+    patch_model,
+    patching,
+)
 from hf_hwbp import fsdp as hw_fsdp
-from hf_hwbp.trainer import HighwayTrainer, HighwayTrainingArguments
 
 ROWS, LENGTH, N_LAYER = 4, 8, 3
 # (k, mode): the package's defaults at every k; the Highway engine at exact steps too at k = L (below L both modes

@@ -1,6 +1,6 @@
-"""One rank of the layer-parallel HighwayTrainer runs (launched by tests/test_layer_parallel_trainer.py with torchrun).
+"""One rank of the LayerParallelTrainer runs (launched by tests/test_layer_parallel_trainer.py with torchrun).
 
-Every part trains a tiny float64 model (dropout 0) with ``HighwayTrainer`` and ``layer_parallel=True`` on 2 ranks
+Every part trains a tiny float64 model (dropout 0) with ``LayerParallelTrainer`` (``layer_parallel=True``) on 2 ranks
 (gloo, CPU), from the settings in ``tests/test_layer_parallel_trainer.py`` (``PARTS``; the test runs the same
 settings single-process, without ``layer_parallel``, as the reference), and writes into ``--out``:
 

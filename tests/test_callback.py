@@ -27,9 +27,17 @@ from trainer_helpers import (
 from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer, TrainerCallback, TrainingArguments
 
 import hf_hwbp
-from hf_hwbp import HighwayCallback, HighwayConfig, add_highway_callback, is_patched, patch_model
+from hf_hwbp import (
+    HighwayBPError,
+    HighwayCallback,
+    HighwayConfig,
+    HighwayTrainer,
+    HighwayTrainingConfig,
+    add_highway_callback,
+    is_patched,
+    patch_model,
+)
 from hf_hwbp.arguments import HighwayArguments
-from hf_hwbp.trainer import HighwayTrainer
 
 STEP_SCHEDULE = {"k": 0, "k_schedule": "step", "k_step_every": 1}  # k = 0, 1, 2 for steps 1, 2, 3
 
@@ -74,7 +82,7 @@ def run(trainer_class, tmp_path, arguments_class=TrainingArguments, data=None):
         trainer = HighwayTrainer(model=model, args=args, train_dataset=data, callbacks=[recorder])
     else:
         args = plain_args(tmp_path, arguments_class)
-        callbacks = [HighwayCallback(HighwayConfig(**STEP_SCHEDULE)), recorder]
+        callbacks = [HighwayCallback(HighwayTrainingConfig(**STEP_SCHEDULE)), recorder]
         trainer = trainer_class(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.train()
     return trainer, recorder.grads, model
@@ -123,7 +131,7 @@ def test_resume_continues_the_schedule(tmp_path):
     def train(resume=None):
         recorder = StepRecorder()
         args = plain_args(tmp_path, max_steps=8, save_strategy="steps", save_steps=4, optim="adamw_torch")
-        config = HighwayConfig(k=0, k_schedule="step", k_step_every=2, k_max=3)
+        config = HighwayTrainingConfig(k=0, k_schedule="step", k_step_every=2, k_max=3)
         callbacks = [HighwayCallback(config), recorder]
         trainer = Trainer(model=tiny_gpt2(seed=1), args=args, train_dataset=repetitive_data(), callbacks=callbacks)
         trainer.train(resume_from_checkpoint=resume)
@@ -150,13 +158,13 @@ def test_integrations_see_the_values_when_the_callback_comes_first(tmp_path):
         return trainer, integration
 
     # Passed in callbacks=[...], the callback runs after the integrations: they get the log before it is completed.
-    trainer, integration = trainer_with_integration([HighwayCallback(HighwayConfig(k=1))])
+    trainer, integration = trainer_with_integration([HighwayCallback(HighwayTrainingConfig(k=1))])
     trainer.train()
     assert [e["hwbp_k"] for e in train_entries(trainer)] == [1, 1]  # log_history (trainer_state.json) has them
     assert not any("hwbp_k" in log for log in integration.logs)
     # add_highway_callback puts it ahead of them.
     trainer, integration = trainer_with_integration([])
-    add_highway_callback(trainer, HighwayConfig(k=1))
+    add_highway_callback(trainer, HighwayTrainingConfig(k=1))
     trainer.train()
     seen = [log for log in integration.logs if "loss" in log]
     assert [(log["hwbp_k"], log["hwbp_iterations"]) for log in seen] == [(1, 1), (1, 1)]
@@ -166,7 +174,7 @@ def test_sft_trainer_with_highway_arguments(tmp_path):
     trl = pytest.importorskip("trl")
     import datasets
 
-    from hf_hwbp.data import train_bpe_tokenizer
+    from hf_hwbp.examples.data import train_bpe_tokenizer
 
     @dataclass
     class HighwaySFTConfig(HighwayArguments, trl.SFTConfig):
@@ -222,7 +230,7 @@ def test_settings_from_two_places_must_agree(tmp_path):
             model=tiny_gpt2(),
             args=make_args(tmp_path, hwbp_k=2),
             train_dataset=repetitive_data(),
-            highway_config=HighwayConfig(k=1),
+            highway_config=HighwayTrainingConfig(k=1),
         )
     # The same settings twice are fine.
     HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path, hwbp_k=1), highway_config={"k": 1})
@@ -235,7 +243,7 @@ def fresh_gpt2():
 def test_model_init(tmp_path):
     recorder = StepRecorder()
     args = plain_args(tmp_path, max_steps=2)
-    callbacks = [HighwayCallback(HighwayConfig(k=1)), recorder]
+    callbacks = [HighwayCallback(HighwayConfig(k=1)), recorder]  # an engine config: those settings at every step
     trainer = Trainer(model_init=fresh_gpt2, args=args, train_dataset=repetitive_data(), callbacks=callbacks)
     trainer.train()
     assert recorder.k == {1: 1, 2: 1}
@@ -259,14 +267,14 @@ def test_a_step_without_highway_backward_raises(tmp_path):
         callbacks=[HighwayCallback()],
     )
     trainer.shadow = tiny_gpt2(seed=1)
-    with pytest.raises(RuntimeError, match="optimizer step 1 ran no Highway backward"):
+    with pytest.raises(HighwayBPError, match="optimizer step 1 ran no Highway backward"):
         trainer.train()
 
 
 def test_callback_arguments(tmp_path):
     with pytest.raises(TypeError, match="unexpected keyword argument 'k'"):
         HighwayCallback(k=2)  # settings go in a HighwayConfig
-    with pytest.raises(TypeError, match="HighwayConfig, a dict or None"):
+    with pytest.raises(TypeError, match=r"HighwayTrainingConfig \(or a HighwayConfig\), a dict or None"):
         HighwayCallback(2)
     with pytest.raises(TypeError, match=r"Unknown Highway-BP setting\(s\) \['kk'\]"):
         HighwayCallback({"kk": 2})
@@ -291,10 +299,38 @@ def test_a_user_callback_reads_the_iterations_of_the_last_backward(tmp_path, tra
         args = make_args(tmp_path, max_steps=3, hwbp_config=STEP_SCHEDULE)
         trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=4), callbacks=[reader])
     else:
-        callbacks = [HighwayCallback(HighwayConfig(**STEP_SCHEDULE)), reader]
+        callbacks = [HighwayCallback(HighwayTrainingConfig(**STEP_SCHEDULE)), reader]
         trainer = Trainer(
             model=tiny_gpt2(), args=plain_args(tmp_path), train_dataset=repetitive_data(n=4), callbacks=callbacks
         )
     trainer.train()
     assert reader.seen == [0, 1, 2]  # k = 0, 1, 2: the callback's own count did not consume the public value
     assert [e["hwbp_iterations"] for e in train_entries(trainer)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [HighwayTrainingConfig(k=N_LAYER), HighwayTrainingConfig(k=1, k_schedule="exact_last", exact_last_steps=3)],
+    ids=["k=L", "exact_last"],
+)
+def test_exact_steps_under_the_callback_train_as_backprop(tmp_path, config):
+    """With the package's defaults a plain Trainer whose every step is exact trains exactly as without the callback
+    (the model's own backward), logs L iterations per step, and its step check does not mistake the exact steps
+    (which record no Highway forward) for a loss computed with another model."""
+
+    def train(callbacks):
+        recorder = GradRecorder()
+        trainer = Trainer(
+            model=tiny_gpt2(dtype=torch.float64),
+            args=plain_args(tmp_path),
+            train_dataset=repetitive_data(n=4),
+            callbacks=[*callbacks, recorder],
+        )
+        trainer.train()
+        return trainer, recorder.grads
+
+    trainer, grads = train([HighwayCallback(config)])
+    _, expected = train([])
+    for step in range(3):  # the same operations as without the callback: bit for bit
+        assert all(torch.equal(grads[step][name], g) for name, g in expected[step].items()), step
+    assert [(e["hwbp_k"], e["hwbp_iterations"]) for e in train_entries(trainer)] == [(N_LAYER, N_LAYER)] * 3

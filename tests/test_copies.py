@@ -272,7 +272,7 @@ def test_dpo_trainer_with_a_patched_policy(tmp_path):
     from datasets import Dataset
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from hf_hwbp.data import train_bpe_tokenizer
+    from hf_hwbp.examples.data import train_bpe_tokenizer
 
     words = "the cat sat on a mat while a dog ran far away from home and back again".split()
     g = torch.Generator().manual_seed(0)

@@ -74,9 +74,11 @@ def test_layer_parallel_script_trains_every_stage(tmp_path):
     assert "hf_hwbp" in (out / "README.md").read_text()  # the model card
 
 
-def test_layer_parallel_script_refuses_compare_backprop(tmp_path):
+def test_layer_parallel_script_refuses_compare_backprop(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "scripts"))
     import run_clm_hwbp
 
-    with pytest.raises(ValueError, match="--compare_backprop does not run with --layer_parallel"):
+    with pytest.raises(SystemExit) as exit_info:
         run_clm_hwbp.main(["--layer_parallel", "--compare_backprop", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "run_clm_hwbp.py: error: --compare_backprop does not run with --layer_parallel" in capsys.readouterr().err

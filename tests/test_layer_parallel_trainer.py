@@ -1,4 +1,4 @@
-"""Layer-parallel training inside HighwayTrainer: real 2-process torchrun runs (gloo, CPU) against single-process runs.
+"""LayerParallelTrainer: real 2-process torchrun runs (gloo, CPU) against single-process HighwayTrainer runs.
 
 tests/lp_trainer_worker.py trains each part of ``PARTS`` with ``layer_parallel=True`` on 2 ranks; this file trains
 the same settings in this process without ``layer_parallel`` (``HighwayTrainer`` with the patched model, or plain
@@ -29,7 +29,15 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from hf_hwbp import HighwayCallback, HighwayTrainer, HighwayTrainingArguments
+from hf_hwbp import (
+    HighwayBPError,
+    HighwayCallback,
+    HighwayTrainer,
+    HighwayTrainingArguments,
+    LayerParallelTrainer,
+    UnsupportedModelError,
+    UnsupportedTrainingSetupError,
+)
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -125,6 +133,7 @@ PARTS: dict[str, dict] = {
 
 
 def make_trainer(name: str, output_dir: Path, *, layer_parallel: bool) -> HighwayTrainer:
+    """``LayerParallelTrainer`` (under torchrun) or the single-process ``HighwayTrainer``, with the part's settings."""
     part = PARTS[name]
     settings = dict(
         **quiet_cpu_settings(output_dir),
@@ -137,7 +146,8 @@ def make_trainer(name: str, output_dir: Path, *, layer_parallel: bool) -> Highwa
     if not layer_parallel:
         settings.pop("layer_parallel_microbatches", None)
     args = HighwayTrainingArguments(**settings)
-    return HighwayTrainer(
+    trainer_class = LayerParallelTrainer if layer_parallel else HighwayTrainer
+    return trainer_class(
         model=part["model"](),
         args=args,
         train_dataset=part["train"](),
@@ -287,41 +297,51 @@ def _lp_args(tmp_path, **overrides) -> HighwayTrainingArguments:
 
 def test_unsupported_models_are_refused(tmp_path):
     model = GPT2ForSequenceClassification(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=16))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
-        HighwayTrainer(model=model, args=_lp_args(tmp_path))
-    with pytest.raises(ValueError, match="no stage recipe for model_type='bert'"):
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        LayerParallelTrainer(model=model, args=_lp_args(tmp_path))
+    with pytest.raises(UnsupportedModelError, match="no stage recipe for model_type='bert'"):
         from transformers import BertConfig, BertForMaskedLM
 
         config = BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32)
-        HighwayTrainer(model=BertForMaskedLM(config), args=_lp_args(tmp_path))
+        LayerParallelTrainer(model=BertForMaskedLM(config), args=_lp_args(tmp_path))
 
 
 def test_unsupported_settings_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="layer_parallel_microbatches=1"):
+    with pytest.raises(UnsupportedTrainingSetupError, match="layer_parallel_microbatches=1"):
         _lp_args(tmp_path, hwbp_k="auto", layer_parallel_microbatches=2)
-    with pytest.raises(ValueError, match="hwbp_fidelity_steps"):
+    with pytest.raises(UnsupportedTrainingSetupError, match="hwbp_fidelity_steps"):
         _lp_args(tmp_path, hwbp_fidelity_steps=2)
+    with pytest.raises(UnsupportedTrainingSetupError, match="does not support fp16"):
+        _lp_args(tmp_path, fp16=True)
     with pytest.raises(ValueError, match="layer_parallel_microbatches must be"):
         _lp_args(tmp_path, layer_parallel_microbatches=0)
-    with pytest.raises(ValueError, match="custom loss"):
-        HighwayTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
-    with pytest.raises(ValueError, match="label_smoothing_factor"):
-        HighwayTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path, label_smoothing_factor=0.1))
+    with pytest.raises(UnsupportedTrainingSetupError, match="custom loss"):
+        LayerParallelTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path), compute_loss_func=lambda *a, **k: 0)
+    with pytest.raises(UnsupportedTrainingSetupError, match="label_smoothing_factor"):
+        LayerParallelTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path, label_smoothing_factor=0.1))
     optimizer = torch.optim.SGD(tiny_gpt2().parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
-        HighwayTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path), optimizers=(optimizer, None))
+    with pytest.raises(UnsupportedTrainingSetupError, match="optimizer_cls_and_kwargs"):
+        LayerParallelTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path), optimizers=(optimizer, None))
+    # Arguments without the flag are checked the same way: the class is what asks for layer-parallel training.
+    plain = HighwayTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, hwbp_fidelity_steps=2)
+    with pytest.raises(UnsupportedTrainingSetupError, match="hwbp_fidelity_steps"):
+        LayerParallelTrainer(model=tiny_gpt2(), args=plain)
 
 
 def test_layer_parallel_needs_one_process_per_stage(tmp_path):
     if dist.is_initialized():
         pytest.skip("a process group is already initialized")
-    with pytest.raises(RuntimeError, match="torchrun --nproc_per_node"):
-        HighwayTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path))
+    with pytest.raises(HighwayBPError, match="torchrun --nproc_per_node"):
+        LayerParallelTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path))
 
 
-def test_a_plain_trainer_refuses_layer_parallel_arguments(tmp_path):
-    with pytest.raises(ValueError, match="HighwayTrainer"):
-        Trainer(model=tiny_gpt2(), args=_lp_args(tmp_path), callbacks=[HighwayCallback()])
+def test_other_trainers_refuse_layer_parallel_arguments(tmp_path):
+    for build in (
+        lambda: Trainer(model=tiny_gpt2(), args=_lp_args(tmp_path), callbacks=[HighwayCallback()]),
+        lambda: HighwayTrainer(model=tiny_gpt2(), args=_lp_args(tmp_path)),
+    ):
+        with pytest.raises(UnsupportedTrainingSetupError, match="run by hf_hwbp.LayerParallelTrainer"):
+            build()
 
 
 def test_saved_model_loads_with_auto_class(layer_parallel_runs):

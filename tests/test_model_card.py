@@ -10,8 +10,7 @@ from huggingface_hub import ModelCard
 from trainer_helpers import N_LAYER, make_args, repetitive_data, tiny_gpt2
 from transformers import Trainer, TrainingArguments
 
-from hf_hwbp import HighwayCallback, HighwayConfig, add_highway_section
-from hf_hwbp.trainer import HighwayTrainer
+from hf_hwbp import HighwayCallback, HighwayTrainer, HighwayTrainingConfig, add_highway_section
 
 
 def test_highway_trainer_card(tmp_path):
@@ -44,7 +43,7 @@ def test_any_trainer_card(tmp_path):
         model=tiny_gpt2(),
         args=args,
         train_dataset=repetitive_data(),
-        callbacks=[HighwayCallback(HighwayConfig(k=0, group_size=2))],
+        callbacks=[HighwayCallback(HighwayTrainingConfig(k=0, group_size=2))],
     )
     trainer.train()
     assert trainer.model.model_tags == ["hf_hwbp"]  # push_to_hub passes model tags to the card
@@ -69,7 +68,7 @@ def test_output_folder_of_a_short_from_scratch_run(tmp_path):
     assert "This model was trained from scratch on an unknown dataset." in text
     assert "fine-tuned version of []" not in text and "None dataset" not in text
     assert "not measured: the run had 2 optimizer steps, fewer than fidelity_steps = 50" in text
-    assert HighwayConfig.from_pretrained(out) == args.highway_config  # hwbp_config.json beside the model
+    assert HighwayTrainingConfig.from_pretrained(out) == args.highway_config  # hwbp_config.json beside the model
     # training_args.bin is plain TrainingArguments: it unpickles where hf_hwbp is not installed.
     script = (
         "import sys; sys.modules['hf_hwbp'] = None; import torch; "
@@ -93,7 +92,7 @@ def test_trl_card_gets_the_tag(tmp_path):
         output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, max_steps=1, save_strategy="no", bf16=False
     )
     trainer = trl.SFTTrainer(model=tiny_gpt2(), args=args, train_dataset=data, processing_class=tokenizer)
-    add_highway_callback(trainer, HighwayConfig(k=1))
+    add_highway_callback(trainer, HighwayTrainingConfig(k=1))
     trainer.train()
     trainer.create_model_card()  # TRL's own card, from its own tag list
     card = ModelCard.load(tmp_path / "out" / "README.md")
@@ -105,3 +104,29 @@ def test_trl_card_gets_the_tag(tmp_path):
     assert (
         "hf_hwbp" in ModelCard.load(path).data.tags and "## Training with Highway backpropagation" in path.read_text()
     )
+
+
+def test_card_of_a_resumed_run_lists_every_step(tmp_path):
+    """A run resumed from a checkpoint: "k used" covers the steps trained before the resume too (the schedule is
+    pure), as the mean iterations (from the whole log history) do."""
+
+    def trainer(**settings):
+        args = make_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, **settings)
+        return HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=8))
+
+    step_schedule = dict(hwbp_k=0, hwbp_k_schedule="step", hwbp_k_step_every=1)
+    trainer(**step_schedule).train()
+    resumed = trainer(**step_schedule)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    resumed.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "| k used | k=0 at step 1; k=1 at step 2; k=2 at step 3; k=3 at step 4 |" in text
+    assert "| Highway iterations per backward (mean) | 1.50 |" in text  # (0 + 1 + 2 + 3) / 4
+
+    # Resumed with other settings: the steps before the resume are not claimed.
+    other = trainer(hwbp_k=2)
+    other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    other.create_model_card()
+    text = (tmp_path / "out" / "README.md").read_text()
+    not_claimed = "steps 1-2 not recorded (trained before the resume with other settings); k=2 for steps 3-4"
+    assert f"| k used | {not_claimed} |" in text

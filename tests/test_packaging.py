@@ -3,15 +3,17 @@ generic top-level package (model_patches, benchmarks) in the user's site-package
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setuptools_config() -> dict:
-    tomllib = pytest.importorskip("tomllib")
+    # tomllib is Python 3.11's; on 3.10, the declared minimum, pytest itself depends on its backport tomli.
+    tomllib = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
@@ -31,3 +33,12 @@ def test_discovery_reads_the_registry_under_the_package_name():
 
     assert Path(patches.__file__).parent.name == "model_patches"  # the top-level folder, under the package's name
     assert "resnet" in patches.STACK_FINDERS and "resnet" in patches.supported_model_types()
+
+
+def test_no_compatibility_shims():
+    """The example scripts' helpers live in hf_hwbp.examples only, the trainer module re-exports nothing."""
+    for old in ("hf_hwbp.comparison", "hf_hwbp.data", "hf_hwbp.vision_data"):
+        assert importlib.util.find_spec(old) is None, old
+    import hf_hwbp.trainer
+
+    assert set(hf_hwbp.trainer.__all__) == {"FIDELITY_PREFIX", "HighwayTrainer", "plain_training_arguments"}

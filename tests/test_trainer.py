@@ -26,16 +26,23 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_hwbp import highway_state, is_patched, patch_model
+from hf_hwbp import (
+    HighwayTrainer,
+    HighwayTrainingArguments,
+    HighwayTrainingConfig,
+    check_lora_targets,
+    highway_state,
+    is_patched,
+    patch_model,
+)
 from hf_hwbp.schedules import (
     SCHEDULE_NAMES,
     CallableSchedule,
     ConstantSchedule,
     ExactLastSchedule,
     StepSchedule,
-    build_schedule,
 )
-from hf_hwbp.trainer import AUTO_DEFAULT_TOL, HighwayTrainer, HighwayTrainingArguments, check_lora_targets
+from hf_hwbp.training_config import AUTO_DEFAULT_TOL
 
 
 # ----- schedules (pure) ---------------------------------------------------------------------------------------------
@@ -73,17 +80,20 @@ def test_exact_last_schedule():
         ExactLastSchedule(2, last_steps=0, total_steps=10, exact_k=4)
 
 
-def test_build_schedule():
-    assert build_schedule("constant", k=2, num_blocks=4)(7) == 2
-    step = build_schedule("step", k=1, num_blocks=4, step_every=2)
+def test_named_schedules_from_the_training_config():
+    def schedule(**settings):
+        return HighwayTrainingConfig(**settings).schedule(num_blocks=4, total_steps=5)
+
+    assert isinstance(schedule(k=2), ConstantSchedule) and schedule(k=2)(7) == 2
+    step = schedule(k=1, k_schedule="step", k_step_every=2)
     assert [step(i) for i in range(10)] == [1, 1, 2, 2, 3, 3, 4, 4, 4, 4]  # k_max defaults to num_blocks
-    assert build_schedule("step", k=6, num_blocks=4, step_every=2)(0) == 6  # a start above num_blocks is fine
-    last = build_schedule("exact_last", k=1, num_blocks=4, total_steps=5, exact_last_steps=2)
-    assert [last(i) for i in range(5)] == [1, 1, 1, 4, 4]
-    with pytest.raises(ValueError, match="Unknown k schedule 'cosine'"):
-        build_schedule("cosine", k=1, num_blocks=4)
-    with pytest.raises(ValueError, match="total_steps"):
-        build_schedule("exact_last", k=1, num_blocks=4, exact_last_steps=2)
+    assert schedule(k=6, k_schedule="step", k_step_every=2)(0) == 6  # a start above num_blocks is fine
+    last = schedule(k=1, k_schedule="exact_last", exact_last_steps=2)
+    assert [last(i) for i in range(5)] == [1, 1, 1, 4, 4] and [last.exact_at(i) for i in range(5)] == [0, 0, 0, 1, 1]
+    assert [schedule(k="auto")(i) for i in range(2)] == [4, 4]  # auto starts at the number of blocks
+    assert HighwayTrainingConfig(k=1, k_schedule="step", k_step_every=3).describe_schedule() == (
+        "step: k = 1 + step // 3, at most the number of Highway blocks"
+    )
 
 
 def test_callable_schedule_checks_values():
@@ -113,7 +123,7 @@ def test_callable_schedule_checks_values():
         (dict(hwbp_k_schedule="step", hwbp_k_step_every=0), "hwbp_k_step_every must be an int >= 1"),
         (dict(hwbp_k_schedule="step", hwbp_k=3, hwbp_k_max=2), r"hwbp_k_max \(2\) must be >= hwbp_k \(3\)"),
         (dict(hwbp_k_schedule="step", hwbp_k="auto"), "no 'step' schedule"),
-        (dict(hwbp_k_max=3), "hwbp_k_max is used by the 'step' schedule only"),
+        (dict(hwbp_k_max=3), "hwbp_k_max is used by hwbp_k_schedule='step' only"),
         (dict(hwbp_k_schedule="exact_last"), "needs hwbp_exact_last_steps >= 1"),
         (dict(hwbp_exact_last_steps=3), "used by hwbp_k_schedule='exact_last' only"),
         (
@@ -497,3 +507,144 @@ def test_settings_that_do_nothing_are_named_and_logs_show_what_ran(tmp_path, cap
         trainer.train()
     assert message in caplog.text
     assert train_entries(trainer)[0]["hwbp_k"] == min(logged_k, trainer.highway_callback.num_blocks)
+
+
+# ----- exact steps, as users get them (the model's own backward) ------------------------------------------------------
+class WeightsAndGrads(TrainerCallback):
+    """The weights at the start of every optimizer step and the gradient the optimizer then sees."""
+
+    def __init__(self):
+        self.weights: list[dict[str, torch.Tensor]] = []
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+
+
+def backprop_grads(weights: dict[str, torch.Tensor], data: list[dict]) -> dict[str, torch.Tensor]:
+    """Ordinary backprop on an unpatched model holding ``weights``, over the whole of ``data`` (one batch)."""
+    model = tiny_gpt2(dtype=torch.float64)
+    model.load_state_dict(weights, strict=False)
+    model.train()
+    ids = torch.tensor([row["input_ids"] for row in data])
+    labels = torch.tensor([row["labels"] for row in data])
+    model(input_ids=ids, labels=labels).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "settings, exact_steps",
+    [
+        (dict(hwbp_k=N_LAYER + 5), [0, 1, 2]),  # a constant k >= L (clamped to L)
+        (dict(hwbp_k=2, hwbp_k_schedule="step", hwbp_k_step_every=1), [2]),  # k = 2, 3, then L
+        (dict(hwbp_k=1, hwbp_k_schedule="exact_last", hwbp_exact_last_steps=2), [1, 2]),
+    ],
+    ids=["k>=L", "step-reaches-L", "exact_last"],
+)
+def test_exact_steps_under_the_trainer_are_backprop(tmp_path, settings, exact_steps):
+    """With the package's defaults: every step the schedule makes exact trains with backprop's gradient at the
+    weights of that step, is logged as L iterations, and the steps before it are not backprop."""
+    data = repetitive_data(n=4)  # one batch: every step sees the whole data set
+    recorder = WeightsAndGrads()
+    args = make_args(tmp_path, max_steps=3, optim="sgd", learning_rate=0.1, max_grad_norm=0.0, **settings)
+    trainer = HighwayTrainer(model=tiny_gpt2(dtype=torch.float64), args=args, train_dataset=data, callbacks=[recorder])
+    trainer.train()
+    entries = train_entries(trainer)
+    for step in range(3):
+        exact = backprop_grads(recorder.weights[step], data)
+        error = max(rel_err(recorder.grads[step][n], g) for n, g in exact.items())
+        if step in exact_steps:
+            assert error < 1e-12, (step, error)
+            assert entries[step]["hwbp_k"] == N_LAYER and entries[step]["hwbp_iterations"] == N_LAYER
+        else:
+            assert error > 1e-6, (step, error)  # a Highway step (k < L) is not backprop here
+            assert entries[step]["hwbp_k"] < N_LAYER
+
+
+def test_encoder_decoder_with_one_stack_exact(tmp_path):
+    """BART with a 2-layer encoder and a 4-layer decoder at the default k = 2: the encoder's stack is exact, the
+    decoder's is Highway-BP(2); the trained step equals the independent recursion over both stacks."""
+    from reference import reference_highway_grads
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    def bart():
+        torch.manual_seed(0)
+        config = BartConfig(
+            vocab_size=24, d_model=16, encoder_layers=2, decoder_layers=4, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+            eos_token_id=2, decoder_start_token_id=2,
+        )  # fmt: skip
+        return BartForConditionalGeneration(config).double()
+
+    rows = [{"input_ids": [(i + 3 * j) % 20 + 3 for j in range(8)], "labels": [(i * j) % 20 + 3 for j in range(6)]}
+            for i in range(4)]  # fmt: skip
+    recorder = GradRecorder()
+    args = make_args(tmp_path, max_steps=1, optim="sgd", learning_rate=0.1, max_grad_norm=0.0)
+    trainer = HighwayTrainer(model=bart(), args=args, train_dataset=rows, callbacks=[recorder])
+    trainer.train()
+    (entry,) = train_entries(trainer)
+    assert (entry["hwbp_k"], entry["hwbp_iterations"]) == (2, 2)
+
+    reference = bart()
+    batch = {key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "labels")}
+    stacks = [list(reference.model.encoder.layers), list(reference.model.decoder.layers)]  # two stacks
+    expected = reference_highway_grads(reference, stacks, lambda m: m(**batch).loss, k=2)
+    exact = backprop_of(bart(), batch)
+    for name, g in expected.items():
+        if not name.endswith("k_proj.bias"):  # its gradient is zero (softmax ignores it): rounding noise only
+            assert rel_err(recorder.grads[0][name], g) < 1e-10, name
+    encoder = [n for n in expected if ".encoder.layers." in n]
+    decoder = [n for n in expected if ".decoder.layers.0." in n]
+    assert max(rel_err(recorder.grads[0][n], exact[n]) for n in encoder) > 1e-4  # the decoder's k = 2 reaches it
+    assert max(rel_err(recorder.grads[0][n], exact[n]) for n in decoder) > 1e-4
+
+
+def backprop_of(model, batch) -> dict[str, torch.Tensor]:
+    model.train()
+    model(**batch).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fidelity_and_card_at_exact_steps(tmp_path):
+    args = make_args(
+        tmp_path, max_steps=2, hwbp_k=1, hwbp_k_schedule="exact_last", hwbp_exact_last_steps=1, hwbp_fidelity_steps=1
+    )
+    trainer = HighwayTrainer(model=tiny_gpt2(dtype=torch.float64), args=args, train_dataset=repetitive_data(n=4))
+    trainer.train()
+    first, last = [e for e in trainer.state.log_history if "hwbp_fidelity/cosine" in e]
+    assert first["hwbp_fidelity/k"] == 1 and first["hwbp_fidelity/rel_error"] > 1e-4
+    assert last["hwbp_fidelity/k"] == N_LAYER and last["hwbp_fidelity/iterations"] == N_LAYER
+    assert last["hwbp_fidelity/rel_error"] < 1e-12 and last["hwbp_fidelity/cosine"] > 1 - 1e-12
+    trainer.create_model_card()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"k=1 at step 1; k={N_LAYER} at step 2" in card and f"cosine {last['hwbp_fidelity/cosine']:.6f}" in card
+
+
+# ----- what the logs say --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("settings, k", [(dict(), 2), (dict(hwbp_k="auto"), N_LAYER), (dict(hwbp_k=0), 0)])
+def test_the_patch_is_logged_with_the_k_of_the_first_step(tmp_path, caplog, settings, k):
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=make_args(tmp_path, max_steps=1, **settings),
+                             train_dataset=repetitive_data(n=4))  # fmt: skip
+    with caplog.at_level("INFO", logger="hf_hwbp"):
+        trainer.train()
+    patched = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Highway-BP(k=")]
+    assert len(patched) == 1 and patched[0].startswith(f"Highway-BP(k={k}) on GPT2LMHeadModel:"), patched
+
+
+def test_a_run_that_is_all_exact_steps_says_so(tmp_path, caplog):
+    args = make_args(tmp_path, max_steps=3, hwbp_k=1, hwbp_k_schedule="exact_last", hwbp_exact_last_steps=5)
+    trainer = HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=4))
+    with caplog.at_level("WARNING", logger="hf_hwbp"):
+        trainer.train()
+    assert "every step of this run is exact backprop (exact_last_steps=5 is not below the run's 3" in caplog.text
+    assert [e["hwbp_k"] for e in train_entries(trainer)] == [N_LAYER] * 3
+    # A run with Highway steps left says nothing of the kind.
+    caplog.clear()
+    args = make_args(tmp_path, max_steps=3, hwbp_k=1, hwbp_k_schedule="exact_last", hwbp_exact_last_steps=2)
+    with caplog.at_level("WARNING", logger="hf_hwbp"):
+        HighwayTrainer(model=tiny_gpt2(), args=args, train_dataset=repetitive_data(n=4)).train()
+    assert "every step of this run" not in caplog.text

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from hf_hwbp import highway_state, patch_model
-from hf_hwbp.trainer import HighwayTrainingArguments
+from hf_hwbp import HighwayTrainingArguments, highway_state, patch_model
 
 N_LAYER = 4
 

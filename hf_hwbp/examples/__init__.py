@@ -3,9 +3,9 @@
 The scripts keep the shape of transformers' run_clm.py / run_image_classification.py; this package holds the parts
 those scripts do not have: the embedded default recipes (defaults that user flags always beat, shown by --help),
 LoRA, the Highway model-type check, the comparison with backprop (``comparison``) and the embedded data that makes
-a run work with no downloads (``data``: a text corpus and its tokenizer; ``vision_data``: the digits images); the
-old paths ``hf_hwbp.comparison``, ``hf_hwbp.data`` and ``hf_hwbp.vision_data`` still import them. Layer-parallel
-training is a training argument (``--layer_parallel``, ``hf_hwbp.HighwayTrainingArguments``).
+a run work with no downloads (``data``: a text corpus and its tokenizer; ``vision_data``: the digits images).
+Layer-parallel training is a training argument (``--layer_parallel``, ``hf_hwbp.HighwayTrainingArguments``) that the
+scripts answer with ``hf_hwbp.LayerParallelTrainer``.
 """
 
 from .arguments import ComparisonArguments, LoraArguments, parse_args_with_defaults

@@ -1,47 +1,94 @@
 """Command-line pieces of the example scripts: defaults that depend on what the user gave, LoRA and comparison flags.
 
-``parse_args_with_defaults`` is ``HfArgumentParser`` with one addition: a script may change some defaults
-depending on the flags given (the embedded recipe when no model is named). The defaults are computed before the
-real parse, so ``--help`` prints the defaults that will be applied to that command line, and they are only
-defaults: every flag the user passes wins.
+``parse_args_with_defaults`` is ``HfArgumentParser`` with two additions: a script may change some defaults
+depending on the flags given (the embedded recipe when no model is named), and a bad value is a usage error in one
+line (``<script>: error: ...``, exit status 2), as argparse reports its own, also when the value is refused by an
+arguments class or by a script's check of the parsed flags. The defaults are computed before the real parse, so
+``--help`` prints the defaults that will be applied to that command line, and they are only defaults: every flag
+the user passes wins.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
 
 HELP_FLAGS = ("-h", "--help")
 
 
+class FlagError(ValueError):
+    """A flag's value refused once the data or the model shows that it cannot work (a LoRA target the model does not
+    have, an image size the patches do not divide): a usage error too, reported as one line by ``usage_errors``."""
+
+
+def usage_line(prog: str, message: str) -> str:
+    return f"{prog}: error: {' '.join(str(message).split())} (see --help)\n"
+
+
+def usage_errors(prog: str):
+    """Decorate a script's ``main``: a ``FlagError`` it raises becomes a one-line usage error (exit status 2)."""
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except FlagError as err:
+                sys.stderr.write(usage_line(prog, str(err)))
+                raise SystemExit(2) from None
+
+        return run
+
+    return decorate
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """``HfArgumentParser`` whose usage errors are one line (argparse prints the whole usage first, which for a
+    script with every ``TrainingArguments`` flag is a screen of text above the one line that matters)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, usage_line(self.prog, message))
+
+
 def parse_args_with_defaults(
     dataclass_types: tuple[type, ...],
     argv: list[str] | None,
     defaults_for: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    check: Callable[[tuple], None] | None = None,
+    prog: str | None = None,
 ) -> tuple:
     """Parse ``argv`` (default: ``sys.argv[1:]``) into ``dataclass_types`` with ``defaults_for(given)`` as defaults.
 
     ``given`` maps every field to the value the user gave (or its dataclass default). A single ``.json`` argument
-    is an arguments file (run_clm's convention); the defaults fill in what it leaves out.
+    is an arguments file (run_clm's convention); the defaults fill in what it leaves out. ``check(parsed)`` may
+    refuse a combination of flags with a ``ValueError``. Every ``ValueError`` of the arguments classes or of
+    ``check`` exits as a usage error (status 2, one line on stderr, named after ``prog``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        with open(os.path.abspath(argv[0]), encoding="utf-8") as f:
-            given = json.load(f)
-        parser = HfArgumentParser(dataclass_types)
-        defaults = _checked(parser, defaults_for(given))
-        return parser.parse_dict({**defaults, **given})
-    probe = HfArgumentParser(dataclass_types)
-    namespace, _ = probe.parse_known_args([arg for arg in argv if arg not in HELP_FLAGS])
-    parser = HfArgumentParser(dataclass_types)
-    parser.set_defaults(**_checked(parser, defaults_for(vars(namespace))))
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    parser = ScriptArgumentParser(dataclass_types, prog=prog)
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            with open(os.path.abspath(argv[0]), encoding="utf-8") as f:
+                given = json.load(f)
+            parsed = parser.parse_dict({**_checked(parser, defaults_for(given)), **given})
+        else:
+            probe = ScriptArgumentParser(dataclass_types, prog=prog)
+            namespace, _ = probe.parse_known_args([arg for arg in argv if arg not in HELP_FLAGS])
+            parser.set_defaults(**_checked(parser, defaults_for(vars(namespace))))
+            parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        if check is not None:
+            check(parsed)
+    except ValueError as err:
+        parser.error(str(err))
+    return parsed
 
 
 def _checked(parser: HfArgumentParser, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -170,9 +217,18 @@ class ComparisonArguments:
     comparison_dir: str | None = field(
         default=None, metadata={"help": "Where --compare_backprop writes. Default: '<output_dir>-comparison'."}
     )
+    comparison_timing_rounds: int = field(
+        default=10,
+        metadata={
+            "help": "--compare_backprop times a forward + backward of both trained models in this many interleaved "
+            "rounds (medians, spread and the load average go into comparison.md)."
+        },
+    )
 
     def check(self, training_args) -> None:
         """Refuse a comparison that cannot be one, before anything is built."""
+        if self.comparison_timing_rounds < 1:
+            raise ValueError(f"--comparison_timing_rounds must be >= 1, got {self.comparison_timing_rounds}.")
         if not self.compare_backprop:
             return
         if not getattr(training_args, "use_highway_bp", False):
@@ -188,11 +244,15 @@ class ComparisonArguments:
 
 __all__ = [
     "ComparisonArguments",
+    "FlagError",
     "LoraArguments",
+    "ScriptArgumentParser",
     "as_bool",
     "check_launch",
     "log_model_to_build",
     "parse_args_with_defaults",
     "small_config_overrides",
+    "usage_errors",
+    "usage_line",
     "user_gave",
 ]

@@ -6,6 +6,8 @@ from collections.abc import Iterable
 
 from transformers.utils import logging
 
+from .arguments import FlagError
+
 logger = logging.get_logger(__name__)
 
 
@@ -52,7 +54,7 @@ def fit_config_to_tokenizer(config, tokenizer, block_size: int | None, config_ov
         if not _overridden(config_overrides, positions):
             setattr(config, positions, block_size)
         elif getattr(config, positions) < block_size:
-            raise ValueError(
+            raise FlagError(
                 f"--block_size {block_size} exceeds {positions}={getattr(config, positions)} of --config_overrides; "
                 f"lower --block_size or raise {positions}."
             )

@@ -1,7 +1,7 @@
-"""The layer-parallel mode of ``HighwayTrainer``: what a Trainer step becomes when each rank holds one stage.
+"""The layer-parallel mode of ``LayerParallelTrainer``: what a Trainer step becomes when each rank holds one stage.
 
-``HighwayTrainer`` with ``HighwayTrainingArguments(layer_parallel=True)``, launched with one process per stage
-(``torchrun --nproc_per_node S`` or ``accelerate launch --num_processes S``), delegates here:
+``hf_hwbp.LayerParallelTrainer``, launched with one process per stage (``torchrun --nproc_per_node S`` or
+``accelerate launch --num_processes S``), delegates here:
 
 - the model is not wrapped in DDP (``LayerParallelModel`` tells the Trainer it is already wrapped): every rank keeps
   the whole model, trains its stage's parameters with its own optimizer, and the stages exchange activations and
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import HighwayBPError
+from ..training_config import UnsupportedTrainingSetupError
 from .comm import in_place_collective
 from .runner import LayerParallelHighway
 from .stages import build_stage
@@ -39,7 +40,7 @@ OPTIMIZER_FILE = "optimizer_stage{rank}-of-{stages}.pt"
 class LayerParallelModel(nn.Module):
     """The whole model and the runner that trains this rank's stage of it.
 
-    ``HighwayTrainer`` hands it to the Trainer as the wrapped model, so that Accelerate leaves the model unwrapped
+    ``LayerParallelTrainer`` hands it to the Trainer as the wrapped model, so that Accelerate leaves the model unwrapped
     (no DDP: each rank trains a different part). Calling it runs the whole model's ordinary forward.
     """
 
@@ -62,10 +63,10 @@ class LayerParallelTraining:
         microbatches: as in ``LayerParallelHighway``.
 
     Raises:
-        RuntimeError: ``torch.distributed`` is not initialized (the script was not launched with one process per
+        HighwayBPError: ``torch.distributed`` is not initialized (the script was not launched with one process per
             stage).
-        ValueError: the model cannot be cut into stages (see ``hf_hwbp.parallel.arch``), or there are more
-            processes than Highway blocks.
+        UnsupportedModelError: the model cannot be cut into stages (see ``hf_hwbp.parallel.arch``).
+        ValueError: there are more processes than Highway blocks.
     """
 
     def __init__(
@@ -128,7 +129,7 @@ class LayerParallelTraining:
         allowed = {name, "labels"} | ({"attention_mask"} if name == "input_ids" else set())
         unknown = sorted(set(inputs) - allowed)
         if unknown or name not in inputs:
-            raise ValueError(
+            raise UnsupportedTrainingSetupError(
                 f"Layer-parallel {self.recipe.name} takes batches with {sorted(allowed)} (the stages rebuild "
                 f"everything else from the shapes), got {sorted(inputs)}. Remove the other columns in the collator."
             )
@@ -219,7 +220,7 @@ class LayerParallelTraining:
         path = os.path.join(checkpoint, self.optimizer_file)
         if not os.path.isfile(path):
             saved = sorted(f for f in os.listdir(checkpoint) if f.startswith("optimizer_stage"))
-            raise ValueError(
+            raise UnsupportedTrainingSetupError(
                 f"{checkpoint} has no optimizer state for stage {self.stage.index} of {self.num_stages} "
                 f"({self.optimizer_file}; it holds {saved or 'none'}). Resume a layer-parallel run with the number "
                 "of processes it was saved with."
