@@ -262,13 +262,14 @@ class HighwayCallback(TrainerCallback):
         config, blocks = self.config, target.num_blocks
         layers = getattr(getattr(target, "patch", None), "num_layers", None)
         name = type(model).__name__
-        if blocks <= 1 and layers is not None and layers > 1:
+        # A patched model says these two itself (patch_model warns once per setting); a layer-parallel runner does not.
+        if self._runner is not None and blocks <= 1 and layers is not None and layers > 1:
             logger.warning(
                 f"Highway-BP: group_size {config.group_size} puts all {layers} layers of {name} into one Highway "
                 "block: that is plain backprop (no Highway iteration can run). Use a group_size below the number of "
                 f"layers (e.g. {max(1, layers // 2)}), or use_highway_bp=False."
             )
-        if self._user_schedule is None and isinstance(config.k, int) and config.k > blocks:
+        if self._runner is not None and self._user_schedule is None and isinstance(config.k, int) and config.k > blocks:
             logger.warning(
                 f"Highway-BP: k={config.k} is more than the {blocks} Highway blocks of {name}: k is clamped to "
                 f"{blocks}, which is exact backprop (at least backprop's cost). Use a k below the number of blocks."
