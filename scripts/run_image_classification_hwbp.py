@@ -161,6 +161,13 @@ def apply_config_overrides(config, overrides: str) -> set[str]:
     return keys
 
 
+def _height_width(value) -> tuple[int, int] | None:
+    """A config's image or patch size as (height, width): configs give an int or a [height, width] list."""
+    if not value:
+        return None
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
 def fit_config_to_images(config, image, given: set[str]) -> str:
     """A from-scratch ``config``'s channels and image size for your images, except where given; says what.
 
@@ -171,7 +178,8 @@ def fit_config_to_images(config, image, given: set[str]) -> str:
     if "num_channels" not in given and hasattr(config, "num_channels"):
         config.num_channels = 3
         changed.append(f"num_channels={config.num_channels}")
-    if "image_size" not in given and hasattr(config, "image_size"):
+    # a [height, width] image size (Hiera) stays as configured: the image processor resizes every image to it
+    if "image_size" not in given and isinstance(getattr(config, "image_size", None), int):
         patch = getattr(config, "patch_size", 1) or 1
         side = min(min(image.size), MAX_SCRATCH_IMAGE_SIZE)
         config.image_size = max(patch, side // patch * patch)
@@ -398,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if not config.architectures:  # some types map to several classes (DeiT): take the plain classifier
             classes = MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES[config.model_type]
             config.architectures = [classes[0] if isinstance(classes, (list, tuple)) else classes]
-        if getattr(config, "patch_size", None) and getattr(config, "image_size", 0) % config.patch_size:
+        size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+        if isinstance(size, int) and isinstance(patch, int) and size % patch:  # ViT-style patches; Hiera's convolve
             raise FlagError(f"image_size={config.image_size} is not a multiple of patch_size={config.patch_size}.")
     check_highway_supported(config.model_type, training_args.use_highway_bp, "image-classification")
 
@@ -408,9 +417,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
     else:  # a model from scratch: a ViT image processor at its image size
         channels = getattr(config, "num_channels", 3)
-        size = getattr(config, "image_size", None) or SCRATCH_CONV_IMAGE_SIZE  # ResNet configs have no image size
+        # ResNet configs have no image size; Hiera's is [height, width]
+        height, width = _height_width(getattr(config, "image_size", None)) or (SCRATCH_CONV_IMAGE_SIZE,) * 2
         image_processor = ViTImageProcessor(
-            size={"height": size, "width": size},
+            size={"height": height, "width": width},
             image_mean=[0.5] * channels,
             image_std=[0.5] * channels,
         )

@@ -90,7 +90,7 @@ def test_every_not_run_entry_names_one_block():
     for page, line in NOT_RUN:
         matches = [b for b in ALL_BLOCKS if b.page == page and line in b.text]
         assert len(matches) == 1, f"NOT_RUN entry ({page!r}, {line!r}) matches {len(matches)} blocks: update it"
-    assert {b.language for b in ALL_BLOCKS} <= {"python", "bash", "yaml"}, "a block language this test does not run"
+    assert {b.language for b in ALL_BLOCKS} <= {"python", "bash", "yaml", "text"}, "a block language this test does not run (text: output, not run)"
 
 
 # ----- python --------------------------------------------------------------------------------------------------------
@@ -145,17 +145,26 @@ class _Parsed(Exception):
 
 @contextlib.contextmanager
 def parse_only():
-    """``argparse.ArgumentParser.parse_args`` parses, then stops the program (a benchmark's main) right there."""
+    """``argparse.ArgumentParser.parse_args`` (a benchmark's main) or ``HfArgumentParser.parse_args_into_dataclasses``
+    (the planner's) parses, then stops the program right there."""
+    from transformers import HfArgumentParser
+
     original = argparse.ArgumentParser.parse_args
+    original_hf = HfArgumentParser.parse_args_into_dataclasses
 
     def parse_args(self, args=None, namespace=None):
         raise _Parsed(original(self, args, namespace))
 
+    def parse_args_into_dataclasses(self, *args, **kwargs):
+        raise _Parsed(original_hf(self, *args, **kwargs))
+
     argparse.ArgumentParser.parse_args = parse_args
+    HfArgumentParser.parse_args_into_dataclasses = parse_args_into_dataclasses
     try:
         yield
     finally:
         argparse.ArgumentParser.parse_args = original
+        HfArgumentParser.parse_args_into_dataclasses = original_hf
 
 
 def check_script_flags(script: str, args: list[str], launched: bool) -> None:

@@ -357,7 +357,7 @@ def test_generate_with_kv_cache(name):
         (dict(k=2, group_size=0), ValueError, "group_size"),
         (dict(k=2, tol=0.0), ValueError, "tol"),
         (dict(k=2, tol="small"), TypeError, "tol"),
-        (dict(k=2, steps=3), TypeError, "Unknown Highway-BP option"),
+        (dict(k=2, steps=3), TypeError, r"Unknown Highway-BP setting\(s\) \[.steps.\]"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

@@ -430,6 +430,19 @@ TINY_IMAGE_MODELS = {
     "intermediate_size=32",
     "swin": "image_size=8,patch_size=2,num_channels=1,embed_dim=8,depths=[2,2],num_heads=[2,2],window_size=2",
     "swinv2": "image_size=8,patch_size=2,num_channels=1,embed_dim=8,depths=[2,2],num_heads=[2,2],window_size=2",
+    # stages of down-sampling models: the residual blocks inside each stage are the stacks (a stage's first layer
+    # stays outside when it down-samples: depth 3 leaves 2 blocks)
+    "convnext": "num_channels=1,num_stages=2,patch_size=2,hidden_sizes=[8,16],depths=[2,2]",
+    "convnextv2": "num_channels=1,num_stages=2,patch_size=2,hidden_sizes=[8,16],depths=[2,2]",
+    "bit": "num_channels=1,embedding_size=8,hidden_sizes=[8,16],depths=[3,3],num_groups=2",
+    "regnet": "num_channels=1,embedding_size=8,hidden_sizes=[8,16],depths=[3,3],groups_width=8",
+    "cvt": "num_channels=1,embed_dim=[8,8,16],depth=[2,2,3],num_heads=[1,1,2]",
+    "pvt": "image_size=16,num_channels=1,num_encoder_blocks=2,depths=[2,2],sequence_reduction_ratios=[2,1],"
+    "hidden_sizes=[8,16],patch_sizes=[4,2],strides=[4,2],num_attention_heads=[1,2],mlp_ratios=[2,2]",
+    "poolformer": "num_channels=1,num_encoder_blocks=2,hidden_sizes=[8,16],depths=[2,2],patch_sizes=[3,3],"
+    "strides=[2,2],padding=[1,1]",
+    "hiera": "image_size=[8,8],num_channels=1,patch_size=[3,3],patch_stride=[2,2],patch_padding=[1,1],embed_dim=8,"
+    "depths=[2,3],num_heads=[1,2],query_stride=[2,2],num_query_pool=1,masked_unit_size=[2,2]",
 }
 
 

@@ -194,7 +194,7 @@ def plan(
     finally:
         unpatch_model(model)
         if previous is not None:
-            patch_model(model, previous)
+            patch_model(model, config=previous)
         model.zero_grad(set_to_none=True)
         model.train(was_training)
         torch.set_num_threads(saved_threads)
