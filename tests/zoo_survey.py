@@ -505,8 +505,10 @@ CASES: dict[str, ZooEntry] = {
         ),
         "image",
     ),
-    "mobilevitv2": E(
-        "mobilevitv2", "MobileViTV2Model", dict(image_size=64, width_multiplier=0.25), "image", image_size=64
+    "mobilevitv2": E(  # a convolution bias before a norm gets 5e-7 of the largest gradient: observed 1.1e-8 of it
+        # at k = L against autograd, 7e-11 absolute where the largest gradient is 6e3 (1e-14 of it: float64 sums)
+        "mobilevitv2", "MobileViTV2Model", dict(image_size=64, width_multiplier=0.25), "image", image_size=64,
+        rtol=1e-7,
     ),
     # ----- decoders whose layer count is not a config key
     "nemotron_h": E(
@@ -620,20 +622,74 @@ def _has_repeated_layers(model: torch.nn.Module) -> bool:
     )
 
 
+def _with_eager_experts(entry):
+    """The case with transformers' eager mixture-of-experts kernels (grouped_mm has no float64)."""
+    if not hasattr(entry, "overrides"):
+        raise TypeError("not a generic case")
+    return dataclasses.replace(entry, overrides={**entry.overrides, "experts_implementation": "eager"})
+
+
+class _Float64Throughout:
+    """Turns the float32 casts inside a float64 model into no-ops (``x.float()``, ``x.to(torch.float32)``,
+    ``softmax(dtype=torch.float32)``): a model whose norms compute in float32 (Gemma's) then runs in float64 only,
+    so a gradient that differs from the reference by float32's rounding can be told from a wrong one."""
+
+    def __enter__(self):
+        tensor = torch.Tensor
+        self.saved = tensor.float, tensor.to, tensor.softmax
+        float_, to, softmax = self.saved
+
+        def widen(value, self_):
+            return torch.float64 if value is torch.float32 and self_.dtype == torch.float64 else value
+
+        tensor.float = lambda t: t if t.dtype == torch.float64 else float_(t)
+        tensor.to = lambda t, *a, **k: to(
+            t, *(widen(x, t) for x in a), **{n: widen(v, t) if n == "dtype" else v for n, v in k.items()}
+        )
+        tensor.softmax = lambda t, *a, **k: softmax(t, *a, **{n: widen(v, t) for n, v in k.items()})
+        return self
+
+    def __exit__(self, *exc):
+        torch.Tensor.float, torch.Tensor.to, torch.Tensor.softmax = self.saved
+
+
 def survey(name: str, entry: ZooEntry) -> Row:
+    """One case; a float64 case off by float32's rounding (<= 1e-5) is rerun with its float32 casts turned off, and
+    is "exact to float32 rounding" when it is then exact."""
+    row = _survey(name, entry)
+    if row.verdict in ("wrong at L", "wrong below L") and row.dtype == "float64":
+        worst = max([row.err_L or 0.0, *(e for e, _ in row.err_k or ())])
+        if worst <= 1e-5:
+            with _Float64Throughout():
+                again = _survey(name, entry)
+            if again.verdict == "exact":
+                row.verdict = "exact to float32 rounding"
+                row.message = (
+                    f"(the model computes parts in float32; with those casts off: exact, "
+                    f"{_fmt(again.err_L)} at L, {' / '.join(_fmt(e) for e, _ in again.err_k)} at k = 1 / 2)"
+                )
+    return row
+
+
+def _survey(name: str, entry: ZooEntry) -> Row:
     row = Row(name, entry.model_type, entry.model_class, str(entry.dtype).replace("torch.", ""))
     start = time.perf_counter()
     try:
         try:
             model, batch = entry.build(), batch_of(entry)
             exact = loss_and_grads(entry, model, batch)
-        except Exception as e:  # noqa: BLE001 - kernels without float64 (grouped-matmul MoE): float32
+        except Exception as e:  # noqa: BLE001 - kernels without float64 (grouped-matmul MoE): eager, or float32
             if entry.dtype != torch.float64 or not any(text in str(e) for text in _NO_FLOAT64):
                 raise
-            entry = dataclasses.replace(entry, dtype=F32)
-            row.dtype = "float32"
-            model, batch = entry.build(), batch_of(entry)
-            exact = loss_and_grads(entry, model, batch)
+            try:  # transformers' eager experts (a loop of linear layers) run in float64
+                entry = _with_eager_experts(entry)
+                model, batch = entry.build(), batch_of(entry)
+                exact = loss_and_grads(entry, model, batch)
+            except Exception:  # noqa: BLE001
+                entry = dataclasses.replace(entry, dtype=F32)
+                row.dtype = "float32"
+                model, batch = entry.build(), batch_of(entry)
+                exact = loss_and_grads(entry, model, batch)
     except Exception as e:  # noqa: BLE001
         row.verdict, row.message = "not built", _first_line(e)
         return row
