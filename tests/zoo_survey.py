@@ -507,7 +507,11 @@ CASES: dict[str, ZooEntry] = {
     ),
     "mobilevitv2": E(  # a convolution bias before a norm gets 5e-7 of the largest gradient: observed 1.1e-8 of it
         # at k = L against autograd, 7e-11 absolute where the largest gradient is 6e3 (1e-14 of it: float64 sums)
-        "mobilevitv2", "MobileViTV2Model", dict(image_size=64, width_multiplier=0.25), "image", image_size=64,
+        "mobilevitv2",
+        "MobileViTV2Model",
+        dict(image_size=64, width_multiplier=0.25),
+        "image",
+        image_size=64,
         rtol=1e-7,
     ),
     # ----- decoders whose layer count is not a config key
