@@ -34,7 +34,7 @@ class StageRecipeEntry(NamedTuple):
     recipe: StageRecipe
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an entry is itself: compared and hashed by identity
 class ModelFamily:
     """Everything Highway-BP knows about one family of models beyond what discovery reads off their structure.
 
