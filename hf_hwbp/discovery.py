@@ -15,7 +15,8 @@ candidates are those lists, less what the structure shows is not a stack:
 
 Every remaining list that does not sit inside another one is a stack; an encoder-decoder model has two, run one
 after the other. The rest of the definition is checked at run time, in the forward (``recorder.py``). Models whose
-structure misleads these rules are listed in the ``model_patches`` registry (the HF ResNet; Reformer, refused).
+structure misleads these rules have an entry in the model-family registry (``hf_hwbp.model_patches``: ALBERT's
+shared layer groups, the HF ResNet's stages; Reformer, refused), which is read first.
 """
 
 from __future__ import annotations
@@ -67,13 +68,13 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
     Raises ValueError when there is none, naming ``layers=`` for stacks that discovery cannot see.
     """
-    from .model_patches import REFUSED_MODEL_TYPES, STACK_FINDERS, residual_gate
+    from .model_patches import family_of, residual_gate
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in REFUSED_MODEL_TYPES:
-        reason = REFUSED_MODEL_TYPES[model_type]
-        raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {reason}")
-    finder = STACK_FINDERS.get(model_type)
+    family = family_of(model_type)
+    if family is not None and family.refusal is not None:
+        raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {family.refusal}")
+    finder = None if family is None else family.find_stacks
     found = [(path, tuple(layers), *more) for path, layers, *more in finder(model)] if finder else _discover(model)
     stacks = [Stack(path, layers, residual_gate(layers, model), *more) for path, layers, *more in found]
     if not stacks:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .registry import ModelFamily
+
 
 def albert_stacks(model: nn.Module) -> list[tuple]:
+    """One stack per layer group, with the passes it runs (``repeats``); the groups as one stack when each runs
+    once."""
     for name, module in model.named_modules():
         if not name.endswith("albert_layer_groups") or not isinstance(module, nn.ModuleList):
             continue
@@ -27,3 +31,6 @@ def albert_stacks(model: nn.Module) -> list[tuple]:
             if runs[g] > 0
         ]
     return []
+
+
+FAMILY = ModelFamily(name="ALBERT", model_types=("albert",), find_stacks=albert_stacks)

@@ -3,7 +3,8 @@
 Their Jacobian is D (I + dg/dh) with D = diag(act'(h + g(h))): the residual path is R = D, held at the forward's
 values (docs/algorithm.md, residual paths that are not the identity). For ReLU, D is 1 where the layer's output is
 positive, which the gate reads from the output. Known by layer class (wherever the layer sits: a ResNet, a RegNet,
-a BiT backbone inside another model); each such class keeps its activation in ``layer.activation``.
+a BiT backbone inside another model); each such class keeps its activation in ``layer.activation``. The classes
+are the registered families' ``post_activation_layers`` (``registry.py``).
 """
 
 from __future__ import annotations
@@ -12,17 +13,10 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-# Layer classes (by name) that end with ``self.activation(hidden + shortcut)``.
-POST_ACTIVATION_LAYERS = frozenset(
-    {
-        "ResNetBasicLayer",
-        "ResNetBottleNeckLayer",
-        "RegNetXLayer",
-        "RegNetYLayer",
-        "BitBottleneckLayer",  # BiT's non-pre-activation layer (layer_type="bottleneck"); its pre-activation layer
-        # (the default) is h + g(h)
-    }
-)
+from .registry import RegistrySetView, post_activation_layers
+
+# Layer classes (by name) that end with ``self.activation(hidden + shortcut)``: every registered family's (a live view).
+POST_ACTIVATION_LAYERS = RegistrySetView(post_activation_layers, "POST_ACTIVATION_LAYERS")
 
 
 def relu_residual_gate(output: Tensor) -> Tensor:
@@ -33,7 +27,8 @@ def relu_residual_gate(output: Tensor) -> Tensor:
 def residual_gate(layers: Sequence[nn.Module], model: nn.Module | None = None) -> Callable[[Tensor], Tensor] | None:
     """The residual gate of a stack's layers (None: h + g(h)); raises ValueError for an activation after the sum
     that it cannot express as a gate read from the output."""
-    post = [type(layer).__name__ in POST_ACTIVATION_LAYERS for layer in layers]
+    gated = post_activation_layers()
+    post = [type(layer).__name__ in gated for layer in layers]
     if not any(post):
         return None
     activations = {type(getattr(layer, "activation", None)) for layer in layers}

@@ -6,12 +6,15 @@ and gets ordinary backprop, between the stack of the stage below and the stack o
 a stage is its run of layers whose shortcut is the identity.
 
 A ResNet layer is ``relu(h + g(h))``, not ``h + g(h)``: its residual path is ``diag(relu'(h + g(h)))`` with the
-forward's values held fixed (``gates.py``). Highway-BP carries the gradient along that masked path.
+forward's values held fixed (``gates.py``; its layer classes are the family's ``post_activation_layers``).
+Highway-BP carries the gradient along that masked path.
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+from .registry import ModelFamily
 
 
 def resnet_stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
@@ -28,3 +31,11 @@ def resnet_stacks(model: nn.Module) -> list[tuple[str, list[nn.Module]]]:
                 suffix = f"[{start}:]" if start else ""
                 stacks.append((f"{name}.{index}.layers{suffix}", layers[start:]))
     return stacks
+
+
+FAMILY = ModelFamily(
+    name="ResNet",
+    model_types=("resnet",),
+    find_stacks=resnet_stacks,
+    post_activation_layers=frozenset({"ResNetBasicLayer", "ResNetBottleNeckLayer"}),
+)
