@@ -72,8 +72,7 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = family_of(model_type)
-    if family is not None and family.refusal is not None:
-        raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {family.refusal}")
+    _refuse_family(model)
     finder = None if family is None else family.find_stacks
     found = [(path, tuple(layers), *more) for path, layers, *more in finder(model)] if finder else _discover(model)
     stacks = [Stack(path, layers, residual_gate(layers, model), *more) for path, layers, *more in found]
@@ -87,8 +86,18 @@ def find_stacks(model: nn.Module) -> list[Stack]:
     return stacks
 
 
+def _refuse_family(model: nn.Module) -> None:
+    """A model family that cannot take Highway-BP (Reformer's reversible layers) is refused, found or given."""
+    from .model_patches import family_of
+
+    family = family_of(getattr(getattr(model, "config", None), "model_type", None))
+    if family is not None and family.refusal is not None:
+        raise UnsupportedModelError(f"Highway-BP cannot train {type(model).__name__}: {family.refusal}")
+
+
 def stacks_from_layers(model: nn.Module, layers) -> list[Stack]:
     """Stacks given by the user: one ``nn.ModuleList`` / ``nn.Sequential``, or a list of them (in forward order)."""
+    _refuse_family(model)  # layers= does not make reversible layers recordable
     groups = [layers] if isinstance(layers, (nn.ModuleList, nn.Sequential)) else layers
     if not isinstance(groups, (list, tuple)) or not groups:
         raise TypeError(f"layers must be an nn.ModuleList of residual blocks, got {type(layers).__name__}.")

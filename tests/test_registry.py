@@ -154,6 +154,16 @@ def test_reformer_is_refused_through_the_registry():
     assert registry.family_of("reformer").refusal is not None
 
 
+def test_a_refused_family_is_refused_with_layers_too():
+    """Reformer's reversible layers run with gradients off and are recomputed in its own backward: passing them as
+    layers= would leave the training silently on Reformer's backward (Highway-BP never applied), so it raises too."""
+    model = REFUSED["reformer"].build()
+    for layers in (None, model.reformer.encoder.layers):
+        with pytest.raises(hf_hwbp.HighwayBPError, match="reversible"):
+            hf_hwbp.patch_model(model, k=1, layers=layers)
+        assert not hf_hwbp.is_patched(model)
+
+
 # ----- a family registered at run time is used ----------------------------------------------------------------------
 TOY_TYPE = "hwbp-test-toy"
 
