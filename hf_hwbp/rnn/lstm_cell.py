@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .gru_cell import PreviousStates, _rows
+from .gru_cell import PreviousStates, _rows, tanh_
 from .scan import ReverseLinearScan, forward_linear_scan
 
 GATES = 4  # i, f, g, o
@@ -65,7 +65,12 @@ class LSTMStepDerivatives:
         b_hh: Tensor | None,
         chunk: int | None = None,
     ) -> LSTMStepDerivatives:
-        """One batched recompute of the gates and cell states of all steps from x [T, B, I] and h_0..h_{T-1}."""
+        """One batched recompute of the gates and cell states of all steps from x [T, B, I] and h_0..h_{T-1}.
+
+        Per-gate products and per-gate contiguous tensors: on this work's CPU (oneDNN/MKL, AVX-512), stacking the
+        gates into one [T * B, 4H] product saved no time once the layout changes and the larger temporaries were
+        paid for (docs/recurrent.md, "The LSTM backward at its bound").
+        """
         steps, batch, _ = x.shape
         hidden = w_hh.shape[1]
         flat_x = _rows(x)
@@ -78,10 +83,10 @@ class LSTMStepDerivatives:
             for gate, out in enumerate(pre):
                 out.add_(bias[gate])
         i, f, g, o = pre
-        i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
+        i.sigmoid_(), f.sigmoid_(), tanh_(g), o.sigmoid_()
         cells = forward_linear_scan(f, torch.mul(i, g), c0, chunk)  # c_0..c_T
         one = torch.ones((), dtype=x.dtype, device=x.device)
-        tanh_c = torch.tanh(cells[1:])
+        tanh_c = tanh_(cells[1:].clone())
         slope = torch.addcmul(one, tanh_c, tanh_c, value=-1).mul_(o)  # q = o (1 - tanh(c)^2)
         factor_o = tanh_c.mul_(torch.addcmul(o, o, o, value=-1, out=o))  # tanh(c) o (1 - o)
         factor_g = torch.addcmul(one, g, g, value=-1, out=o).mul_(i)  # i (1 - g^2)
