@@ -45,6 +45,13 @@ class PreviousStates:
         torch.mm(_rows(self.outputs[:-1]), weight_t, out=out[batch:])
         return out
 
+    def addmm_into(self, weight_t: Tensor, out: Tensor) -> Tensor:
+        """out [T * B, N] += h_{t-1} @ weight_t for every t."""
+        batch = self.initial.shape[0]
+        out[:batch].addmm_(self.initial, weight_t)
+        out[batch:].addmm_(_rows(self.outputs[:-1]), weight_t)
+        return out
+
     def sub_into(self, other: Tensor, out: Tensor) -> Tensor:
         """h_{t-1} - other[t] into ``out`` [T, B, H]."""
         torch.sub(self.initial, other[0], out=out[0])
