@@ -105,3 +105,14 @@ def test_bench_rnn_map_grid_smoke(tmp_path):
     assert "## Map" in table and "## nn.GRU" in table and "## nn.LSTM" in table
     map_section = table[table.index("## Map") :]
     assert map_section.count("| 1 | 6 | 2 | 4 | ") == 1 and map_section.count("| 2 | 6 | 2 | 4 | ") == 1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_profile_rnn_smoke(tmp_path, cell):
+    profile = _load("profile_rnn")
+    output = tmp_path / "profile.jsonl"
+    args = ["--cell", cell, "--seq_len", "6", "--batch", "2", "--hidden", "4", "--rounds", "1", "--clock", "cpu"]
+    record = profile.main(args + ["--threads", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["parts_s"] == record["parts_s"]
+    assert "Highway step (forward + backward)" in record["parts_s"] and "parameter + input grads" in record["parts_s"]
+    assert all(v >= 0 for v in record["parts_s"].values()) and record["machine"]["P_ms"] > 0
