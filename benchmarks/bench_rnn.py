@@ -16,6 +16,13 @@ Summary of everything in a folder:
     python -m benchmarks.bench_rnn --summarize_only --output_dir results/rnn/step_cpu
 LSTM (CPU):
     python -m benchmarks.bench_rnn --cell lstm --ks 0 1 2 --output_dir results/rnn/lstm/step_cpu --tag lstm
+The map (GRU and LSTM, T in {256, 1024, 4096, 8192} x B in {1, 16, 64} x H in {64, 256, 512}, k = 1 and 2,
+1 and 2 threads; on a quiet machine, hours: see docs/recurrent.md), and a few-minute subset of it:
+    python -m benchmarks.bench_rnn --grid map --output_dir results/rnn/map_cpu --tag map
+    python -m benchmarks.bench_rnn --grid quick --output_dir results/rnn/map_cpu_quick --tag quick
+Any list given explicitly overrides the grid's (``--grid map --seq_lens 256 1024`` runs the map's other axes at
+those two lengths). Every configuration records the load average before and after it; ``summary.md`` /
+``summary.json`` hold the tables and the map (ratio of each Highway method to torch's module, per cell).
 """
 
 from __future__ import annotations
@@ -35,17 +42,31 @@ from torch import nn
 from benchmarks._bench_common import append_jsonl, read_jsonl, set_threads
 from hf_hwbp.rnn import HighwayGRU, HighwayLSTM
 
+GRIDS = {
+    # the committed GRU/LSTM step tables (the defaults before grids existed)
+    "default": {"cells": ["gru"], "seq_lens": [256, 1024, 4096], "batch_sizes": [8, 32], "hidden_sizes": [64, 256],
+                "ks": [0, 1, 2, 4], "threads": [2]},
+    # the map: where Highway-BP through time wins and loses against torch's fused modules
+    "map": {"cells": ["gru", "lstm"], "seq_lens": [256, 1024, 4096, 8192], "batch_sizes": [1, 16, 64],
+            "hidden_sizes": [64, 256, 512], "ks": [1, 2], "threads": [1, 2]},
+    # a corner of the map that runs in a few minutes on 2 cores
+    "quick": {"cells": ["gru", "lstm"], "seq_lens": [256, 1024], "batch_sizes": [1, 16], "hidden_sizes": [64],
+              "ks": [1, 2], "threads": [1, 2]},
+}  # fmt: skip
+
 
 @dataclass
 class BenchArguments:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda (compares against cuDNN's GRU / LSTM)"})
-    cell: str = field(default="gru", metadata={"help": "gru (HighwayGRU vs nn.GRU) or lstm (HighwayLSTM vs nn.LSTM)"})
-    seq_lens: list[int] = field(default_factory=lambda: [256, 1024, 4096])
-    batch_sizes: list[int] = field(default_factory=lambda: [8, 32])
-    hidden_sizes: list[int] = field(default_factory=lambda: [64, 256])
-    ks: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
+    grid: str = field(default="default", metadata={"help": "default, map or quick: the lists not given explicitly"})
+    cell: str = field(default="", metadata={"help": "gru, lstm or both (default: the grid's)"})
+    seq_lens: list[int] | None = field(default=None)
+    batch_sizes: list[int] | None = field(default=None)
+    hidden_sizes: list[int] | None = field(default=None)
+    ks: list[int] | None = field(default=None)
     rounds: int = field(default=7, metadata={"help": "timed rounds (after one warm-up round); medians"})
-    threads: int = field(default=2, metadata={"help": "torch threads (CPU)"})
+    threads: list[int] | None = field(default=None, metadata={"help": "torch thread counts (CPU), each pinned"})
+    clock: str = field(default="wall", metadata={"help": "wall, or cpu (process CPU time: steadier at 1 thread)"})
     dtype: str = field(default="float32")
     memory: bool = field(default=True, metadata={"help": "also measure the peak memory of one step"})
     check: bool = field(default=True, metadata={"help": "first check HighwayGRU(k=T) against nn.GRU's gradients"})
@@ -53,6 +74,20 @@ class BenchArguments:
     tag: str = field(default="run")
     summarize_only: bool = field(default=False)
     memory_probe: str = field(default="", metadata={"help": "internal: 'T,B,H,method' (one step in this process)"})
+
+    def resolve(self) -> None:
+        """Fill every list not given from ``grid``; check the choices."""
+        if self.grid not in GRIDS:
+            raise SystemExit(f"--grid must be one of {sorted(GRIDS)}, got {self.grid!r}.")
+        preset = GRIDS[self.grid]
+        for name in ("seq_lens", "batch_sizes", "hidden_sizes", "ks", "threads"):
+            if getattr(self, name) is None:
+                setattr(self, name, list(preset[name]))
+        self.cells = {"": preset["cells"], "both": ["gru", "lstm"]}.get(self.cell, [self.cell])
+        if any(c not in ("gru", "lstm") for c in self.cells):
+            raise SystemExit(f"--cell must be gru, lstm or both, got {self.cell!r}.")
+        if self.clock not in ("wall", "cpu"):
+            raise SystemExit(f"--clock must be wall or cpu, got {self.clock!r}.")
 
 
 def baseline(cell: str) -> str:
@@ -106,10 +141,11 @@ def gradient_check(device: str, cell: str = "gru") -> dict:
     return found
 
 
-def time_config(args: BenchArguments, steps: int, batch: int, hidden: int, dtype: torch.dtype) -> dict:
-    methods = method_names(args.ks, args.cell)
-    closures = {m: make_step(build(m, hidden, args.device, dtype, cell=args.cell), steps, batch, hidden, args.device,
+def time_config(args: BenchArguments, steps: int, batch: int, hidden: int, dtype: torch.dtype, cell: str) -> dict:
+    methods = method_names(args.ks, cell)
+    closures = {m: make_step(build(m, hidden, args.device, dtype, cell=cell), steps, batch, hidden, args.device,
                              dtype) for m in methods}  # fmt: skip
+    read = time.perf_counter if args.clock == "wall" else time.process_time
     cuda = args.device == "cuda"
     times: dict[str, list[float]] = {m: [] for m in methods}
     for round_index in range(args.rounds + 1):
@@ -123,19 +159,21 @@ def time_config(args: BenchArguments, steps: int, batch: int, hidden: int, dtype
                 torch.cuda.synchronize()
                 elapsed = start.elapsed_time(end) / 1000
             else:
-                begin = time.perf_counter()
+                begin = read()
                 step()
-                elapsed = time.perf_counter() - begin
+                elapsed = read() - begin
             if round_index > 0:
                 times[method].append(elapsed)
     medians = {m: statistics.median(v) for m, v in times.items()}
     return {"median_s": medians, "all_s": times}
 
 
-def peak_memory(args: BenchArguments, steps: int, batch: int, hidden: int, method: str) -> float:
+def peak_memory(
+    args: BenchArguments, steps: int, batch: int, hidden: int, method: str, cell: str = "gru", threads: int = 1
+) -> float:
     """Peak memory (MiB) of one training step above what was allocated before it."""
     if args.device == "cuda":
-        step = make_step(build(method, hidden, "cuda", getattr(torch, args.dtype), cell=args.cell), steps, batch,
+        step = make_step(build(method, hidden, "cuda", getattr(torch, args.dtype), cell=cell), steps, batch,
                          hidden, "cuda", getattr(torch, args.dtype))  # fmt: skip
         step()  # lazy initialisations (cuDNN plans) happen once
         torch.cuda.synchronize()
@@ -146,7 +184,7 @@ def peak_memory(args: BenchArguments, steps: int, batch: int, hidden: int, metho
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     probe = f"{steps},{batch},{hidden},{method}"
     command = [sys.executable, "-m", "benchmarks.bench_rnn", "--memory_probe", probe, "--dtype", args.dtype]
-    command += ["--threads", str(args.threads), "--cell", args.cell]
+    command += ["--threads", str(threads), "--cell", cell]
     # Fixed mmap threshold: every block >= 128 KiB is its own mapping, returned to the OS when freed.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     root = Path(__file__).resolve().parents[1]  # `-m benchmarks.bench_rnn` runs from the repository root
@@ -159,7 +197,7 @@ def run_memory_probe(args: BenchArguments) -> None:
     mark (Linux: ``/proc/self/clear_refs``) and print how far one more step raises it above the current RSS (MiB)."""
     steps, batch, hidden, method = args.memory_probe.split(",")
     dtype = getattr(torch, args.dtype)
-    module = build(method, int(hidden), "cpu", dtype, cell=args.cell)
+    module = build(method, int(hidden), "cpu", dtype, cell=args.cells[0])
     step = make_step(module, int(steps), int(batch), int(hidden), "cpu", dtype)
     step()
     with open("/proc/self/clear_refs", "w") as f:
@@ -177,25 +215,40 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not found in /proc/self/status")
 
 
+def _load(r: dict) -> float:
+    """The larger of the 1-minute load averages before and after a measurement."""
+    return max(float(r["loadavg_before"][0]), float(r.get("loadavg_after", r["loadavg_before"])[0]))
+
+
 def summarize(out: Path) -> str:
-    """The markdown tables of ``runs.jsonl``. A configuration measured more than once shows the measurement taken on
-    the quietest machine (lowest 1-minute load, the larger of before and after); ``runs.jsonl`` keeps them all."""
-
-    def load(r: dict) -> float:
-        return max(float(r["loadavg_before"][0]), float(r.get("loadavg_after", r["loadavg_before"])[0]))
-
+    """The markdown tables of ``runs.jsonl`` (one set per cell) and the map, into ``summary.md`` and
+    ``summary.json``. A configuration measured more than once shows the measurement taken on the quietest machine
+    (lowest 1-minute load, the larger of before and after); ``runs.jsonl`` keeps them all."""
     latest: dict = {}
     for r in read_jsonl(out / "runs.jsonl"):
-        key = (r["T"], r["B"], r["H"], r.get("threads"))
-        if "median_s" in r and (key not in latest or load(r) <= load(latest[key])):
+        key = (r.get("cell", "gru"), r["T"], r["B"], r["H"], r.get("threads"))
+        if "median_s" in r and (key not in latest or _load(r) <= _load(latest[key])):
             latest[key] = r
+    parts = []
+    for cell in ("gru", "lstm"):
+        rows = {key[1:]: row for key, row in latest.items() if key[0] == cell}
+        if rows:
+            parts.append(f"## {baseline(cell)}\n\n" + full_table(rows) + "\n\n" + compact_table(rows.values()))
+    text = "\n\n".join(parts + [map_table(latest)])
+    (out / "summary.md").write_text(text + "\n")
+    (out / "summary.json").write_text(json.dumps(map_json(latest), indent=1) + "\n")
+    return text
+
+
+def full_table(latest: dict) -> str:
+    """One line per configuration and method: median step, ratio, peak memory, load."""
     rows = list(latest.values())
-    reference = next(iter(rows[0]["median_s"])) if rows else "nn.GRU"  # the baseline is every row's first method
+    reference = next(iter(rows[0]["median_s"]))  # the baseline is every row's first method
     lines = [
         f"| threads | T | B | H | method | median step (ms) | ratio to {reference} | peak MiB | peak ratio | load |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
-    for _, row in sorted(latest.items()):
+    for _, row in sorted(latest.items(), key=lambda item: tuple(v or 0 for v in item[0])):
         base = row["median_s"][reference]
         mem = row.get("peak_mib") or {}
         for method, value in row["median_s"].items():
@@ -204,11 +257,56 @@ def summarize(out: Path) -> str:
             lines.append(
                 f"| {row.get('threads')} | {row['T']} | {row['B']} | {row['H']} | {method} | "
                 f"{value * 1000:.1f} | {value / base:.2f}x | "
-                f"{'n/a' if peak is None else f'{peak:.0f}'} | {peak_ratio} | {load(row):.2f} |"
+                f"{'n/a' if peak is None else f'{peak:.0f}'} | {peak_ratio} | {_load(row):.2f} |"
             )
-    text = "\n".join(lines) + "\n\n" + compact_table(latest.values())
-    (out / "summary.md").write_text(text + "\n")
-    return text
+    return "\n".join(lines)
+
+
+def _ratios(row: dict) -> dict[str, float]:
+    reference = next(iter(row["median_s"]))
+    base = row["median_s"][reference]
+    return {m: v / base for m, v in row["median_s"].items() if m != reference}
+
+
+def map_json(latest: dict) -> list[dict]:
+    """The map as records: per (threads, T, B, H), each cell's baseline time and every method's ratio to it."""
+    merged: dict = {}
+    for (cell, steps, batch, hidden, threads), row in latest.items():
+        entry = merged.setdefault((threads or 0, steps, batch, hidden), {"threads": threads, "T": steps, "B": batch,
+                                                                          "H": hidden, "load": 0.0})  # fmt: skip
+        entry[f"{baseline(cell)} ms"] = round(row["median_s"][baseline(cell)] * 1000, 3)
+        for method, ratio in _ratios(row).items():
+            entry[f"{cell} {method}"] = round(ratio, 4)
+        entry["load"] = max(entry["load"], _load(row))
+    return [merged[key] for key in sorted(merged)]
+
+
+def map_table(latest: dict) -> str:
+    """The map: one line per (threads, T, B, H), the ratio of every cell's Highway methods to torch's module
+    (below 1.00x: Highway-BP's step is faster), and the load during the measurements."""
+    records = map_json(latest)
+    if not records:
+        return ""
+    columns = []
+    for record in records:
+        for name in record:
+            if name not in ("threads", "T", "B", "H", "load") and name not in columns:
+                columns.append(name)
+    columns.sort(key=lambda c: (c.split()[0].lower().replace("nn.", ""), "ms" not in c, c))
+    lines = [
+        "## Map: step time ratio to torch's module (median; below 1.00x Highway-BP is faster)",
+        "",
+        "| threads | T | B | H | " + " | ".join(columns) + " | load |",
+        "|" + "---:|" * (5 + len(columns)),
+    ]
+    for record in records:
+        cells = []
+        for c in columns:
+            value = record.get(c)
+            cells.append("n/a" if value is None else f"{value:.0f}" if c.endswith(" ms") else f"{value:.2f}x")
+        config = f"| {record['threads']} | {record['T']} | {record['B']} | {record['H']} | "
+        lines.append(config + " | ".join(cells) + f" | {record['load']:.2f} |")
+    return "\n".join(lines)
 
 
 def compact_table(rows) -> str:
@@ -246,10 +344,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
-    if args.cell not in ("gru", "lstm"):
-        raise SystemExit(f"--cell must be gru or lstm, got {args.cell!r}.")
+    args.resolve()
     if args.memory_probe:
-        set_threads(args.threads)
+        set_threads(args.threads[0])
         run_memory_probe(args)
         return []
     out = Path(args.output_dir)
@@ -259,47 +356,65 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch.")
-    set_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     note = {
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{os.cpu_count()}",
-        "threads": args.threads,
         "cudnn": torch.backends.cudnn.version() if args.device == "cuda" else None,
+        "clock": args.clock,
     }
-    if args.check:
-        check = {"check": gradient_check(args.device, args.cell), "cell": args.cell, "tag": args.tag, **note}
-        append_jsonl(out / "checks.jsonl", check)
-        print("gradient check (relative error at k = T):", json.dumps(check["check"]), flush=True)
     records = []
-    for steps in args.seq_lens:
-        for batch in args.batch_sizes:
-            for hidden in args.hidden_sizes:
-                load_before = open("/proc/loadavg").read().split()[:3]
-                record = {"T": steps, "B": batch, "H": hidden, "dtype": args.dtype, "tag": args.tag, "cell": args.cell,
-                          "rounds": args.rounds, "loadavg_before": load_before, **note}  # fmt: skip
-                try:
-                    record.update(time_config(args, steps, batch, hidden, dtype))
-                    record["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
-                    if args.memory:
-                        record["peak_mib"] = {
-                            m: peak_memory(args, steps, batch, hidden, m) for m in method_names(args.ks, args.cell)
-                        }
-                except (RuntimeError, subprocess.CalledProcessError) as error:  # e.g. out of memory: keep the rest
-                    record["error"] = repr(error)
-                    print(f"T={steps} B={batch} H={hidden}: failed: {error!r}", flush=True)
-                    append_jsonl(out / "runs.jsonl", record)
-                    if args.device == "cuda":
-                        torch.cuda.empty_cache()
-                    continue
-                append_jsonl(out / "runs.jsonl", record)
-                records.append(record)
-                reference = baseline(args.cell)
-                base = record["median_s"][reference]
-                ratios = ", ".join(f"{m} {v / base:.2f}x" for m, v in record["median_s"].items())
-                print(f"T={steps} B={batch} H={hidden}: {reference} {base * 1000:.1f} ms; {ratios}", flush=True)
+    for cell in args.cells:
+        if args.check:
+            set_threads(args.threads[0])
+            check = {"check": gradient_check(args.device, cell), "cell": cell, "tag": args.tag, **note}
+            append_jsonl(out / "checks.jsonl", check)
+            print(f"{cell}: gradient check (relative error at k = T):", json.dumps(check["check"]), flush=True)
+        for threads in args.threads:
+            set_threads(threads)
+            for steps in args.seq_lens:
+                for batch in args.batch_sizes:
+                    for hidden in args.hidden_sizes:
+                        record = measure(args, cell, threads, steps, batch, hidden, dtype, note)
+                        if record is not None:
+                            records.append(record)
     print(summarize(out))
     return records
+
+
+def measure(
+    args: BenchArguments, cell: str, threads: int, steps: int, batch: int, hidden: int, dtype: torch.dtype, note: dict
+) -> dict | None:
+    """Time (and measure the memory of) one configuration; append it to ``runs.jsonl`` (None when it failed)."""
+    out = Path(args.output_dir)
+    record = {"T": steps, "B": batch, "H": hidden, "dtype": args.dtype, "tag": args.tag, "cell": cell,
+              "rounds": args.rounds, "threads": threads, "loadavg_before": _loadavg(), **note}  # fmt: skip
+    try:
+        record.update(time_config(args, steps, batch, hidden, dtype, cell))
+        record["loadavg_after"] = _loadavg()
+        if args.memory:
+            methods = method_names(args.ks, cell)
+            record["peak_mib"] = {m: peak_memory(args, steps, batch, hidden, m, cell, threads) for m in methods}
+    except (RuntimeError, subprocess.CalledProcessError) as error:  # e.g. out of memory: keep the rest
+        record["error"] = repr(error)
+        print(f"{cell} threads={threads} T={steps} B={batch} H={hidden}: failed: {error!r}", flush=True)
+        append_jsonl(out / "runs.jsonl", record)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    append_jsonl(out / "runs.jsonl", record)
+    reference = baseline(cell)
+    base = record["median_s"][reference]
+    ratios = ", ".join(f"{m} {v / base:.2f}x" for m, v in record["median_s"].items())
+    load = record["loadavg_before"][0], record["loadavg_after"][0]
+    print(f"{cell} threads={threads} T={steps} B={batch} H={hidden}: {reference} {base * 1000:.1f} ms; {ratios}; "
+          f"load {load[0]} -> {load[1]}", flush=True)  # fmt: skip
+    return record
+
+
+def _loadavg() -> list[str]:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
 
 
 if __name__ == "__main__":

@@ -407,14 +407,17 @@ def test_wrong_shapes_raise_like_nn_gru():
         highway(torch.randn(5, BATCH, INPUT, requires_grad=True), torch.randn(1, BATCH + 1, HIDDEN))
 
 
-def test_double_backward_is_refused():
+def test_double_backward_is_exact():
+    """The Hessian-vector-like product of the old refusal test; tests/test_rnn_double_backward.py covers the rest."""
     steps = 4
-    _, highway = make_pair(k=1)
-    x, h0 = make_inputs(steps, False, 1)
-    out, h_n = highway(x, h0)
-    (grad,) = torch.autograd.grad(loss_every_step(out, h_n), [highway.weight_hh_l0], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
-        grad.sum().backward()
+    found = []
+    for module in make_pair(k=1):
+        x, h0 = make_inputs(steps, False, 1)
+        out, h_n = module(x, h0)
+        (grad,) = torch.autograd.grad(loss_every_step(out, h_n), [module.weight_hh_l0], create_graph=True)
+        grad.pow(2).sum().backward()
+        found.append(torch.cat([module.weight_ih_l0.grad.flatten(), x.grad.flatten(), h0.grad.flatten()]))
+    assert rel_err(found[1], found[0]) <= RTOL
 
 
 # ----- the reverse linear scan ---------------------------------------------------------------------------------

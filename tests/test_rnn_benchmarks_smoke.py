@@ -83,3 +83,36 @@ def test_bench_rnn_quality_lstm_smoke(tmp_path):
     assert {(r["cell"], r["method"]) for r in runs} == {("lstm", "backprop"), ("lstm", "k1")}
     assert math.isfinite(summary["charlm"]["k1"]["final"][0])
     assert runs[0]["curve"][-1]["val"] != runs[1]["curve"][-1]["val"]  # k1 really trained with Highway-BP
+
+
+def test_bench_rnn_map_grid_smoke(tmp_path):
+    """--grid quick with its sizes overridden: both cells, k = 1 and 2, 1 and 2 threads, the map table and JSON."""
+    bench = _load("bench_rnn")
+    args = ["--grid", "quick", "--seq_lens", "6", "--batch_sizes", "2", "--hidden_sizes", "4", "--rounds", "1"]
+    records = bench.main(args + ["--memory", "false", "--clock", "cpu", "--output_dir", str(tmp_path)])
+    assert sorted((r["cell"], r["threads"]) for r in records) == [("gru", 1), ("gru", 2), ("lstm", 1), ("lstm", 2)]
+    assert all(r["clock"] == "cpu" and len(r["loadavg_before"]) == 3 for r in records)
+    assert {frozenset(r["median_s"]) for r in records} == {
+        frozenset({"nn.GRU", "k=1", "k=2"}),
+        frozenset({"nn.LSTM", "k=1", "k=2"}),
+    }
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(r["threads"], r["T"], r["B"], r["H"]) for r in summary] == [(1, 6, 2, 4), (2, 6, 2, 4)]
+    for row in summary:
+        assert {"gru k=1", "gru k=2", "lstm k=1", "lstm k=2", "nn.GRU ms", "nn.LSTM ms"} <= set(row)
+        assert all(row[key] > 0 for key in ("gru k=1", "lstm k=2"))
+    table = (tmp_path / "summary.md").read_text()
+    assert "## Map" in table and "## nn.GRU" in table and "## nn.LSTM" in table
+    map_section = table[table.index("## Map") :]
+    assert map_section.count("| 1 | 6 | 2 | 4 | ") == 1 and map_section.count("| 2 | 6 | 2 | 4 | ") == 1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_profile_rnn_smoke(tmp_path, cell):
+    profile = _load("profile_rnn")
+    output = tmp_path / "profile.jsonl"
+    args = ["--cell", cell, "--seq_len", "6", "--batch", "2", "--hidden", "4", "--rounds", "1", "--clock", "cpu"]
+    record = profile.main(args + ["--threads", "1", "--output", str(output)])
+    assert json.loads(output.read_text())["parts_s"] == record["parts_s"]
+    assert "Highway step (forward + backward)" in record["parts_s"] and "parameter + input grads" in record["parts_s"]
+    assert all(v >= 0 for v in record["parts_s"].values()) and record["machine"]["P_ms"] > 0
