@@ -86,6 +86,29 @@ def argument_name(module: nn.Module, name: str) -> str:
         return name
 
 
+def top_level_tensors(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[int | str, Tensor]]:
+    """The tensors a layer receives directly as arguments besides its hidden state, by parameter name (the
+    signature's name for a positional argument, so that one stream passed positionally to one layer and by keyword
+    to the next is one argument): name -> (position in ``args`` or keyword, tensor)."""
+    skipped = hidden_keyword(args, kwargs)
+    found: dict[str, tuple[int | str, Tensor]] = {}
+    for i, value in enumerate(args):
+        if i > 0 and isinstance(value, Tensor):
+            found[argument_name(module, f"argument {i}")] = (i, value)
+    for key, value in kwargs.items():
+        if key != skipped and isinstance(value, Tensor):
+            found[key] = (key, value)
+    return found
+
+
+def with_arguments(args: tuple, kwargs: dict, replaced: dict[int | str, Tensor]) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with the arguments at the given positions or keywords replaced."""
+    if not replaced:
+        return args, kwargs
+    new_args = tuple(replaced.get(i, value) for i, value in enumerate(args))
+    return new_args, {key: replaced.get(key, value) for key, value in kwargs.items()}
+
+
 def has_grad_inputs(args: tuple, kwargs: dict) -> bool:
     """Whether a layer receives, besides its hidden state, a tensor that requires grad (directly, or in tuples,
     lists and dicts: what ``replace_tensors`` visits without ``deep``). The quick test that lets most layers skip it."""
