@@ -271,7 +271,12 @@ class RecordedStack:
                 raise ValueError("Gated residual paths are defined for a single-tensor state, not for several streams.")
             if any(len(_streams(x)) != self.packing.streams for x in list(inputs) + list(outputs)):
                 raise ValueError(f"Every block input and output must have the state's {self.packing.streams} streams.")
-            d = self.packing.pack(_streams(d)) if not isinstance(d, Tensor) else d
+            # A stream of the top state that no gradient reached (given as None in a tuple ``d``) stays out of the
+            # top block's VJPs: the parameters that only it reads get no gradient (None), as under autograd.
+            self.unread_top = set() if isinstance(d, Tensor) else {s for s, g in enumerate(d) if g is None}
+            if not isinstance(d, Tensor):
+                like = _streams(outputs[-1])
+                d = self.packing.pack([g if g is not None else torch.zeros_like(y) for g, y in zip(d, like)])
             extra_grads = [
                 e if e is None or isinstance(e, Tensor) else self.packing.pack(_streams(e)) for e in extra_grads or []
             ]
@@ -280,6 +285,8 @@ class RecordedStack:
                 raise ValueError("residual_gates come with their own scan (a linear scan); do not pass scan= too.")
             scan = GatedResidualScan(residual_gates)
         self.gates = list(residual_gates) if residual_gates is not None else None
+        if not streams:
+            self.unread_top: set[int] = set()
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.d = d
@@ -304,7 +311,7 @@ class RecordedStack:
         """The full input-VJP of a block whose state is several streams, flat. A stream input that does not require
         grad gets the residual path only (its J^T term is zero)."""
         grads = self.packing.unpack(grad)
-        pairs = [(y, g) for y, g in zip(self.outputs[local_index], grads) if y.requires_grad]
+        pairs = self._read_pairs(local_index, grads)
         inputs = self.inputs[local_index]
         wanted = [n for n, x in enumerate(inputs) if x.requires_grad]
         full = list(grads)
@@ -319,6 +326,16 @@ class RecordedStack:
             for n, g in zip(wanted, found):
                 full[n] = g if g is not None else torch.zeros_like(grads[n])
         return self.packing.pack(full)
+
+    def _read_pairs(self, local_index: int, grads: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """(stream output, its gradient) of a block whose state is several streams, for the streams a gradient
+        reaches (all but the unread ones of the top state)."""
+        top = self.first_block + local_index + 1 == self.num_blocks
+        return [
+            (y, g)
+            for s, (y, g) in enumerate(zip(self.outputs[local_index], grads))
+            if y.requires_grad and not (top and s in self.unread_top)
+        ]
 
     def inflow(self, delta: list[Tensor], fresh_until: int, release: bool) -> list[Tensor | None]:
         local = len(self.outputs)
@@ -377,12 +394,7 @@ class RecordedStack:
             return (None,) * len(wrt)
         outputs, grads = [self.outputs[i] for i in blocks], [delta[i + 1] for i in blocks]
         if self.packing is not None:  # every stream of every block, with its part of the block's delta
-            pairs = [
-                (y, g)
-                for i in blocks
-                for y, g in zip(self.outputs[i], self.packing.unpack(delta[i + 1]))
-                if y.requires_grad
-            ]
+            pairs = [pair for i in blocks for pair in self._read_pairs(i, self.packing.unpack(delta[i + 1]))]
             outputs, grads = [y for y, _ in pairs], [g for _, g in pairs]
         with self.around_blocks(blocks, list(prefetch)):
             return torch.autograd.grad(outputs, list(wrt), grads, retain_graph=retain_graph, allow_unused=True)

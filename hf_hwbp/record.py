@@ -254,9 +254,10 @@ def run_backward(record: _StackRecord) -> tuple:
     last = len(record.outputs) - 1
     streams = bool(record.streams)
     packing = StatePacking(record.state_output(last))  # one stream: the identity
-    d = _state_grad(record, packing, last)
-    if d is None:
-        d = packing.pack([torch.zeros_like(record.outputs[last])] + [None] * (packing.streams - 1))
+    # The top state's streams that no gradient reached stay None: the engine leaves them out of the top block's VJPs.
+    d = _state_parts(record, last)
+    d = [torch.zeros_like(record.outputs[last]) if d[0] is None else d[0], *d[1:]]
+    d = d[0] if not streams else d
     # e_j for j = 1..L-1 arrive at the block outputs; e_0 (a loss on h_0 itself) reaches h_0 through autograd.
     extra: list[Tensor | None] = [None] + [_state_grad(record, packing, j) for j in range(last)]
     carried_leaves = [leaf for _, leaf in record.carried]
@@ -383,10 +384,15 @@ def _retained_sides(record: _StackRecord) -> list[tuple[int, Tensor, Tensor]]:
     return found
 
 
-def _state_grad(record: _StackRecord, packing: StatePacking, block: int) -> Tensor | None:
-    """The gradient the loss sent block ``block``'s output state (each stream's; flat), None when none."""
+def _state_parts(record: _StackRecord, block: int) -> list[Tensor | None]:
+    """The gradient the loss sent each stream of block ``block``'s output state (None where none)."""
     sides = record.stream_exits[block] if record.streams else ()
-    return packing.pack([record.output_grads.get(block), *(record.side_grads.get(side) for side in sides)])
+    return [record.output_grads.get(block), *(record.side_grads.get(side) for side in sides)]
+
+
+def _state_grad(record: _StackRecord, packing: StatePacking, block: int) -> Tensor | None:
+    """The gradient the loss sent block ``block``'s output state, flat over its streams; None when none."""
+    return packing.pack(_state_parts(record, block))
 
 
 def _retained_states(record: _StackRecord, delta, x0: Tensor, packing: StatePacking) -> list[tuple[Tensor, Tensor]]:
