@@ -196,7 +196,8 @@ class _StackRecord:
     streams: list[tuple[str, int]] | None = None
     stream_inputs: list[list[Tensor]] = field(default_factory=list)
     stream_exits: list[list[int]] = field(default_factory=list)
-    stream_leaves: dict[int, int] = field(default_factory=dict)  # id(side leaf) -> stream: block 0's stream input
+    # id(side leaf) -> (stream, the view of it block 0 read, or None): block 0's stream inputs that are side leaves
+    stream_leaves: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
     retained: bool = False  # the last backward ran with retain_graph=True: the graphs are kept for the next one
 
     @property
@@ -336,7 +337,7 @@ def run_backward(record: _StackRecord) -> tuple:
     if record.stream_leaves:  # block 0's stream inputs that are side leaves: their part of delta_0
         given = iter(grads)
         grads = tuple(
-            h0[record.stream_leaves[id(t)]] if id(t) in record.stream_leaves else next(given) for t in everything
+            _stream_leaf_grad(record, t, h0) if id(t) in record.stream_leaves else next(given) for t in everything
         )
     input_grad = h0[0] if record.input_requires_grad else None
     record.log.backward_ran(iterations, list(delta[1:]) if record.keep_block_grads else None)
@@ -382,6 +383,16 @@ def _retained_sides(record: _StackRecord) -> list[tuple[int, Tensor, Tensor]]:
         if returned is not None and returned.retains_grad:
             found.append((i, inside, returned))
     return found
+
+
+def _stream_leaf_grad(record: _StackRecord, leaf: Tensor, h0: tuple) -> Tensor | None:
+    """A stream's part of delta_0, for the side leaf that stream of h_0 started from (through the view of it that
+    block 0 read, when it read one)."""
+    stream, view = record.stream_leaves[id(leaf)]
+    g = h0[stream]
+    if g is None or view is None:
+        return g
+    return torch.autograd.grad(view, leaf, g, retain_graph=True)[0]
 
 
 def _state_parts(record: _StackRecord, block: int) -> list[Tensor | None]:

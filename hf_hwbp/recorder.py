@@ -245,17 +245,23 @@ class StackForward:
                 "h + g(h) of one dtype. Train this model with ordinary backprop (unpatch_model(model))."
             )
         inputs = [self.received[name] for name, _ in record.streams]
-        for name, tensor in zip((name for name, _ in record.streams), inputs):
-            if id(tensor) in {id(v) for v in self.leaf_views}:
-                raise HighwayBPError(
-                    f"Highway-BP: the `{name}` stream of {stack.path} starts as a view of a larger tensor, which "
-                    "Highway-BP does not route. Train this model with ordinary backprop (unpatch_model(model))."
-                )
         record.stream_inputs.append(inputs)
         record.stream_exits.append([side for _, _, side in continued.values()])
-        for s, tensor in enumerate(inputs, start=1):
-            if id(tensor) in {id(z) for z in record.side_leaves}:
-                record.stream_leaves[id(tensor)] = s
+        views = {id(v): v for v in self.leaf_views}
+        sides = {id(z): z for z in record.side_leaves}
+        for s, ((name, _), tensor) in enumerate(zip(record.streams, inputs), start=1):
+            # Block 0's stream input is the leaf of a stream of h_0 that requires grad (LUKE's entity embeddings),
+            # or a view of one (the output of a Linear on a 3-d input is a view): it gets its part of delta_0.
+            view = views.get(id(tensor))
+            leaf = sides.get(id(tensor) if view is None else id(view._base))  # a view of a leaf: made from the leaf
+            if view is not None and (leaf is None or sum(v._base is view._base for v in self.leaf_views) > 1):
+                raise HighwayBPError(
+                    f"Highway-BP: the `{name}` stream of {stack.path} starts as a view of a tensor that other "
+                    "views are read from too, which Highway-BP does not route. Train this model with ordinary "
+                    "backprop (unpatch_model(model))."
+                )
+            if leaf is not None:
+                record.stream_leaves[id(leaf)] = (s, view)
 
     def _known_leaf(self, i: int, module: nn.Module, name: str, tensor: Tensor) -> Tensor:
         """The leaf a later layer reads in place of a side input (or of a side output an earlier layer returned)."""
@@ -272,6 +278,12 @@ class StackForward:
         if id(tensor) in self.leaf_ids:
             return tensor
         base = tensor._base
+        if base is not None and id(self.leaf_of.get(id(base))) in record.stream_leaves:
+            raise HighwayBPError(
+                f"Highway-BP: layer {i} of {record.path} reads a view of the tensor a residual stream started from "
+                f"(`{routing.argument_name(module, name)}`). Train this model with ordinary backprop "
+                "(unpatch_model(model))."
+            )
         if base is not None and id(base) in self.leaf_of and self.leaf_of[id(base)] is not base:
             self.originals.append(tensor)  # a per-layer slice of a side input: a view of its leaf
             leaf = self.leaf_of[id(tensor)] = self._view_of_leaf(tensor)
