@@ -139,7 +139,7 @@ class IterationLog:
     """
 
     last: int | None = None
-    block_grads: list[Tensor] | None = None  # delta^(k)_1..L of the last stack backward, when asked for
+    block_grads: list | None = None  # delta^(k)_1..L of the last stack backward, when asked for (tuples: streams)
     _writer: int | None = None  # the backward's graph task that wrote ``last`` (-2: a forward did)
 
     def backward_ran(self, iterations: int, block_grads: list[Tensor] | None) -> None:
@@ -340,7 +340,8 @@ def run_backward(record: _StackRecord) -> tuple:
             _stream_leaf_grad(record, t, h0) if id(t) in record.stream_leaves else next(given) for t in everything
         )
     input_grad = h0[0] if record.input_requires_grad else None
-    record.log.backward_ran(iterations, list(delta[1:]) if record.keep_block_grads else None)
+    kept = [packing.unpack(v) if streams else v for v in delta[1:]] if record.keep_block_grads else None
+    record.log.backward_ran(iterations, kept)  # with streams: a tuple per state
     record.retained = keep
     record.output_grads.clear()
     record.side_grads.clear()
