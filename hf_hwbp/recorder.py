@@ -291,12 +291,22 @@ class StackForward:
         side = self.cut_of.get(id(tensor))
         if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
             block, original = record.side_outputs[side]
-            if block > 0 and forward_checks.reaches(original, record.inputs[block]):
+            state = record.state_input(block) if block > 0 else ()  # the hidden state and any streams
+            if any(forward_checks.reaches(original, x) for x in state):
                 raise HighwayBPError(
                     f"Highway-BP: layer {i} of {record.path} reads a tensor that an earlier layer returned and that "
                     f"depends on that layer's hidden state (`{routing.argument_name(module, name)}`): its gradient "
                     "would feed the Highway iteration it depends on. Train this model with ordinary backprop "
                     "(unpatch_model(model))."
+                )
+            if any(forward_checks.reaches(original, carried) for _, carried in record.carried):
+                # Its gradient would reach the tensor it was computed from only through a block's graph that the
+                # routing of carried tensors does not follow (each goes into the block that returned it).
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {record.path} reads a tensor that an earlier layer returned "
+                    f"(`{routing.argument_name(module, name)}`) and computed from another tensor a layer handed on, "
+                    "not as a residual stream of its own (one the first layer receives under the same name). Train "
+                    "this model with ordinary backprop (unpatch_model(model))."
                 )
             leaf = self.leaf_of[id(tensor)] = self._leaf(tensor)
             record.carried.append((side, leaf))

@@ -332,3 +332,43 @@ def test_lilt_unread_layout_output_gets_no_gradient_and_adaptive_stop():
     hf_hwbp.patch_model(model, k=3, tol=1e-2)
     assert error(grads_of(model, loss_fn), expected) <= RTOL
     assert hf_hwbp.last_highway_iterations(model) == ran[0]
+
+
+# ----- a tensor handed on that is not a stream ---------------------------------------------------------------------
+class BiasLayer(nn.Module):
+    """Makes a bias when it gets none (the first layer, as T5's), else transforms the one it gets and hands it on."""
+
+    def __init__(self, width: int = 5):
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+        self.seed = nn.Parameter(torch.randn(width))
+        self.scale = nn.Parameter(torch.randn(width))
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor | None = None):
+        bias = self.seed.expand_as(h) if bias is None else torch.tanh(bias * self.scale)
+        return h + torch.tanh(self.mix(h) + bias), bias
+
+
+class BiasModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(2, 5)
+        self.layers = nn.ModuleList([BiasLayer() for _ in range(4)])
+
+    def forward(self, x):
+        h, bias = self.embed(x), None
+        for layer in self.layers:
+            h, bias = layer(h, bias=bias)
+        return h
+
+
+def test_a_tensor_handed_on_from_another_handed_on_tensor_raises():
+    """The first layer gets no bias, so the bias is no stream; the second layer's bias is computed from the first's
+    (a tensor handed on): routing it into the block that returned it would lose the chain. Refused (it used to run
+    with that part of the gradient missing)."""
+    torch.manual_seed(0)
+    model = BiasModel().double()
+    hf_hwbp.patch_model(model, k=1, layers=model.layers)
+    with pytest.raises(HighwayBPError, match="unpatch_model"):
+        projection(model(X), 1).backward()
+    assert all(p.grad is None for p in model.parameters())
