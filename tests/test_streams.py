@@ -372,3 +372,18 @@ def test_a_tensor_handed_on_from_another_handed_on_tensor_raises():
     with pytest.raises(HighwayBPError, match="unpatch_model"):
         projection(model(X), 1).backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_luke_with_activation_checkpointing_and_the_batched_backend_asked_for():
+    """Non-reentrant checkpointing recomputes each layer in every sweep (dropout as shipped, its RNG state kept);
+    backend='batched' falls back to the sequential engine for a stack with streams."""
+    entry, model, batch = luke()
+    model.activation_checkpointing_enable()  # non-reentrant by default
+    loss_fn = seeded(lambda m: entry.loss(m, batch))
+    exact = grads_of(model, loss_fn)
+    hf_hwbp.patch_model(model, k=1, backend="batched")
+    with hf_hwbp.exact_backprop(model):
+        expected = reference_highway_grads(model, model.luke.encoder.layer, loss_fn, 1, streams=STREAMS)
+    assert error(grads_of(model, loss_fn), expected) <= RTOL
+    hf_hwbp.set_highway_k(model, 3)
+    assert error(grads_of(model, loss_fn), exact) <= RTOL
