@@ -266,6 +266,7 @@ class RecordedStack:
             raise ValueError(f"Got {len(inputs)} block inputs for {len(outputs)} block outputs.")
         streams = not isinstance(outputs[0], Tensor)
         self.packing = StatePacking(_streams(outputs[-1])) if streams else None
+        self.unread_top: set[int] = set()
         if streams:
             if residual_gates is not None:
                 raise ValueError("Gated residual paths are defined for a single-tensor state, not for several streams.")
@@ -273,8 +274,8 @@ class RecordedStack:
                 raise ValueError(f"Every block input and output must have the state's {self.packing.streams} streams.")
             # A stream of the top state that no gradient reached (given as None in a tuple ``d``) stays out of the
             # top block's VJPs: the parameters that only it reads get no gradient (None), as under autograd.
-            self.unread_top = set() if isinstance(d, Tensor) else {s for s, g in enumerate(d) if g is None}
             if not isinstance(d, Tensor):
+                self.unread_top = {s for s, g in enumerate(d) if g is None}
                 like = _streams(outputs[-1])
                 d = self.packing.pack([g if g is not None else torch.zeros_like(y) for g, y in zip(d, like)])
             extra_grads = [
@@ -285,8 +286,6 @@ class RecordedStack:
                 raise ValueError("residual_gates come with their own scan (a linear scan); do not pass scan= too.")
             scan = GatedResidualScan(residual_gates)
         self.gates = list(residual_gates) if residual_gates is not None else None
-        if not streams:
-            self.unread_top: set[int] = set()
         self.inputs = list(inputs)
         self.outputs = list(outputs)
         self.d = d
