@@ -61,6 +61,7 @@ class TwoStreamModel(nn.Module):
         self.embed_h = nn.Linear(2, width)
         self.embed_z = nn.Linear(2, narrow)
         self.layers = nn.ModuleList([TwoStreamLayer(width, narrow) for _ in range(depth)])
+        self.by_keyword = False  # hand the stream on as z= rather than positionally
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
         h, z = self.embed_h(x), self.embed_z(x)
@@ -70,7 +71,7 @@ class TwoStreamModel(nn.Module):
             if skip and i == 2:
                 z = previous  # reads the stream of two layers below: not a stack of two streams
             previous = z
-            h, z = layer(h, z)
+            h, z = layer(h, z=z) if self.by_keyword else layer(h, z)
             states.append((h, z))
         return h, z, states
 
@@ -148,9 +149,11 @@ def dense_highway(model: TwoStreamModel, k: int, read_middle: bool) -> dict[str,
     return grads
 
 
-@pytest.mark.parametrize("read_middle", [False, True])
-def test_toy_two_streams_exact_and_equal_to_a_dense_recursion(read_middle):
+@pytest.mark.parametrize("read_middle, by_keyword", [(False, False), (True, False), (False, True)])
+def test_toy_two_streams_exact_and_equal_to_a_dense_recursion(read_middle, by_keyword):
     model = toy()
+    model.by_keyword = by_keyword
+    streams = {0: (("z", 1),)} if by_keyword else STREAMS
     loss_fn = lambda m: toy_loss(m, read_middle)  # noqa: E731
     exact = grads_of(model, loss_fn)
     hf_hwbp.patch_model(model, k=4, layers=model.layers)
@@ -158,7 +161,7 @@ def test_toy_two_streams_exact_and_equal_to_a_dense_recursion(read_middle):
     for k in (0, 1, 2):
         with hf_hwbp.exact_backprop(model):
             expected = dense_highway(model, k, read_middle)
-            reference = reference_highway_grads(model, model.layers, loss_fn, k, streams=STREAMS)
+            reference = reference_highway_grads(model, model.layers, loss_fn, k, streams=streams)
         assert error(reference, expected) <= RTOL  # the reference over tuple states is the definition
         hf_hwbp.set_highway_k(model, k)
         assert error(grads_of(model, loss_fn), expected) <= RTOL
