@@ -680,7 +680,12 @@ def survey(name: str, entry: ZooEntry) -> Row:
         try:
             with hf_hwbp.exact_backprop(model), gate_ctx as gate:
                 expected = reference_highway_grads(
-                    model, [s.layers for s in state.stacks], lambda m: entry.loss(m, batch), k, residual_gate=gate
+                    model,
+                    [s.layers for s in state.stacks],
+                    lambda m: entry.loss(m, batch),
+                    k,
+                    residual_gate=gate,
+                    streams=entry.streams,
                 )
         except Exception as e:  # noqa: BLE001
             row.verdict, row.message = "reference failed", _first_line(e)
