@@ -244,6 +244,7 @@ CASES: dict[str, ZooEntry] = {
         dict(_S2S, num_global_tokens=4, block_size=4, stagger_local_blocks=False),
         "seq2seq",
         stacks=2,
+        streams={0: ((1, 1),)},  # the encoder's global tokens: a second residual stream
     ),
     "fsmt": E(
         "fsmt",
