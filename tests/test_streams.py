@@ -62,6 +62,7 @@ class TwoStreamModel(nn.Module):
         self.embed_z = nn.Linear(2, narrow)
         self.layers = nn.ModuleList([TwoStreamLayer(width, narrow) for _ in range(depth)])
         self.by_keyword = False  # hand the stream on as z= rather than positionally
+        self.tweak = None  # applied to the stream after the second layer
 
     def forward(self, x: torch.Tensor, skip: bool = False) -> tuple[torch.Tensor, torch.Tensor, list]:
         h, z = self.embed_h(x), self.embed_z(x)
@@ -72,6 +73,8 @@ class TwoStreamModel(nn.Module):
                 z = previous  # reads the stream of two layers below: not a stack of two streams
             previous = z
             h, z = layer(h, z=z) if self.by_keyword else layer(h, z)
+            if i == 1 and self.tweak is not None:
+                z = self.tweak(z)
             states.append((h, z))
         return h, z, states
 
@@ -205,6 +208,23 @@ def test_a_stream_read_from_further_below_raises_before_any_gradient():
     with pytest.raises(HighwayBPError, match="unpatch_model|layers="):
         h, z, _ = model(X, skip=True)
         (projection(h, 1) + projection(z, 2)).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "tweak, message",
+    [
+        (lambda z: z.detach(), "unchanged"),  # the next layer does not get the stream the layer before returned
+        (lambda z: z.float(), "unchanged"),
+    ],
+)
+def test_a_stream_changed_between_layers_raises_before_any_gradient(tweak, message):
+    model = toy()
+    model.tweak = tweak
+    hf_hwbp.patch_model(model, k=1, layers=model.layers)
+    with pytest.raises(HighwayBPError, match=message):
+        h, z, _ = model(X)
+        (projection(h, 1) + projection(z.double(), 2)).backward()
     assert all(p.grad is None for p in model.parameters())
 
 
