@@ -24,6 +24,11 @@ VJPs are computed, and the ``ResidualScan``.
 ``RecordedStack`` is the stack of recorded local graphs (one per block, each ending at its own input leaf)
 that the patch's backward and the layer-parallel stages use, with the parameter step (``parameter_vjps``);
 ``highway_backward`` is its one-call form.
+
+A state may be a tuple of tensors (several residual streams that each block reads and hands on: LUKE's word and
+entity states, LiLT's text and layout states), each with its own identity path. ``StatePacking`` holds such a state
+as one flat tensor: the componentwise identity is then the identity, J_j the Jacobian over the whole tuple, and the
+loop, the scans and the adaptive stop run unchanged; only the VJPs unpack it at the autograd boundary.
 """
 
 from __future__ import annotations
@@ -43,17 +48,63 @@ class HighwayResult:
     """What one Highway backward produced.
 
     Attributes:
-        input_grad: delta^(k)_0, the gradient for the stack input (None when not requested).
+        input_grad: delta^(k)_0, the gradient for the stack input (None when not requested; a tuple of one
+            gradient per stream when the state is several streams).
         param_grads: the gradients of the given parameters, in their order (None for one no block uses).
         iterations: the number of Highway iterations actually run (<= k, fewer with ``tol``).
         block_grads: delta^(k)_j for j = 1..L (only when ``keep_block_grads=True``; used by tests and the
             fidelity metrics).
     """
 
-    input_grad: Tensor | None
+    input_grad: Tensor | tuple[Tensor, ...] | None
     param_grads: tuple[Tensor | None, ...]
     iterations: int
-    block_grads: list[Tensor] | None = None
+    block_grads: list[Tensor] | list[tuple[Tensor, ...]] | None = None
+
+
+class StatePacking:
+    """A state made of several tensors (streams), held as one flat tensor: the streams flattened, one after the other.
+
+    The engine's deltas and inflows are flat tensors; ``unpack`` gives the streams' views for autograd, ``pack``
+    puts gradients back (zeros where a stream got none). With one stream both are the identity (no copy)."""
+
+    def __init__(self, like: Sequence[Tensor]):
+        dtypes = {t.dtype for t in like}
+        if len(dtypes) != 1:
+            raise ValueError(f"The streams of a state must share one dtype; got {sorted(map(str, dtypes))}.")
+        self.shapes = [t.shape for t in like]
+        self.sizes = [t.numel() for t in like]
+        self.dtype = like[0].dtype
+        self.device = like[0].device
+
+    @property
+    def streams(self) -> int:
+        return len(self.shapes)
+
+    def pack(self, parts: Sequence[Tensor | None]) -> Tensor | None:
+        """One flat tensor from the streams' gradients (None where a stream got none; None when none did)."""
+        if len(parts) != len(self.shapes):
+            raise ValueError(f"Got {len(parts)} gradients for a state of {len(self.shapes)} streams.")
+        if all(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat(
+            [
+                (p.reshape(-1) if p is not None else torch.zeros(n, dtype=self.dtype, device=self.device))
+                for p, n in zip(parts, self.sizes)
+            ]
+        )
+
+    def unpack(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """The streams of a flat state, as views of it."""
+        if len(self.shapes) == 1:
+            return (flat,)
+        return tuple(part.view(shape) for part, shape in zip(flat.split(self.sizes), self.shapes))
+
+
+def _streams(state: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return (state,) if isinstance(state, Tensor) else tuple(state)
 
 
 class HighwayStack(Protocol):
@@ -173,8 +224,13 @@ class RecordedStack:
     exact for any block, residual or not). The local graphs are retained through the iterations: the
     parameter step still needs them.
 
+    A block whose state is several streams has a tuple of input leaves and a tuple of outputs (one per stream);
+    ``d`` and the ``extra_grads`` are then flat (``packing.pack``) or tuples, and the deltas are flat
+    (``packing.unpack`` gives the streams). A stream input that does not require grad (a stack input nobody
+    trains) contributes no J^T term.
+
     Args:
-        inputs, outputs: the blocks this stack owns, bottom to top.
+        inputs, outputs: the blocks this stack owns, bottom to top (tensors, or tuples of one tensor per stream).
         d: the gradient at the top of these blocks (for a pipeline stage: at the stack output; the scan adds
             what flows in from the stages above).
         extra_grads: ``extra_grads[i]`` is e at the input state of local block i (i = 0 is h_0 for the whole
@@ -208,6 +264,23 @@ class RecordedStack:
     ):
         if len(inputs) != len(outputs):
             raise ValueError(f"Got {len(inputs)} block inputs for {len(outputs)} block outputs.")
+        streams = not isinstance(outputs[0], Tensor)
+        self.packing = StatePacking(_streams(outputs[-1])) if streams else None
+        self.unread_top: set[int] = set()
+        if streams:
+            if residual_gates is not None:
+                raise ValueError("Gated residual paths are defined for a single-tensor state, not for several streams.")
+            if any(len(_streams(x)) != self.packing.streams for x in list(inputs) + list(outputs)):
+                raise ValueError(f"Every block input and output must have the state's {self.packing.streams} streams.")
+            # A stream of the top state that no gradient reached (given as None in a tuple ``d``) stays out of the
+            # top block's VJPs: the parameters that only it reads get no gradient (None), as under autograd.
+            if not isinstance(d, Tensor):
+                self.unread_top = {s for s, g in enumerate(d) if g is None}
+                like = _streams(outputs[-1])
+                d = self.packing.pack([g if g is not None else torch.zeros_like(y) for g, y in zip(d, like)])
+            extra_grads = [
+                e if e is None or isinstance(e, Tensor) else self.packing.pack(_streams(e)) for e in extra_grads or []
+            ]
         if residual_gates is not None:
             if scan is not None:
                 raise ValueError("residual_gates come with their own scan (a linear scan); do not pass scan= too.")
@@ -228,8 +301,40 @@ class RecordedStack:
 
     def input_vjp(self, local_index: int, grad: Tensor) -> Tensor:
         """J^T grad of one local block: its full input-VJP minus the residual path (identity, or its gate)."""
+        if self.packing is not None:
+            return self._streams_vjp(local_index, grad) - grad
         (full,) = torch.autograd.grad(self.outputs[local_index], self.inputs[local_index], grad, retain_graph=True)
         return full - (grad if self.gates is None else self.gates[local_index] * grad)
+
+    def _streams_vjp(self, local_index: int, grad: Tensor) -> Tensor:
+        """The full input-VJP of a block whose state is several streams, flat. A stream input that does not require
+        grad gets the residual path only (its J^T term is zero)."""
+        grads = self.packing.unpack(grad)
+        pairs = self._read_pairs(local_index, grads)
+        inputs = self.inputs[local_index]
+        wanted = [n for n, x in enumerate(inputs) if x.requires_grad]
+        full = list(grads)
+        if pairs and wanted:
+            found = torch.autograd.grad(
+                [y for y, _ in pairs],
+                [inputs[n] for n in wanted],
+                [g for _, g in pairs],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            for n, g in zip(wanted, found):
+                full[n] = g if g is not None else torch.zeros_like(grads[n])
+        return self.packing.pack(full)
+
+    def _read_pairs(self, local_index: int, grads: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+        """(stream output, its gradient) of a block whose state is several streams, for the streams a gradient
+        reaches (all but the unread ones of the top state)."""
+        top = self.first_block + local_index + 1 == self.num_blocks
+        return [
+            (y, g)
+            for s, (y, g) in enumerate(zip(self.outputs[local_index], grads))
+            if y.requires_grad and not (top and s in self.unread_top)
+        ]
 
     def inflow(self, delta: list[Tensor], fresh_until: int, release: bool) -> list[Tensor | None]:
         local = len(self.outputs)
@@ -286,14 +391,12 @@ class RecordedStack:
         blocks = list(range(len(self.outputs))) if blocks is None else list(blocks)
         if not wrt or not blocks:
             return (None,) * len(wrt)
+        outputs, grads = [self.outputs[i] for i in blocks], [delta[i + 1] for i in blocks]
+        if self.packing is not None:  # every stream of every block, with its part of the block's delta
+            pairs = [pair for i in blocks for pair in self._read_pairs(i, self.packing.unpack(delta[i + 1]))]
+            outputs, grads = [y for y, _ in pairs], [g for _, g in pairs]
         with self.around_blocks(blocks, list(prefetch)):
-            return torch.autograd.grad(
-                [self.outputs[i] for i in blocks],
-                list(wrt),
-                [delta[i + 1] for i in blocks],
-                retain_graph=retain_graph,
-                allow_unused=True,
-            )
+            return torch.autograd.grad(outputs, list(wrt), grads, retain_graph=retain_graph, allow_unused=True)
 
 
 def _no_context(blocks: list[int], prefetch: list[int]) -> AbstractContextManager:
@@ -301,10 +404,10 @@ def _no_context(blocks: list[int], prefetch: list[int]) -> AbstractContextManage
 
 
 def highway_iterations(
-    inputs: Sequence[Tensor],
-    outputs: Sequence[Tensor],
-    d: Tensor,
-    extra_grads: Sequence[Tensor | None] | None = None,
+    inputs: Sequence[Tensor] | Sequence[Sequence[Tensor]],
+    outputs: Sequence[Tensor] | Sequence[Sequence[Tensor]],
+    d: Tensor | Sequence[Tensor],
+    extra_grads: Sequence[Tensor | Sequence[Tensor | None] | None] | None = None,
     *,
     k: int,
     tol: float | None = None,
@@ -315,20 +418,24 @@ def highway_iterations(
 
     ``extra_grads[i]`` (i = 0..L-1) is e_i, a gradient reaching the state h_i from outside the stack (None for
     none); ``residual_gates[j-1]`` is a_j for gated residual paths (None: identity). The local graphs are
-    retained: the parameter step still needs them.
+    retained: the parameter step still needs them. A state of several streams (tuples of tensors for the inputs,
+    outputs, ``d`` and each e_i) gives each delta as a tuple too.
     """
     stack = RecordedStack(
         inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
     )
-    return run_recursion(stack, k, tol)
+    delta, iterations = run_recursion(stack, k, tol)
+    if stack.packing is not None:
+        delta = [stack.packing.unpack(v) for v in delta]
+    return delta, iterations
 
 
 def highway_backward(
-    inputs: Sequence[Tensor],
-    outputs: Sequence[Tensor],
+    inputs: Sequence[Tensor] | Sequence[Sequence[Tensor]],
+    outputs: Sequence[Tensor] | Sequence[Sequence[Tensor]],
     params: Sequence[Tensor],
-    d: Tensor,
-    extra_grads: Sequence[Tensor | None] | None = None,
+    d: Tensor | Sequence[Tensor],
+    extra_grads: Sequence[Tensor | Sequence[Tensor | None] | None] | None = None,
     *,
     k: int,
     tol: float | None = None,
@@ -339,15 +446,19 @@ def highway_backward(
     """Highway-BP(k) of recorded blocks in one call: k iterations, then the parameter step
     (``RecordedStack.parameter_vjps``: one VJP of every block with its delta^(k)_j, which frees each local graph as
     it goes, as ordinary backprop does). ``params`` are the blocks' trainable parameters (each once);
-    ``residual_gates`` as in ``highway_iterations``. A patched model runs the same stack from its autograd graph.
+    ``residual_gates`` as in ``highway_iterations``; a state of several streams gives ``input_grad`` and
+    ``block_grads`` as tuples. A patched model runs the same stack from its autograd graph.
     """
     stack = RecordedStack(
         inputs, outputs, d, extra_grads, need_input_grad=need_input_grad, residual_gates=residual_gates
     )
     delta, iterations = run_recursion(stack, k, tol)
+    param_grads = stack.parameter_vjps(delta, params)
+    if stack.packing is not None:
+        delta = [stack.packing.unpack(v) for v in delta]
     return HighwayResult(
         input_grad=delta[0] if need_input_grad else None,
-        param_grads=stack.parameter_vjps(delta, params),
+        param_grads=param_grads,
         iterations=iterations,
         block_grads=delta[1:] if keep_block_grads else None,
     )

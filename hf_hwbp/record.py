@@ -22,7 +22,7 @@ from torch import Tensor
 from .batched_adapter import batched_stack
 from .config import HighwayConfig
 from .discovery import Stack
-from .engine import RecordedStack, run_recursion
+from .engine import RecordedStack, StatePacking, run_recursion
 from .errors import HighwayBPError
 from .forward_checks import rng_state
 from .routing.backward import add_grads, carried_into_blocks, give_retained, side_output_vjp
@@ -139,7 +139,7 @@ class IterationLog:
     """
 
     last: int | None = None
-    block_grads: list[Tensor] | None = None  # delta^(k)_1..L of the last stack backward, when asked for
+    block_grads: list | None = None  # delta^(k)_1..L of the last stack backward, when asked for (tuples: streams)
     _writer: int | None = None  # the backward's graph task that wrote ``last`` (-2: a forward did)
 
     def backward_ran(self, iterations: int, block_grads: list[Tensor] | None) -> None:
@@ -189,11 +189,39 @@ class _StackRecord:
     returned_sides: list[weakref.ref] = field(default_factory=list)  # the tensor the model got for each of them
     side_grads: dict[int, Tensor] = field(default_factory=dict)  # side output -> gradient the loss sent it
     carried: list[tuple[int, Tensor]] = field(default_factory=list)  # (side output, the leaf later blocks read)
+    side_positions: list[int | None] = field(default_factory=list)  # each side output's place in its layer's output
+    # Residual streams besides the hidden state (LUKE's entity states): decided at the first block boundary (None
+    # until then); (argument name, position in the layer's output) of each. Block b's state is then
+    # (inputs[b], *stream_inputs[b]) -> (outputs[b], *the side outputs stream_exits[b]).
+    streams: list[tuple[str, int]] | None = None
+    stream_inputs: list[list[Tensor]] = field(default_factory=list)
+    stream_exits: list[list[int]] = field(default_factory=list)
+    # id(side leaf) -> (stream, the view of it block 0 read, or None): block 0's stream inputs that are side leaves
+    stream_leaves: dict[int, tuple[int, Tensor | None]] = field(default_factory=dict)
     retained: bool = False  # the last backward ran with retain_graph=True: the graphs are kept for the next one
 
     @property
     def path(self) -> str:
         return self.stack.path
+
+    @property
+    def stream_sides(self) -> dict[int, tuple[int, int]]:
+        """side output -> (block, stream) for the side outputs that are a block's stream outputs (stream >= 1)."""
+        return {side: (b, s) for b, sides in enumerate(self.stream_exits) for s, side in enumerate(sides, start=1)}
+
+    def state_input(self, block: int) -> tuple[Tensor, ...]:
+        """Block ``block``'s input state: its hidden state, then each stream's."""
+        return (self.inputs[block], *(self.stream_inputs[block] if self.streams else ()))
+
+    def state_output(self, block: int) -> tuple[Tensor, ...]:
+        """Block ``block``'s output state, in its local graph: its hidden state, then each stream's."""
+        sides = self.stream_exits[block] if self.streams else ()
+        return (self.outputs[block], *(self.side_outputs[side][1] for side in sides))
+
+    @property
+    def input_wanted(self) -> bool:
+        """Whether some stream of the stack input requires grad (delta_0 is delivered)."""
+        return any(x.requires_grad for x in self.state_input(0))
 
     @property
     def routes_side_paths(self) -> bool:
@@ -204,8 +232,10 @@ class _StackRecord:
         """Drop everything of this forward (after a backward that does not retain the graph)."""
         for held in (self.inputs, self.outputs, self.exits, self.side_outputs, self.returned_sides, self.params):
             held.clear()
-        for held in (self.side_leaves, self.carried, self.block_layers):
+        for held in (self.side_leaves, self.carried, self.block_layers, self.stream_inputs, self.stream_exits):
             held.clear()
+        self.side_positions.clear()
+        self.stream_leaves.clear()
 
 
 def _keep_graph() -> bool:
@@ -219,13 +249,18 @@ def run_backward(record: _StackRecord) -> tuple:
     _refuse_double_backward()
     _refuse_unrouted(record)
     keep = _keep_graph()
-    wrt = record.params + record.side_leaves
+    # A block-0 stream input that is a side leaf (LUKE's entity embeddings) gets its part of delta_0, not a VJP.
+    everything = record.params + record.side_leaves
+    wrt = [t for t in everything if id(t) not in record.stream_leaves]
     last = len(record.outputs) - 1
-    d = record.output_grads.get(last)
-    if d is None:
-        d = torch.zeros_like(record.outputs[last])
+    streams = bool(record.streams)
+    packing = StatePacking(record.state_output(last))  # one stream: the identity
+    # The top state's streams that no gradient reached stay None: the engine leaves them out of the top block's VJPs.
+    d = _state_parts(record, last)
+    d = [torch.zeros_like(record.outputs[last]) if d[0] is None else d[0], *d[1:]]
+    d = d[0] if not streams else d
     # e_j for j = 1..L-1 arrive at the block outputs; e_0 (a loss on h_0 itself) reaches h_0 through autograd.
-    extra: list[Tensor | None] = [None] + [record.output_grads.get(j) for j in range(last)]
+    extra: list[Tensor | None] = [None] + [_state_grad(record, packing, j) for j in range(last)]
     carried_leaves = [leaf for _, leaf in record.carried]
     retained_sides = _retained_sides(record)  # side outputs the caller keeps the gradient of: their own VJP targets
     direct: tuple[Tensor | None, ...] = (None,) * len(wrt)
@@ -241,20 +276,21 @@ def run_backward(record: _StackRecord) -> tuple:
     record.flag.active = True
     try:
         if record.side_grads:
-            direct, carried_direct = side_output_vjp(record, extra, wrt, carried_leaves, gathered)
-        stacked = batched_stack(record, d, extra)  # None: the sequential engine on the recorded graphs
+            direct, carried_direct = side_output_vjp(record, extra, wrt, carried_leaves, gathered, packing)
+        stacked = None if streams else batched_stack(record, d, extra)  # None: the sequential engine
         if stacked is None:
+            blocks = range(len(record.outputs))
             stacked = RecordedStack(
-                record.inputs,
-                record.outputs,
+                [record.state_input(b) for b in blocks] if streams else record.inputs,
+                [record.state_output(b) for b in blocks] if streams else record.outputs,
                 d,
                 extra,
-                need_input_grad=record.input_requires_grad,
+                need_input_grad=record.input_wanted,
                 residual_gates=gates,
                 around_blocks=gathered,
             )
         delta, iterations = run_recursion(stacked, record.config.k, record.config.tol)
-        input_grad = delta[0] if record.input_requires_grad else None
+        input_grad = delta[0] if record.input_wanted else None  # flat over the streams
         # One parameter VJP of every block with its delta^(k)_j. It keeps the local graphs when the next backward
         # needs them again (retain_graph=True) or when carried tensors still need their sources' graphs.
         targets = wrt + carried_leaves + [s for _, s, _ in retained_sides]
@@ -274,7 +310,7 @@ def run_backward(record: _StackRecord) -> tuple:
         if carried_leaves:
             # A carried tensor's gradient: through the blocks that read it (the VJP above) and through the side
             # outputs that read it (the side-output VJP before the engine).
-            grads, input_grad = carried_into_blocks(record, carried_grads, grads, input_grad, wrt, gathered)
+            grads, input_grad = carried_into_blocks(record, carried_grads, grads, input_grad, wrt, gathered, packing)
         _refuse_new_random_numbers(record, device, rng_before)
     except RuntimeError as err:
         if "backward through the graph a second time" in str(err):
@@ -293,11 +329,19 @@ def run_backward(record: _StackRecord) -> tuple:
         x0.grad = x0_grad
     carried_of = {side: g for (side, _), g in zip(record.carried, carried_grads)}
     give_retained(
-        _retained_states(record, delta, x0),
+        _retained_states(record, delta, x0, packing),
         [(t, add_grads(more, carried_of.get(i))) for (i, _, t), more in zip(retained_sides, side_more)],
     )
     grads = tuple(add_grads(g, extra_g) for g, extra_g in zip(grads, direct))
-    record.log.backward_ran(iterations, list(delta[1:]) if record.keep_block_grads else None)
+    h0 = packing.unpack(input_grad) if input_grad is not None else (None,) * packing.streams
+    if record.stream_leaves:  # block 0's stream inputs that are side leaves: their part of delta_0
+        given = iter(grads)
+        grads = tuple(
+            _stream_leaf_grad(record, t, h0) if id(t) in record.stream_leaves else next(given) for t in everything
+        )
+    input_grad = h0[0] if record.input_requires_grad else None
+    kept = [packing.unpack(v) if streams else v for v in delta[1:]] if record.keep_block_grads else None
+    record.log.backward_ran(iterations, kept)  # with streams: a tuple per state
     record.retained = keep
     record.output_grads.clear()
     record.side_grads.clear()
@@ -330,29 +374,56 @@ def _split(grads: tuple, *sizes: int) -> list[tuple]:
 
 def _retained_sides(record: _StackRecord) -> list[tuple[int, Tensor, Tensor]]:
     """(index, tensor in its block's graph, returned tensor) of each side output whose returned tensor retains its
-    gradient (``retain_grad()``)."""
+    gradient (``retain_grad()``); a stream's state is no side output here (``_retained_states``)."""
     found = []
+    streams = record.stream_sides
     for i, ((_, inside), ref) in enumerate(zip(record.side_outputs, record.returned_sides)):
+        if i in streams:
+            continue
         returned = ref()
         if returned is not None and returned.retains_grad:
             found.append((i, inside, returned))
     return found
 
 
-def _retained_states(record: _StackRecord, delta, x0: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """(returned state, what it gets beyond the gradient the loss sent it) for each returned hidden state that
-    retains its gradient: delta^(k)_j minus e_j at a block output, delta^(k)_0 at the stack input (whose e_0
-    reaches it through autograd, not through the engine)."""
+def _stream_leaf_grad(record: _StackRecord, leaf: Tensor, h0: tuple) -> Tensor | None:
+    """A stream's part of delta_0, for the side leaf that stream of h_0 started from (through the view of it that
+    block 0 read, when it read one)."""
+    stream, view = record.stream_leaves[id(leaf)]
+    g = h0[stream]
+    if g is None or view is None:
+        return g
+    return torch.autograd.grad(view, leaf, g, retain_graph=True)[0]
+
+
+def _state_parts(record: _StackRecord, block: int) -> list[Tensor | None]:
+    """The gradient the loss sent each stream of block ``block``'s output state (None where none)."""
+    sides = record.stream_exits[block] if record.streams else ()
+    return [record.output_grads.get(block), *(record.side_grads.get(side) for side in sides)]
+
+
+def _state_grad(record: _StackRecord, packing: StatePacking, block: int) -> Tensor | None:
+    """The gradient the loss sent block ``block``'s output state, flat over its streams; None when none."""
+    return packing.pack(_state_parts(record, block))
+
+
+def _retained_states(record: _StackRecord, delta, x0: Tensor, packing: StatePacking) -> list[tuple[Tensor, Tensor]]:
+    """(returned state, what it gets beyond the gradient the loss sent it) for each returned hidden state (or stream
+    state) that retains its gradient: delta^(k)_j minus e_j at a block output, delta^(k)_0 at the stack input
+    (whose e_0 reaches it through autograd, not through the engine)."""
     found = []
     if x0.retains_grad and record.input_requires_grad:
-        found.append((x0, delta[0]))
-    for j, ref in enumerate(record.exits):
-        returned = ref()
-        if returned is None or not returned.retains_grad:
-            continue
-        e = record.output_grads.get(j)
-        if j < len(record.exits) - 1:
-            found.append((returned, delta[j + 1] if e is None else delta[j + 1] - e))
+        found.append((x0, packing.unpack(delta[0])[0]))
+    last = len(record.exits) - 1
+    for j, ref in enumerate(record.exits[:last]):
+        parts = packing.unpack(delta[j + 1])
+        sides = record.stream_exits[j] if record.streams else ()
+        exits = [(ref, record.output_grads.get(j))]
+        exits += [(record.returned_sides[side], record.side_grads.get(side)) for side in sides]
+        for (held, e), part in zip(exits, parts):
+            returned = held()
+            if returned is not None and returned.retains_grad:
+                found.append((returned, part if e is None else part - e))
     return found
 
 
@@ -411,7 +482,8 @@ def _parameter_step_by_block(
 
 def _refuse_unrouted(record: _StackRecord) -> None:
     """A gradient in a block-input or side-input leaf came through a block's graph outside Highway-BP."""
-    for position, leaf in enumerate(record.inputs[1:] + record.side_leaves + [z for _, z in record.carried]):
+    streams = [x for xs in record.stream_inputs[1:] for x in xs]
+    for position, leaf in enumerate(record.inputs[1:] + record.side_leaves + [z for _, z in record.carried] + streams):
         if leaf.grad is not None:
             where = (
                 f"the input of block {position + 1} of {record.path}"

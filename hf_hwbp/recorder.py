@@ -11,6 +11,12 @@ last block, e_j for the others); it does the same for side outputs (tensors comp
 may read: attention maps, router logits). ``_StackEntry`` returns only a scalar token; the token chain makes
 autograd call every exit before the entry, whose backward is ``record.run_backward``.
 
+A layer may hand on more than the hidden state: a second residual stream (LUKE's entity states, LiLT's layout
+states) is a tensor that a layer returns at a position of its output and the next layer receives under the argument
+name where the layer before received a tensor of the same shape and dtype. The record decides at its first block
+boundary which arguments are streams (``_streams_in``); from then on each block reads a fresh leaf per stream too,
+and each stream output leaves through an ``_Exit`` like a side output, marked as the stream it is.
+
 What the forward recorded lives in its ``_StackRecord`` (what each block read and handed on), held by the autograd
 graph; ``StackForward`` is the bookkeeping the patch holds only while the stack's layers run. The patch decides
 whether a forward is recorded at all (``patching.py``); the checks live in ``forward_checks.py``.
@@ -75,6 +81,8 @@ class StackForward:
     rng_state: tuple[torch.device, Tensor] | None = None  # checkpointed without preserving the RNG
     grad_mode_seen: list[bool] = field(default_factory=list)  # grad mode inside the running layer (checkpointed)
     graph_checked: bool = False  # the block ending at the stack's last layer was checked
+    received: dict[str, Tensor] = field(default_factory=dict)  # top-level tensor arguments the last layer read
+    previous_sides: set[int] = field(default_factory=set)  # the side outputs the last layer returned
 
     # ----- before a layer ---------------------------------------------------------------------------------------
     def before_layer(self, i: int, module: nn.Module, args: tuple, kwargs: dict):
@@ -101,11 +109,13 @@ class StackForward:
         self.marks = routing.collector_marks(routing.collector())
         record = self.record
         if record is None:
-            return self._maybe_start(i, hidden, args, kwargs)
+            return self._maybe_start(i, module, hidden, args, kwargs)
+        args, kwargs = self._streams_in(i, module, args, kwargs)
         if routing.has_grad_inputs(args, kwargs):
             args, kwargs = routing.replace_tensors(
                 args, kwargs, functools.partial(self._known_leaf, i, module), deep=False
             )
+        self.received = {name: t for name, (_, t) in routing.top_level_tensors(module, args, kwargs).items()}
         if not self._block_start(i):
             record.block_layers[-1].append(i)
             return args, kwargs
@@ -123,7 +133,7 @@ class StackForward:
         self.block_starts.append(torch._C._autograd._get_sequence_nr())
         return block_input
 
-    def _maybe_start(self, i: int, hidden: Tensor, args: tuple, kwargs: dict):
+    def _maybe_start(self, i: int, module: nn.Module, hidden: Tensor, args: tuple, kwargs: dict):
         """Start recording at the first layer whose block has something to train (or feeds something that does)."""
         stack, settings = self.stack, self.settings
         found: list[Tensor] = []
@@ -166,19 +176,114 @@ class StackForward:
         self.record = record
         if originals:
             args, kwargs = routing.replace_tensors(args, kwargs, lambda _, t: self.leaf_of.get(id(t), t), deep=True)
+        self.received = {name: t for name, (_, t) in routing.top_level_tensors(module, args, kwargs).items()}
         x0 = _StackInput.apply(flag, hidden) if hidden.requires_grad else hidden
         settings.returned.add(id(x0))
         return routing.with_hidden(args, kwargs, self._begin_block(i, x0))
+
+    def _streams_in(self, i: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The residual streams besides the hidden state (docs/algorithm.md, "Several residual streams"): at the
+        record's first block boundary, the arguments that continue a stream decide the streams (and block 0's
+        stream inputs and outputs, recorded as a side input and side outputs, become its state's); at every block
+        boundary each stream's argument is replaced by a fresh leaf, the input of the block's state."""
+        record, stack = self.record, self.stack
+        top = routing.top_level_tensors(module, args, kwargs)
+        continued = {
+            name: (key, t, side) for name, (key, t) in top.items() if (side := self._continues(name, t)) is not None
+        }
+        if not self._block_start(i):
+            if continued:
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {stack.path} hands on a residual stream besides its hidden state "
+                    f"(`{next(iter(continued))}`), which Highway-BP follows only with group_size=1 (each layer a "
+                    "block). Set group_size=1 (set_highway_config(model, group_size=1)), or unpatch_model(model)."
+                )
+            return args, kwargs
+        if record.streams is None:
+            self._decide_streams(i, continued)
+        if not record.streams:
+            return args, kwargs
+        last = record.stream_exits[-1]
+        replaced: dict[int | str, Tensor] = {}
+        leaves = []
+        for s, (name, _) in enumerate(record.streams):
+            key, tensor, side = continued.get(name, (None, None, None))
+            if side != last[s]:
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {stack.path} did not receive the `{name}` stream that the layer "
+                    "before returned, unchanged. Highway-BP follows residual streams that each layer hands on to the "
+                    "next directly; pass layers= with such a stack, or call unpatch_model(model)."
+                )
+            leaf = replaced[key] = tensor.detach().requires_grad_(True)
+            self.leaf_ids.add(id(leaf))
+            leaves.append(leaf)
+        record.stream_inputs.append(leaves)
+        return routing.with_arguments(args, kwargs, replaced)
+
+    def _continues(self, name: str, tensor: Tensor) -> int | None:
+        """The side output ``tensor`` is when it continues a stream: the layer before returned it (at a position of
+        its output) and received, under the same argument name, a tensor of its shape and dtype; else None."""
+        side = self.cut_of.get(id(tensor))
+        if side is None or side not in self.previous_sides or self.record.side_positions[side] is None:
+            return None
+        before = self.received.get(name)
+        if before is None or before.shape != tensor.shape or before.dtype != tensor.dtype:
+            return None
+        return side
+
+    def _decide_streams(self, i: int, continued: dict[str, tuple]) -> None:
+        """The first block boundary: the arguments that continue a stream are the state's streams."""
+        record, stack = self.record, self.stack
+        record.streams = [(name, record.side_positions[side]) for name, (_, _, side) in continued.items()]
+        if not record.streams:
+            return
+        dtypes = {t.dtype for _, t, _ in continued.values()} | {record.outputs[0].dtype}
+        if stack.residual_gate is not None or len(dtypes) > 1:
+            raise HighwayBPError(
+                f"Highway-BP: layer {i} of {stack.path} hands on residual streams besides its hidden state "
+                f"({', '.join(name for name, _ in record.streams)}), which Highway-BP follows only for blocks "
+                "h + g(h) of one dtype. Train this model with ordinary backprop (unpatch_model(model))."
+            )
+        inputs = [self.received[name] for name, _ in record.streams]
+        record.stream_inputs.append(inputs)
+        record.stream_exits.append([side for _, _, side in continued.values()])
+        views = {id(v): v for v in self.leaf_views}
+        sides = {id(z): z for z in record.side_leaves}
+        for s, ((name, _), tensor) in enumerate(zip(record.streams, inputs), start=1):
+            # Block 0's stream input is the leaf of a stream of h_0 that requires grad (LUKE's entity embeddings),
+            # or a view of one (the output of a Linear on a 3-d input is a view): it gets its part of delta_0.
+            view = views.get(id(tensor))
+            leaf = sides.get(id(tensor) if view is None else id(view._base))  # a view of a leaf: made from the leaf
+            if view is not None and (leaf is None or sum(v._base is view._base for v in self.leaf_views) > 1):
+                raise HighwayBPError(
+                    f"Highway-BP: the `{name}` stream of {stack.path} starts as a view of a tensor that other "
+                    "views are read from too, which Highway-BP does not route. Train this model with ordinary "
+                    "backprop (unpatch_model(model))."
+                )
+            if leaf is not None:
+                record.stream_leaves[id(leaf)] = (s, view)
 
     def _known_leaf(self, i: int, module: nn.Module, name: str, tensor: Tensor) -> Tensor:
         """The leaf a later layer reads in place of a side input (or of a side output an earlier layer returned)."""
         record = self.record
         leaf = self.leaf_of.get(id(tensor))
+        if (leaf is not None and id(leaf) in record.stream_leaves) or id(tensor) in record.stream_sides:
+            raise HighwayBPError(
+                f"Highway-BP: layer {i} of {record.path} reads a residual stream "
+                f"(`{routing.argument_name(module, name)}`) that is not the one the layer before returned: only the "
+                "next layer may read a stream's state. Train this model with ordinary backprop (unpatch_model(model))."
+            )
         if leaf is not None:
             return leaf
         if id(tensor) in self.leaf_ids:
             return tensor
         base = tensor._base
+        if base is not None and id(self.leaf_of.get(id(base))) in record.stream_leaves:
+            raise HighwayBPError(
+                f"Highway-BP: layer {i} of {record.path} reads a view of the tensor a residual stream started from "
+                f"(`{routing.argument_name(module, name)}`). Train this model with ordinary backprop "
+                "(unpatch_model(model))."
+            )
         if base is not None and id(base) in self.leaf_of and self.leaf_of[id(base)] is not base:
             self.originals.append(tensor)  # a per-layer slice of a side input: a view of its leaf
             leaf = self.leaf_of[id(tensor)] = self._view_of_leaf(tensor)
@@ -186,12 +291,22 @@ class StackForward:
         side = self.cut_of.get(id(tensor))
         if side is not None:  # a side output of an earlier block that later blocks read (T5's position bias)
             block, original = record.side_outputs[side]
-            if block > 0 and forward_checks.reaches(original, record.inputs[block]):
+            state = record.state_input(block) if block > 0 else ()  # the hidden state and any streams
+            if any(forward_checks.reaches(original, x) for x in state):
                 raise HighwayBPError(
                     f"Highway-BP: layer {i} of {record.path} reads a tensor that an earlier layer returned and that "
                     f"depends on that layer's hidden state (`{routing.argument_name(module, name)}`): its gradient "
                     "would feed the Highway iteration it depends on. Train this model with ordinary backprop "
                     "(unpatch_model(model))."
+                )
+            if any(forward_checks.reaches(original, carried) for _, carried in record.carried):
+                # Its gradient would reach the tensor it was computed from only through a block's graph that the
+                # routing of carried tensors does not follow (each goes into the block that returned it).
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {record.path} reads a tensor that an earlier layer returned "
+                    f"(`{routing.argument_name(module, name)}`) and computed from another tensor a layer handed on, "
+                    "not as a residual stream of its own (one the first layer receives under the same name). Train "
+                    "this model with ordinary backprop (unpatch_model(model))."
                 )
             leaf = self.leaf_of[id(tensor)] = self._leaf(tensor)
             record.carried.append((side, leaf))
@@ -249,7 +364,7 @@ class StackForward:
         if not hidden.requires_grad and not record.outputs and self._block_end(i):
             self.record = self.token = None  # its trainable parameters did not take part: still the frozen prefix
             return None
-        output = self._cut_side_outputs(output)
+        output = self._cut_side_outputs(i, output)
         if not self._block_end(i):
             return routing.with_output_hidden(output, _GroupInnerGuard.apply(record.flag, i, hidden))
         index = len(record.outputs)
@@ -263,19 +378,32 @@ class StackForward:
             self.graph_checked = i == len(stack) - 1
         return routing.with_output_hidden(output, exit_hidden)
 
-    def _cut_side_outputs(self, output):
-        block = len(self.record.outputs)
+    def _cut_side_outputs(self, i: int, output):
+        record = self.record
+        block = len(record.outputs)
         replaced = {}
+        sides_before = len(record.side_outputs)
         for position, tensor in routing.output_extras(output):
             if id(tensor) not in self.leaf_ids:  # a side input handed on unchanged is not a side output
-                replaced[position] = self._side_exit(block, tensor)
+                replaced[position] = self._side_exit(block, tensor, position)
         for values, position, tensor in routing.new_collected(routing.collector(), self.marks):
-            values[position] = self._side_exit(block, tensor)
+            values[position] = self._side_exit(block, tensor, None)
+        if record.streams and self._block_end(i):  # the block's stream outputs: the rest of its state
+            missing = [name for name, position in record.streams if position not in replaced]
+            if missing:
+                raise HighwayBPError(
+                    f"Highway-BP: layer {i} of {record.path} does not return the `{missing[0]}` stream as a tensor "
+                    "that requires grad, as the layers before it did. Train this model with ordinary backprop "
+                    "(unpatch_model(model))."
+                )
+            record.stream_exits.append([self.cut_of[id(replaced[position])] for _, position in record.streams])
+        self.previous_sides = set(range(sides_before, len(record.side_outputs)))
         return routing.with_output_extras(output, replaced) if replaced else output
 
-    def _side_exit(self, block: int, tensor: Tensor) -> Tensor:
+    def _side_exit(self, block: int, tensor: Tensor, position: int | None) -> Tensor:
         record = self.record
         record.side_outputs.append((block, tensor))
+        record.side_positions.append(position)
         index = len(record.side_outputs) - 1
         cut, self.token = _Exit.apply(record, record.side_grads, index, tensor.detach(), self.token)
         record.returned_sides.append(weakref.ref(cut))
@@ -288,7 +416,7 @@ class StackForward:
         record, settings = self.record, self.settings
         allowed = {id(p) for p in settings.lifecycle.block_parameters(settings.stack_index, self.stack.layers)}
         allowed |= {id(x) for x in record.inputs[1:]} | {id(z) for z in record.side_leaves}
-        allowed |= {id(z) for _, z in record.carried}
+        allowed |= {id(z) for _, z in record.carried} | {id(x) for xs in record.stream_inputs for x in xs}
         stops = {id(record.inputs[0].grad_fn)} if record.inputs[0].grad_fn is not None else set()
         stops |= {id(view.grad_fn) for view in self.leaf_views}  # views of side-input leaves (allowed)
         forward_checks.check_block_graph(

@@ -93,7 +93,12 @@ def test_zoo_exact_at_L_and_reference_below(name):
     for k in (1, 2):
         with hf_hwbp.exact_backprop(model), reference_gates(entry, state) as gate:  # the model's own backward
             expected = reference_highway_grads(
-                model, [s.layers for s in state.stacks], lambda m: loss_of(m, batch, entry), k, residual_gate=gate
+                model,
+                [s.layers for s in state.stacks],
+                lambda m: loss_of(m, batch, entry),
+                k,
+                residual_gate=gate,
+                streams=entry.streams,
             )
         hf_hwbp.set_highway_k(model, k)
         assert max_relative_error(grads_of(model, batch, entry), expected) <= rtol

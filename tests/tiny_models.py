@@ -211,6 +211,7 @@ AUTOFORMER = dict(
     encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layerdrop=0.0, decoder_layerdrop=0.0,
 )  # fmt: skip
 
+ENTITY_VOCAB = 16  # LUKE's entity vocabulary
 ZOO_SEED = 7  # dropout masks (torch) and SpecAugment masks (numpy) are drawn from this seed in every pass
 AUDIO_SAMPLES = 200  # raw audio of the audio models: 39 frames after a (10, 3) / (5, 2) convolutional encoder
 
@@ -237,6 +238,11 @@ class ZooEntry:
     ``side_loss``: "attentions": the loss also reads every attention map (a projection of each).
     ``attn_implementation``: forced on the config ("eager" where attention maps are read).
     ``image_size``: the side of the square images of vision tasks.
+    ``streams``: residual streams besides the hidden state that the layers hand on (LUKE's entity states), as the
+    independent reference takes them: stack index -> ((where a layer receives one: position or keyword, its place
+    in the output), ...).
+    Tasks "entity-mlm" (LUKE: token and entity ids, both masked-LM labels) and "layout-seqcls" (LiLT: token ids,
+    boxes and a label) feed them.
     """
 
     model_type: str
@@ -250,6 +256,7 @@ class ZooEntry:
     side_loss: str | None = None
     attn_implementation: str | None = None
     image_size: int = 16
+    streams: dict = field(default_factory=dict)
 
     def build(self, seed: int = 0, **overrides) -> torch.nn.Module:
         import transformers
@@ -283,6 +290,22 @@ class ZooEntry:
         if self.task == "timeseries":  # past values (with the lags' history) and the values to predict
             return self._time_series(g)
         ids = torch.randint(1, VOCAB, (BATCH, SEQ), generator=g)
+        if self.task == "entity-mlm":  # 3 entities per sequence, each a mention of up to 2 tokens (-1: padding)
+            entities = torch.randint(1, ENTITY_VOCAB, (BATCH, 3), generator=g)
+            mentions = torch.randint(0, SEQ, (BATCH, 3, 2), generator=g)
+            mentions[:, :, 1] = torch.where(mentions[:, :, 1] > mentions[:, :, 0], mentions[:, :, 1], -1)
+            return {
+                "input_ids": ids,
+                "labels": ids,
+                "entity_ids": entities,
+                "entity_position_ids": mentions,
+                "entity_labels": entities,
+            }
+        if self.task == "layout-seqcls":  # a box (x0, y0, x1, y1) in 0..1000 per token
+            corner = torch.randint(0, 500, (BATCH, SEQ, 2), generator=g)
+            size = torch.randint(0, 400, (BATCH, SEQ, 2), generator=g)
+            bbox = torch.cat([corner, corner + size], dim=-1)
+            return {"input_ids": ids, "bbox": bbox, "labels": torch.randint(0, 3, (BATCH,), generator=g)}
         if self.task == "text":
             return {"input_ids": ids}
         if self.task == "seqcls":
@@ -698,6 +721,30 @@ ZOO: dict[str, ZooEntry] = {
         ),
         "timeseries",
     ),
+    # ----- two residual streams handed on by each layer: the state is a tuple (docs/algorithm.md)
+    "luke": ZooEntry(  # word and entity states; the loss reads both (masked-LM and masked-entity heads)
+        "luke",
+        "LukeForMaskedLM",
+        dict(_ENC, entity_vocab_size=ENTITY_VOCAB, entity_emb_size=16),
+        "entity-mlm",
+        streams={0: ((1, 1),)},
+    ),
+    "lilt": ZooEntry(  # text and layout states (the layout stream is narrower: hidden_size / channel_shrink_ratio)
+        "lilt",
+        "LiltForSequenceClassification",
+        dict(_ENC, hidden_size=24, channel_shrink_ratio=2, num_labels=3),
+        "layout-seqcls",
+        streams={0: ((1, 1),)},
+    ),
+    # global tokens that each encoder layer returns and the next one reads: a second stream of the encoder's state
+    "pegasus_x": ZooEntry(
+        "pegasus_x",
+        "PegasusXForConditionalGeneration",
+        dict(_S2S, num_global_tokens=4, block_size=4, stagger_local_blocks=False),
+        "seq2seq",
+        stacks=2,
+        streams={0: ((1, 1),)},
+    ),
     # ----- discovery by structure: layer counts that are no config key
     "nemotron_h": ZooEntry(  # hybrid: Mamba, attention and MLP blocks in one stack; its count is a property
         "nemotron_h",
@@ -744,11 +791,6 @@ REFUSED = {
         "xlm", "XLMWithLMHeadModel",
         dict(vocab_size=VOCAB, emb_dim=32, n_layers=ZOO_LAYERS, n_heads=4, max_position_embeddings=64, pad_index=0),
         "lm",
-    ),
-    # global tokens that a layer returns and the next one reads, depending on the hidden state
-    "pegasus_x": ZooEntry(
-        "pegasus_x", "PegasusXForConditionalGeneration",
-        dict(_S2S, num_global_tokens=4, block_size=4, stagger_local_blocks=False), "seq2seq", stacks=2,
     ),
     # position embeddings added between the layers
     "yolos": ZooEntry("yolos", "YolosModel", dict(_TEXT, image_size=[16, 16], patch_size=4, num_detection_tokens=2,

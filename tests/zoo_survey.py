@@ -244,6 +244,7 @@ CASES: dict[str, ZooEntry] = {
         dict(_S2S, num_global_tokens=4, block_size=4, stagger_local_blocks=False),
         "seq2seq",
         stacks=2,
+        streams={0: ((1, 1),)},  # the encoder's global tokens: a second residual stream
     ),
     "fsmt": E(
         "fsmt",
@@ -740,7 +741,12 @@ def _survey(name: str, entry: ZooEntry) -> Row:
         try:
             with hf_hwbp.exact_backprop(model), gate_ctx as gate:
                 expected = reference_highway_grads(
-                    model, [s.layers for s in state.stacks], lambda m: entry.loss(m, batch), k, residual_gate=gate
+                    model,
+                    [s.layers for s in state.stacks],
+                    lambda m: entry.loss(m, batch),
+                    k,
+                    residual_gate=gate,
+                    streams=entry.streams,
                 )
         except Exception as e:  # noqa: BLE001
             row.verdict, row.message = "reference failed", _first_line(e)

@@ -9,6 +9,9 @@ Highway backward (docs/algorithm.md, side inputs and outputs), and what the tens
   a block output h_j gets delta^(k)_j, a side output s_j gets (dh_j/ds_j)^T delta^(k)_j plus what the loss sent
   it directly. Exact at k = L, as everything else.
 
+A block's state may be several streams (``record.state_input``); the gradients these functions add to a state are
+flat over its streams (``engine.StatePacking``), as the engine's deltas are.
+
 Every autograd call through a block's local graph runs inside ``gathered(blocks, prefetch)`` (``hf_hwbp.sharding``).
 """
 
@@ -37,6 +40,18 @@ class RecordedSides(Protocol):
     carried: list[tuple[int, Tensor]]  # (side output, the leaf later blocks read)
     path: str
 
+    @property
+    def stream_sides(self) -> dict[int, tuple[int, int]]: ...  # side outputs that are stream outputs
+
+    @property
+    def input_wanted(self) -> bool: ...  # some stream of h_0 requires grad
+
+    def state_input(self, block: int) -> tuple[Tensor, ...]: ...  # the block's input state (hidden, *streams)
+
+
+class Packing(Protocol):
+    def pack(self, parts: Sequence[Tensor | None]) -> Tensor | None: ...
+
 
 def add_grads(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     if a is None:
@@ -44,17 +59,44 @@ def add_grads(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return a if b is None else a + b
 
 
+def _state_targets(record: RecordedSides, blocks: list[int]) -> list[tuple[int, list[int | None]]]:
+    """For each block, the places of its input state's streams among the VJP targets (None: a stream of h_0 that
+    does not require grad), numbered from 0 in block order."""
+    layout, position = [], 0
+    for b in blocks:
+        places: list[int | None] = []
+        for x in record.state_input(b):
+            places.append(position if x.requires_grad else None)
+            position += x.requires_grad
+        layout.append((b, places))
+    return layout
+
+
+def _state_grads(record: RecordedSides, layout, grads: Sequence[Tensor | None], packing: Packing):
+    """(block, its input state's gradient, flat over the streams) from the targets' gradients."""
+    return [(b, packing.pack([None if p is None else grads[p] for p in places])) for b, places in layout]
+
+
 def side_output_vjp(
-    record: RecordedSides, extra: list[Tensor | None], wrt: list[Tensor], carried: list[Tensor], gathered: Gathered
+    record: RecordedSides,
+    extra: list[Tensor | None],
+    wrt: list[Tensor],
+    carried: list[Tensor],
+    gathered: Gathered,
+    packing: Packing,
 ) -> tuple[tuple, tuple]:
-    """One VJP of the side outputs that got gradients, with respect to their blocks' inputs, the parameters, the
-    side inputs and the carried tensors (a later block's attention map reads the position bias an earlier block
+    """One VJP of the side outputs that got gradients, with respect to their blocks' input states, the parameters,
+    the side inputs and the carried tensors (a later block's attention map reads the position bias an earlier block
     handed on): adds (ds_j/dh_{j-1})^T g_j to ``extra[j - 1]``; returns the direct gradients of ``wrt`` and of
-    ``carried``."""
-    indices = sorted(record.side_grads)
+    ``carried``. A block's stream outputs are no side outputs here: their gradients are part of d and the e_j."""
+    streams = record.stream_sides
+    indices = sorted(i for i in record.side_grads if i not in streams)
+    if not indices:
+        return (None,) * len(wrt), (None,) * len(carried)
     blocks = sorted({record.side_outputs[i][0] for i in indices})
-    wants_input = [b > 0 or record.input_requires_grad for b in blocks]
-    targets = [record.inputs[b] for b, wanted in zip(blocks, wants_input) if wanted] + wrt + carried
+    layout = _state_targets(record, [b for b in blocks if b > 0 or record.input_wanted])
+    inputs = [x for b, _ in layout for x in record.state_input(b) if x.requires_grad]
+    targets = inputs + wrt + carried
     if not targets:
         return (None,) * len(wrt), (None,) * len(carried)
     with gathered(blocks, [len(record.outputs) - 1]):  # the first input-VJP of the sweeps is the top block's
@@ -65,11 +107,9 @@ def side_output_vjp(
             retain_graph=True,
             allow_unused=True,
         )
-    position = 0
-    for b, wanted in zip(blocks, wants_input):
-        if wanted:
-            extra[b] = add_grads(extra[b], grads[position])
-            position += 1
+    for b, g in _state_grads(record, layout, grads, packing):
+        extra[b] = add_grads(extra[b], g)
+    position = len(inputs)
     return grads[position : position + len(wrt)], grads[position + len(wrt) :]
 
 
@@ -80,25 +120,27 @@ def carried_into_blocks(
     input_grad: Tensor | None,
     wrt: list[Tensor],
     gathered: Gathered,
+    packing: Packing,
 ) -> tuple[tuple, Tensor | None]:
     """Ordinary backprop of the carried tensors' gradients into the blocks that returned them: their parameters and
-    side inputs (added to ``grads``, in the order of ``wrt``) and h_0 when block 1 returned one. Returns
-    ``(grads, input_grad)`` with that added. A carried tensor that depends on a later block's hidden state would
-    feed the iteration it depends on: refused."""
+    side inputs (added to ``grads``, in the order of ``wrt``) and h_0 when block 1 returned one (``input_grad``,
+    flat over the state's streams). Returns ``(grads, input_grad)`` with that added. A carried tensor that depends
+    on a later block's hidden state would feed the iteration it depends on: refused."""
     pairs = [(record.side_outputs[side], g) for (side, _), g in zip(record.carried, carried_grads) if g is not None]
     if not pairs:
         return grads, input_grad
     blocks = sorted({block for (block, _), _ in pairs})
-    with_input = [b for b in blocks if b > 0 or record.input_requires_grad]
+    layout = _state_targets(record, [b for b in blocks if b > 0 or record.input_wanted])
+    inputs = [x for b, _ in layout for x in record.state_input(b) if x.requires_grad]
     with gathered(blocks, []):
         below = torch.autograd.grad(
             [s for (_, s), _ in pairs],
-            [record.inputs[b] for b in with_input] + wrt,
+            inputs + wrt,
             [g for _, g in pairs],
             retain_graph=True,
             allow_unused=True,
         )
-    for b, g in zip(with_input, below):
+    for b, g in _state_grads(record, layout, below, packing):
         if g is None:
             continue
         if b > 0:
@@ -108,7 +150,7 @@ def carried_into_blocks(
                 "this model with ordinary backprop (unpatch_model(model))."
             )
         input_grad = add_grads(input_grad, g)
-    return tuple(add_grads(a, b) for a, b in zip(grads, below[len(with_input) :])), input_grad
+    return tuple(add_grads(a, b) for a, b in zip(grads, below[len(inputs) :])), input_grad
 
 
 def give_retained(

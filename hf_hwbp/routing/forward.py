@@ -14,6 +14,7 @@ the ones a layer added.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -75,15 +76,44 @@ def with_output_hidden(output, hidden: Tensor):
 
 
 def argument_name(module: nn.Module, name: str) -> str:
-    """``argument 2`` -> the name of the layer's second parameter (for messages), when its signature says it."""
+    """``argument 2`` -> the name of the layer's second parameter (for messages, and to tell one argument passed
+    positionally to one layer and by keyword to the next), when its signature says it."""
     head, _, rest = name.partition("[")
     if not head.startswith("argument "):
         return name
     try:
-        parameters = list(inspect.signature(module.forward).parameters)
-        return parameters[int(head.split()[1])] + (f"[{rest}" if rest else "")
+        return _parameter_names(type(module))[int(head.split()[1])] + (f"[{rest}" if rest else "")
     except (ValueError, TypeError, IndexError):
         return name
+
+
+@functools.lru_cache(maxsize=256)
+def _parameter_names(cls: type) -> tuple[str, ...]:
+    """The parameter names of ``cls.forward`` after ``self`` (read once per class: every layer call asks)."""
+    return tuple(inspect.signature(cls.forward).parameters)[1:]
+
+
+def top_level_tensors(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, tuple[int | str, Tensor]]:
+    """The tensors a layer receives directly as arguments besides its hidden state, by parameter name (the
+    signature's name for a positional argument, so that one stream passed positionally to one layer and by keyword
+    to the next is one argument): name -> (position in ``args`` or keyword, tensor)."""
+    skipped = hidden_keyword(args, kwargs)
+    found: dict[str, tuple[int | str, Tensor]] = {}
+    for i, value in enumerate(args):
+        if i > 0 and isinstance(value, Tensor):
+            found[argument_name(module, f"argument {i}")] = (i, value)
+    for key, value in kwargs.items():
+        if key != skipped and isinstance(value, Tensor):
+            found[key] = (key, value)
+    return found
+
+
+def with_arguments(args: tuple, kwargs: dict, replaced: dict[int | str, Tensor]) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with the arguments at the given positions or keywords replaced."""
+    if not replaced:
+        return args, kwargs
+    new_args = tuple(replaced.get(i, value) for i, value in enumerate(args))
+    return new_args, {key: replaced.get(key, value) for key, value in kwargs.items()}
 
 
 def has_grad_inputs(args: tuple, kwargs: dict) -> bool:
