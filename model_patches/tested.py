@@ -9,11 +9,12 @@ TESTED_MODEL_TYPES = (
     "clip_vision_model", "codegen", "cohere", "convbert", "convnext", "convnextv2", "cvt", "deberta-v2", "deit",
     "dinov2", "dinov3_convnext", "distilbert", "electra", "esm", "falcon", "gemma", "gemma2", "gemma3_text",
     "gemma3n_text", "gemma4_text", "glm", "glpn", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "granite",
-    "hiera", "hubert", "ijepa", "layoutlm", "led", "llama", "longformer", "longt5", "mamba", "marian", "mistral",
-    "mixtral", "mpnet", "mpt", "mt5", "nemotron_h", "olmo", "olmo2", "olmoe", "openai-gpt", "opt", "patchtst",
-    "pegasus", "persimmon", "phi", "phi3", "poolformer", "pvt", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "regnet",
-    "resnet", "roberta", "roformer", "rwkv", "siglip_vision_model", "stablelm", "starcoder2", "swin", "swinv2",
-    "switch_transformers", "t5", "umt5", "vit", "vit_msn", "vitdet", "wav2vec2", "whisper", "xlm-roberta", "xlnet",
+    "hiera", "hubert", "ijepa", "layoutlm", "led", "lilt", "llama", "longformer", "longt5", "luke", "mamba",
+    "marian", "mistral", "mixtral", "mpnet", "mpt", "mt5", "nemotron_h", "olmo", "olmo2", "olmoe", "openai-gpt",
+    "opt", "patchtst", "pegasus", "pegasus_x", "persimmon", "phi", "phi3", "poolformer", "pvt", "qwen2",
+    "qwen2_moe", "qwen3", "qwen3_moe", "regnet", "resnet", "roberta", "roformer", "rwkv", "siglip_vision_model",
+    "stablelm", "starcoder2", "swin", "swinv2", "switch_transformers", "t5", "umt5", "vit", "vit_msn", "vitdet",
+    "wav2vec2", "whisper", "xlm-roberta", "xlnet",
 )  # fmt: skip
 
 
