@@ -36,19 +36,10 @@ import torch
 import torch.distributed as dist
 
 from hf_hwbp.parallel import LayerParallelHighway, TorchPipeline
-from hf_hwbp.parallel.baselines import schedule_requirement
+from hf_hwbp.parallel.baselines import SCHEDULE_LABELS, schedule_requirement
 from hf_hwbp.parallel.calibrate import average_over_ranks, measure_link, measure_stack_costs, median_costs
 from hf_hwbp.parallel.comm import Comm
 from hf_hwbp.parallel.simulate import StackCosts, backprop_timeline, even_split
-
-SCHEDULE_LABELS = {
-    "gpipe": "torch GPipe",
-    "1f1b": "torch 1F1B",
-    "interleaved": "torch Interleaved1F1B",
-    "zb": "torch InterleavedZeroBubble",
-    "zbv": "torch ZBVZeroBubble",
-    "dualpipev": "torch DualPipeV",
-}
 
 
 def loadavg() -> list[float]:

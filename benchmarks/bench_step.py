@@ -22,7 +22,6 @@ the weight-gradient matmuls, about half of a backward's FLOPs) give the predicte
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import hf_hwbp
+from hf_hwbp.planner.memory import PeakMemory
 from hf_hwbp.training_config import AUTO_DEFAULT_TOL
 
 MODELS = {
@@ -63,37 +63,16 @@ MODELS = {
 }
 
 
-def _trim_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def measure_step(model, batch) -> tuple[float, float, float]:
     """(step seconds, forward seconds, peak MiB above the pre-step resident set) of one training step."""
     model.zero_grad(set_to_none=True)
-    _trim_heap()
-    before = _status_kib("VmRSS")
-    _reset_peak()
-    start = time.perf_counter()
-    loss = model(**batch).loss
-    forward = time.perf_counter() - start
-    loss.backward()
-    step = time.perf_counter() - start
-    peak = (_status_kib("VmHWM") - before) / 1024
-    return step, forward, peak
+    with PeakMemory("cpu") as peak:
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        forward = time.perf_counter() - start
+        loss.backward()
+        step = time.perf_counter() - start
+    return step, forward, peak.mib
 
 
 def bench_model(

@@ -38,6 +38,7 @@ SCHEDULES = {
     "zbv": ("ScheduleZBVZeroBubble", 2, "v"),
     "dualpipev": ("ScheduleDualPipeV", 2, "v"),
 }
+SCHEDULE_LABELS = {name: "torch " + cls.removeprefix("Schedule") for name, (cls, _, _) in SCHEDULES.items()}
 
 
 def schedule_requirement(schedule: str, n_microbatches: int, num_ranks: int) -> str | None:

@@ -13,20 +13,13 @@ from pathlib import Path
 
 from transformers.utils import logging
 
+from ..parallel.baselines import SCHEDULE_LABELS as TORCH_SCHEDULE_LABELS
 from .evidence import SOURCE, KEvidence
 
 logger = logging.get_logger(__name__)
 
 MEASURED, PREDICTED = "measured", "predicted"
-SCHEDULE_LABELS = {
-    "pipeline": "pipeline backprop (hf_hwbp runtime)",
-    "gpipe": "torch GPipe",
-    "1f1b": "torch 1F1B",
-    "interleaved": "torch Interleaved1F1B",
-    "zb": "torch InterleavedZeroBubble",
-    "zbv": "torch ZBVZeroBubble",
-    "dualpipev": "torch DualPipeV",
-}
+SCHEDULE_LABELS = {"pipeline": "pipeline backprop (hf_hwbp runtime)", **TORCH_SCHEDULE_LABELS}
 
 
 @dataclass
