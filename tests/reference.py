@@ -38,6 +38,16 @@ POST_ACTIVATION_CLASSES = frozenset(
 )
 
 
+def grads_of(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
+    """The gradients one backward of ``loss_fn(model)`` writes (whatever the model's backward is), ``.grad`` cleared
+    before and after: the measured side of every comparison with the reference."""
+    model.zero_grad(set_to_none=True)
+    loss_fn(model).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 @contextlib.contextmanager
 def pre_activation_gates(layers: Sequence[nn.Module]):
     """For layers relu(h + g(h)): yields ``residual_gate`` for ``reference_highway_grads``, 1 where each layer's

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from reference import reference_highway_grads
+from reference import grads_of, reference_highway_grads
 from tiny_models import ZOO, ZOO_LAYERS, one_thread  # noqa: F401 (fixture)
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -21,14 +21,6 @@ pytestmark = pytest.mark.engine_at_exact_steps
 L = ZOO_LAYERS
 SEED = 7
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # as in test_zoo.py
-
-
-def grads_of(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss_fn(model).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def assert_close(actual: dict, expected: dict, rtol: float) -> None:

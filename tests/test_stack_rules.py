@@ -11,7 +11,7 @@ import weakref
 
 import pytest
 import torch
-from reference import reference_highway_grads
+from reference import grads_of, reference_highway_grads
 from tiny_models import ZOO, one_thread  # noqa: F401 (fixture)
 from torch import nn
 from transformers import SwinConfig, SwinForImageClassification, XLMConfig, XLMWithLMHeadModel
@@ -23,14 +23,6 @@ from hf_hwbp.discovery import find_stacks
 # k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
 # the model's own backward there: the same gradient; tests/conftest.py).
 pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.engine_at_exact_steps]
-
-
-def grads_of(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss_fn(model).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def max_error(actual: dict, expected: dict) -> float:

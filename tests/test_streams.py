@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_highway_grads
+from reference import grads_of, reference_highway_grads
 from tiny_models import ZOO, one_thread  # noqa: F401 (fixture)
 from torch import nn
 
@@ -19,14 +19,6 @@ pytestmark = pytest.mark.engine_at_exact_steps  # k = L runs the engine (tests/c
 SEED = 7
 RTOL = 1e-10  # float64: the Highway sums differ from autograd's and the reference's by rounding only
 STREAMS = {0: ((1, 1),)}  # the entity / layout / toy stream: second positional argument, second output
-
-
-def grads_of(model: nn.Module, loss_fn) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss_fn(model).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
 
 
 def error(actual: dict, expected: dict) -> float:
