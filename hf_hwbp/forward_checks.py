@@ -40,11 +40,14 @@ def preserves_rng_state(layer: nn.Module) -> bool:
     return not (isinstance(func, functools.partial) and func.keywords.get("preserve_rng_state") is False)
 
 
-def refuse_reentrant_checkpointing(stack: Stack, i: int) -> None:
+def refuse_reentrant_checkpointing(stack: Stack, i: int, enclosing: str | None = None) -> None:
     """Layer ``i`` ran its forward with gradients disabled inside a training forward: the reentrant form of
-    activation checkpointing (or a ``torch.no_grad()`` around the layer's computation)."""
+    activation checkpointing (or a ``torch.no_grad()`` around the layer's computation), of the layer itself or of
+    the ``enclosing`` module transformers checkpoints."""
+    where = f", inside {enclosing}, which is checkpointed" if enclosing else ""
     raise HighwayBPError(
-        f"Highway-BP: layer {i} of {stack.path} ran its forward with gradients disabled inside a training forward: "
+        f"Highway-BP: layer {i} of {stack.path} ran its forward with gradients disabled inside a training forward"
+        f"{where}: "
         "that is reentrant activation checkpointing (use_reentrant=True), which recomputes the layer inside its own "
         "backward and accumulates parameter gradients behind autograd's back, so Highway-BP cannot run its "
         "iterations through it. Highway-BP supports the non-reentrant form (each Highway iteration then recomputes "

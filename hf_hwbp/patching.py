@@ -60,8 +60,10 @@ class _PostHook(_PreHook):
 
 
 class _GradModeProbe:
-    """Forward pre-hook on the direct children of a checkpointed layer: whether the layer's own computation runs with
-    gradients enabled (the reentrant form of checkpointing runs it without, and recomputes it in its backward)."""
+    """Forward pre-hook on the submodules of a checkpointed layer: whether the layer's own computation runs with
+    gradients enabled (the reentrant form of checkpointing runs it without, and recomputes it in its backward).
+    Every submodule, not only the direct children: a layer may call its work through a list it never calls itself
+    (T5's block holds its sublayers in an ``nn.ModuleList``)."""
 
     def __init__(self, patch: HighwayPatch, stack_index: int):
         self.patch, self.stack_index = patch, stack_index
@@ -316,12 +318,27 @@ class HighwayPatch:
         self._lifecycle = sharding.ParameterLifecycle()
 
     def _probe_checkpointed(self, s: int) -> None:
-        """Put a grad-mode probe on the children of each checkpointed layer of stack ``s`` (once per layer)."""
+        """Put a grad-mode probe on the submodules of each checkpointed layer of stack ``s`` (once per layer)."""
         for layer in self._stacks[s].layers:
             if forward_checks.is_checkpointed(layer) and id(layer) not in self._probed:
                 self._probed.add(id(layer))
-                for child in layer.children():
-                    self._handles.append(child.register_forward_pre_hook(_GradModeProbe(self, s)))
+                for module in layer.modules():
+                    if module is not layer:
+                        self._handles.append(module.register_forward_pre_hook(_GradModeProbe(self, s)))
+
+    def _checkpointed_ancestor(self, s: int) -> str | None:
+        """The name of a module around stack ``s`` that transformers checkpoints (Swin checkpoints its stages, whose
+        blocks are the stacks), or None."""
+        if self._root is None:
+            return None
+        names = {id(module): name for name, module in self._root.named_modules()}
+        parents = {id(child): parent for parent in self._root.modules() for child in parent.children()}
+        module = parents.get(id(self._stacks[s].layers[0]))
+        while module is not None:
+            if forward_checks.is_checkpointed(module):
+                return names.get(id(module)) or type(module).__name__
+            module = parents.get(id(module))
+        return None
 
     # ----- the seam for engines that shard parameters (hf_hwbp.sharding) ---------------------------------------
     @property
@@ -362,6 +379,19 @@ class HighwayPatch:
         """Gradients on, outside any backward (a checkpointed layer's recomputation runs inside one)."""
         return torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1
 
+    def _refuse_reentrant_around(self, s: int, i: int) -> None:
+        """A stack that runs with gradients off inside a training forward of the model, within a module that
+        transformers checkpoints: the reentrant form of checkpointing around the stack, which recomputes it inside
+        its own backward where Highway-BP does not record (its blocks would silently get backprop's gradient)."""
+        stack = self._stacks[s]
+        if not (self._root_depth > 0 and self._root_trains and torch._C._current_graph_task_id() == -1):
+            return
+        if torch.is_grad_enabled() or not any(layer.training for layer in stack.layers) or self._exact_step(stack):
+            return
+        enclosing = self._checkpointed_ancestor(s)
+        if enclosing is not None:
+            forward_checks.refuse_reentrant_checkpointing(stack, i, enclosing=enclosing)
+
     def _exact_step(self, stack: Stack) -> bool:
         """k reaches this stack's blocks and nothing stops the iterations early: the model's own backward gives the
         same gradient at backprop's cost."""
@@ -387,6 +417,7 @@ class HighwayPatch:
         if self._root_depth == 0:
             self._returned.clear()  # the stack runs outside a forward of the patched model
         if not self._in_training_forward():
+            self._refuse_reentrant_around(s, i)
             return fwd  # no gradient, or a checkpointed layer's recomputation: touches nothing
         if not self.enabled:
             self.log.forward_without_highway(None)  # exact_backprop: Highway-BP is off for this step

@@ -108,3 +108,36 @@ def test_a_checkpoint_that_does_not_restore_the_rng_state_is_refused_behind_a_wr
     with pytest.raises(hf_hwbp.HighwayBPError, match="preserve_rng_state=True"):
         seeded_loss(model).backward()
     assert all(p.grad is None for p in model.transformer.h.parameters())
+
+
+@pytest.mark.parametrize("name", ["t5", "swin"])
+def test_reentrant_checkpointing_is_refused_whatever_the_layout(name):
+    """T5's block calls its sublayers through a list it never calls itself (a probe on its direct children never
+    fires); Swin checkpoints its stages, around the stacks of blocks (the blocks' own hooks see gradients off and,
+    unrefused, the stages' recomputation would silently give them backprop's gradient). Both refused before any
+    gradient."""
+    entry = ZOO[name]
+    model = entry.build()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    hf_hwbp.patch_model(model, k=1)
+    with pytest.raises(hf_hwbp.HighwayBPError, match="reentrant"):
+        entry.loss(model, entry.batch()).backward()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_non_reentrant_checkpointing_of_swins_stages_keeps_highway_bp():
+    """Checkpointing around the stacks (non-reentrant): the stages' recomputation inside the backward is not
+    recorded again, and the gradient is Highway-BP(1)'s as without checkpointing."""
+    entry = ZOO["swin"]
+    model = entry.build()
+    hf_hwbp.patch_model(model, k=1)
+
+    def loss_fn(m):
+        torch.manual_seed(3)
+        return entry.loss(m, entry.batch())
+
+    without = grads_of(model, loss_fn)
+    model.activation_checkpointing_enable()  # non-reentrant by default: transformers checkpoints each SwinStage
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.swin.encoder.layers)
+    assert_close(grads_of(model, loss_fn), without)
+    assert hf_hwbp.last_highway_iterations(model) == 1
