@@ -1,0 +1,64 @@
+"""transformers' own model tests as a test of hf_hwbp (see docs/transformers_tests.md).
+
+Every family's test class runs three ways (modes.py): unpatched, patched at k = 1 and patched at k = L, the patch
+applied to every model a test builds, right after it is built. refusals.py lists the tests that may differ, with
+the reason. The whole suite runs with ``python -m pytest tests/transformers_suite --transformers-suite``; without
+the option only DEFAULT_SUBSET runs (a minute or so), the rest is skipped with a reason naming that command.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_hwbp import HighwayBPError
+
+from .modes import patch_on_build
+from .refusals import NOT_EXACT_AT_K1, NOT_RUN, REFUSALS
+
+collect_ignore = ["vendor"]  # transformers' mixins: test data, no tests of their own
+
+COMMAND = "python -m pytest tests/transformers_suite --transformers-suite"
+DEFAULT_CLASS = "GPT2_k1"  # the default subset: one family at k = 1 (the full class: see DEFAULT_SUBSET)
+
+
+def _lookup(table: dict[str, str], family: str, test: str) -> str | None:
+    return table.get(f"{family}::{test}", table.get(test))
+
+
+def pytest_collection_modifyitems(config, items):
+    run_all = config.getoption("--transformers-suite", default=False)
+    for item in items:
+        cls = getattr(item, "cls", None)
+        mode = getattr(cls, "hwbp_mode", None)
+        if mode is None:
+            continue
+        family = cls.__name__.rsplit("_", 1)[0]
+        test = item.originalname if hasattr(item, "originalname") else item.name
+        test = test.split("[")[0]
+        if not run_all and cls.__name__ != DEFAULT_CLASS:
+            item.add_marker(pytest.mark.skip(reason=f"transformers' model tests: run them all with `{COMMAND}`"))
+            continue
+        reason = _lookup(NOT_RUN, family, test)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=f"not run in any mode: {reason}"))
+            continue
+        if mode == "unpatched":
+            continue
+        reason = _lookup(REFUSALS, family, test)
+        if reason is not None:
+            item.add_marker(pytest.mark.xfail(raises=HighwayBPError, strict=True, reason=f"refused: {reason}"))
+            continue
+        reason = _lookup(NOT_EXACT_AT_K1, family, test)
+        if reason is not None and mode == "k1":
+            item.add_marker(pytest.mark.xfail(raises=AssertionError, strict=True, reason=f"k = 1: {reason}"))
+
+
+@pytest.fixture(autouse=True)
+def _hwbp_mode(request):
+    """Patch every transformers model the test builds for its class's mode (modes.py)."""
+    mode = getattr(request.cls, "hwbp_mode", None)
+    if mode is None:
+        yield
+        return
+    with patch_on_build(mode):
+        yield
