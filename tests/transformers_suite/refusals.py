@@ -17,7 +17,14 @@ Keys are ``test_name`` (every family) or ``Family::test_name`` (one family: the 
 
 from __future__ import annotations
 
-REFUSALS: dict[str, str] = {}
+REFUSALS: dict[str, str] = {
+    "test_training_gradient_checkpointing_use_reentrant_true": (
+        "reentrant activation checkpointing (use_reentrant=True) recomputes each layer inside its own backward and "
+        "accumulates the parameter gradients behind autograd's back, so the Highway iterations cannot run through it; "
+        "refused in the first training forward (hf_hwbp/forward_checks.py, refuse_reentrant_checkpointing). The "
+        "non-reentrant form (test_training_gradient_checkpointing, ..._use_reentrant_false) is supported and passes"
+    ),
+}
 
 NOT_EXACT_AT_K1: dict[str, str] = {}
 

@@ -13,4 +13,6 @@ def three_modes(base: type, namespace: dict) -> None:
     the test builds for that mode."""
     for mode in MODES:
         name = f"{base.__name__}_{mode}"
-        namespace[name] = type(name, (base, unittest.TestCase), {"hwbp_mode": mode, "__module__": namespace["__name__"]})
+        namespace[name] = type(
+            name, (base, unittest.TestCase), {"hwbp_mode": mode, "__module__": namespace["__name__"]}
+        )

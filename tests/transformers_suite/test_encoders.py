@@ -31,7 +31,7 @@ class Bert(ModelTesterMixin, TrainingTesterMixin):
             hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
             type_vocab_size=16, initializer_range=0.02, num_labels=3,
         )  # fmt: skip
-        self.model_tester = TextTester(self, BertConfig, config, token_type_ids=True)
+        self.model_tester = TextTester(self, BertConfig, config, token_type_ids=True, causal_lm_class=BertForMaskedLM)
 
 
 class T5(ModelTesterMixin, TrainingTesterMixin):
@@ -44,7 +44,7 @@ class T5(ModelTesterMixin, TrainingTesterMixin):
             relative_attention_num_buckets=8, dropout_rate=0.1, initializer_factor=0.002, eos_token_id=1,
             pad_token_id=0, decoder_start_token_id=0,
         )  # fmt: skip
-        self.model_tester = Seq2SeqTester(self, T5Config, config)
+        self.model_tester = Seq2SeqTester(self, T5Config, config, causal_lm_class=T5ForConditionalGeneration)
 
 
 class Bart(ModelTesterMixin, TrainingTesterMixin):
@@ -57,7 +57,9 @@ class Bart(ModelTesterMixin, TrainingTesterMixin):
             decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, dropout=0.1, attention_dropout=0.1,
             max_position_embeddings=64, eos_token_id=2, pad_token_id=1, bos_token_id=0, num_labels=3,
         )  # fmt: skip
-        self.model_tester = Seq2SeqTester(self, BartConfig, config, eos_token_id=2, first_token=3)
+        self.model_tester = Seq2SeqTester(
+            self, BartConfig, config, eos_token_id=2, first_token=3, causal_lm_class=BartForConditionalGeneration
+        )
 
 
 three_modes(Bert, globals())

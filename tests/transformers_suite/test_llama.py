@@ -19,7 +19,7 @@ class Llama(ModelTesterMixin, TrainingTesterMixin):
     all_model_classes = (LlamaModel, LlamaForCausalLM, LlamaForSequenceClassification)
 
     def setUp(self):
-        self.model_tester = TextTester(self, LlamaConfig, CAUSAL_LM)
+        self.model_tester = TextTester(self, LlamaConfig, CAUSAL_LM, causal_lm_class=LlamaForCausalLM)
 
 
 three_modes(Llama, globals())

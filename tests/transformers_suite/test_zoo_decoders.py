@@ -23,14 +23,16 @@ class Mistral(ModelTesterMixin, TrainingTesterMixin):
     all_model_classes = (MistralModel, MistralForCausalLM)
 
     def setUp(self):
-        self.model_tester = TextTester(self, MistralConfig, dict(CAUSAL_LM, sliding_window=4))
+        self.model_tester = TextTester(
+            self, MistralConfig, dict(CAUSAL_LM, sliding_window=4), causal_lm_class=MistralForCausalLM
+        )
 
 
 class Qwen3(ModelTesterMixin, TrainingTesterMixin):
     all_model_classes = (Qwen3Model, Qwen3ForCausalLM)
 
     def setUp(self):
-        self.model_tester = TextTester(self, Qwen3Config, dict(CAUSAL_LM, head_dim=8))
+        self.model_tester = TextTester(self, Qwen3Config, dict(CAUSAL_LM, head_dim=8), causal_lm_class=Qwen3ForCausalLM)
 
 
 class Mixtral(ModelTesterMixin, TrainingTesterMixin):
@@ -38,7 +40,8 @@ class Mixtral(ModelTesterMixin, TrainingTesterMixin):
     test_all_params_have_gradient = False  # as transformers' Mixtral tester: top-2 of 4 experts may skip one
 
     def setUp(self):
-        self.model_tester = TextTester(self, MixtralConfig, dict(CAUSAL_LM, num_local_experts=4, num_experts_per_tok=2))
+        config = dict(CAUSAL_LM, num_local_experts=4, num_experts_per_tok=2)
+        self.model_tester = TextTester(self, MixtralConfig, config, causal_lm_class=MixtralForCausalLM)
 
 
 three_modes(Mistral, globals())
