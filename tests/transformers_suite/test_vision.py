@@ -1,4 +1,7 @@
-"""ViT, DINOv2 and Swin under transformers' common model tests, unpatched and patched (k = 1, k = L)."""
+"""ViT, DINOv2 and Swin under transformers' common model tests, unpatched and patched (k = 1, k = L).
+
+Not with TrainingTesterMixin: its overfit test builds text batches only in transformers 5.25.0 (an image model
+raises "Modality image not supported yet for training overfit", unpatched too)."""
 
 from transformers import (
     Dinov2Config,
@@ -15,7 +18,6 @@ from transformers import (
 from .suite import three_modes
 from .testers import VisionTester
 from .vendor.test_modeling_common import ModelTesterMixin
-from .vendor.test_training_mixin import TrainingTesterMixin
 
 VIT = dict(
     image_size=30, patch_size=2, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -24,7 +26,7 @@ VIT = dict(
 )  # fmt: skip
 
 
-class ViT(ModelTesterMixin, TrainingTesterMixin):
+class ViT(ModelTesterMixin):
     all_model_classes = (ViTModel, ViTForImageClassification)
     test_resize_embeddings = False
 
@@ -32,7 +34,7 @@ class ViT(ModelTesterMixin, TrainingTesterMixin):
         self.model_tester = VisionTester(self, ViTConfig, dict(VIT, encoder_stride=2), image_size=30, patch_size=2)
 
 
-class Dinov2(ModelTesterMixin, TrainingTesterMixin):
+class Dinov2(ModelTesterMixin):
     all_model_classes = (Dinov2Model, Dinov2ForImageClassification)
     test_resize_embeddings = False
 
@@ -41,7 +43,7 @@ class Dinov2(ModelTesterMixin, TrainingTesterMixin):
         self.model_tester = VisionTester(self, Dinov2Config, dict(config, mlp_ratio=4), image_size=30, patch_size=2)
 
 
-class Swin(ModelTesterMixin, TrainingTesterMixin):
+class Swin(ModelTesterMixin):
     all_model_classes = (SwinModel, SwinForImageClassification)
     test_resize_embeddings = False
 
