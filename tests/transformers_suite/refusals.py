@@ -29,6 +29,10 @@ REFUSALS: dict[str, str] = {
 NOT_EXACT_AT_K1: dict[str, str] = {}
 
 NOT_RUN: dict[str, str] = {
+    "T5::test_model_base_model_prefix": (
+        "fails unpatched: T5ForConditionalGeneration holds its encoder and decoder itself, with no base model "
+        "attribute (model.base_model is model), which transformers' own T5 tests skip"
+    ),
     "test_generation_tester_mixin_inheritance": (
         "transformers' generation tests (tests/generation/test_utils.py, GenerationTesterMixin) are not in its source "
         "distribution, so no tester inherits them and this check of the inheritance cannot pass"

@@ -4,7 +4,7 @@
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
-    BartForSequenceClassification,
+    BartForQuestionAnswering,
     BartModel,
     BertConfig,
     BertForMaskedLM,
@@ -48,7 +48,9 @@ class T5(ModelTesterMixin, TrainingTesterMixin):
 
 
 class Bart(ModelTesterMixin, TrainingTesterMixin):
-    all_model_classes = (BartModel, BartForConditionalGeneration, BartForSequenceClassification)
+    # not BartForSequenceClassification: it needs the same number of eos tokens in every row (the mixin's padding
+    # tests break that) and refuses inputs_embeds; transformers' own Bart tests override those tests for it
+    all_model_classes = (BartModel, BartForConditionalGeneration, BartForQuestionAnswering)
     is_encoder_decoder = True
 
     def setUp(self):
