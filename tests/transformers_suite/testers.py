@@ -107,6 +107,9 @@ class VisionTester(_Tester):
 
     def __init__(self, parent, config_class, config_kwargs, *, image_size, patch_size, extra_tokens=1, **kw):
         num_patches = (image_size // patch_size) ** 2
+        # as transformers' ViT tester: the masked-image-modeling inputs the sdpa test builds (bool_masked_pos)
+        kw.setdefault("mask_length", num_patches)
+        kw.setdefault("num_masks", num_patches // 2)
         super().__init__(
             parent,
             config_class,
