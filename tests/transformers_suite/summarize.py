@@ -15,23 +15,27 @@ from .modes import MODES
 
 
 def summarize(paths: list[str]) -> str:
-    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    failures: list[str] = []
+    """The table and the failures of the runs in ``paths``; a test in several files counts as in the last one (a
+    re-run of some families after a first run of all)."""
+    cases: dict[tuple[str, str], ET.Element] = {}
     for path in paths:
         for case in ET.parse(path).getroot().iter("testcase"):
-            cls = case.get("classname", "").rsplit(".", 1)[-1]
-            family, _, mode = cls.rpartition("_")
-            if mode not in MODES:
-                continue
-            status = "passed"
-            for child in case:
-                if child.tag in ("failure", "error"):
-                    status = "failed"
-                    first = (child.get("message") or "").strip().splitlines()[:1]
-                    failures.append(f"- `{cls}::{case.get('name')}`: {first[0][:200] if first else child.tag}")
-                elif child.tag == "skipped":
-                    status = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
-            counts[(family, mode)][status] += 1
+            cases[(case.get("classname", "").rsplit(".", 1)[-1], case.get("name"))] = case
+    counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    failures: list[str] = []
+    for (cls, name), case in cases.items():
+        family, _, mode = cls.rpartition("_")
+        if mode not in MODES:
+            continue
+        status = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                status = "failed"
+                first = (child.get("message") or "").strip().splitlines()[:1]
+                failures.append(f"- `{cls}::{name}`: {first[0][:200] if first else child.tag}")
+            elif child.tag == "skipped" and status != "failed":
+                status = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+        counts[(family, mode)][status] += 1
     lines = [
         "| family | mode | passed | failed | xfailed (documented) | skipped |",
         "|---|---|---|---|---|---|",
