@@ -40,7 +40,9 @@ class Mixtral(ModelTesterMixin, TrainingTesterMixin):
     test_all_params_have_gradient = False  # as transformers' Mixtral tester: top-2 of 4 experts may skip one
 
     def setUp(self):
-        config = dict(CAUSAL_LM, num_local_experts=4, num_experts_per_tok=2)
+        # intermediate_size 32, not 37: the experts' grouped matmul (torch._grouped_mm) needs 16-byte aligned strides;
+        # head_dim set: MixtralConfig leaves it None, which the rope-scaling test reads
+        config = dict(CAUSAL_LM, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=8)
         self.model_tester = TextTester(self, MixtralConfig, config, causal_lm_class=MixtralForCausalLM)
 
 
