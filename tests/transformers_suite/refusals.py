@@ -43,6 +43,14 @@ NOT_RUN: dict[str, str] = {
     "Swin::test_model_get_set_embeddings": _VISION_EMBEDDINGS,
     "Swin::test_attention_outputs": _SWIN_SHAPES,
     "Swin::test_num_layers_is_small": _SWIN_SHAPES + " (the tester counts Swin's 3 stages as its layers)",
+    "T5::test_training_overfit": (
+        "fails unpatched: with the tester's initializer_factor 0.002 (transformers' T5 tester's) the loss falls by "
+        "26 % in the 300 steps, not the 90 % the test asks"
+    ),
+    "Bart::test_training_overfit": (
+        "fails unpatched: the loss falls as asked, but the test then checks that generate() from the first token "
+        "reproduces the training sequence, a causal-LM check that an encoder-decoder fed its labels does not meet"
+    ),
     "Dinov2::test_reverse_loading_mapping": (
         "fails unpatched: transformers' DINOv2 weight-conversion mapping names SwiGLU weights (mlp.weights_in) that "
         "the default, non-SwiGLU feed-forward of the compact config does not have"
