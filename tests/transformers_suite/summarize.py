@@ -1,4 +1,5 @@
-"""Count a junit XML of the suite per family and mode: ``python -m tests.transformers_suite.summarize run.xml...``.
+"""Count junit XMLs of the suite per family and mode: ``python -m tests.transformers_suite.summarize run.xml...``
+(``.xml.gz`` too).
 
 Prints a Markdown table (passed / failed / xfailed, i.e. documented refusals or k = 1 differences / skipped) and the
 failures with their first message line. pytest writes an expected failure as a ``skipped`` element of type
@@ -8,6 +9,7 @@ failures with their first message line. pytest writes an expected failure as a `
 from __future__ import annotations
 
 import argparse
+import gzip
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 
@@ -19,7 +21,9 @@ def summarize(paths: list[str]) -> str:
     re-run of some families after a first run of all)."""
     cases: dict[tuple[str, str], ET.Element] = {}
     for path in paths:
-        for case in ET.parse(path).getroot().iter("testcase"):
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:  # results/ keeps them gzipped
+            root = ET.parse(f).getroot()
+        for case in root.iter("testcase"):
             cases[(case.get("classname", "").rsplit(".", 1)[-1], case.get("name"))] = case
     counts: dict[tuple[str, str], dict[str, int]] = defaultdict(lambda: defaultdict(int))
     failures: list[str] = []
