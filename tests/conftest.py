@@ -12,6 +12,16 @@ import pytest
 import torch
 
 
+def pytest_addoption(parser):
+    """``--transformers-suite``: run all of transformers' model tests on patched models (tests/transformers_suite;
+    without it only a small subset runs)."""
+    parser.addoption(
+        "--transformers-suite",
+        action="store_true",
+        help="run all of transformers' own model tests, unpatched and patched (tests/transformers_suite)",
+    )
+
+
 @pytest.fixture
 def float64_default():
     """float64 as torch's default dtype for one test, restored afterwards. A file that wants it for all its tests
