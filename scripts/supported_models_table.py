@@ -36,7 +36,7 @@ that the test suite (`tests/test_zoo.py`) builds from a tiny random configuratio
 
 Other model types work too when discovery finds their stack; `patch_model` logs what it found, and
 `hf_hwbp.highway_state(model).stacks` shows it. A wider survey, the same checks outside the test suite, over every
-model type of the installed transformers (`python tests/zoo_survey.py --all`; 326 of the 343 types its tiny configs
+model type of the installed transformers (`python tests/zoo_survey.py --all`; 328 of the 344 types its tiny configs
 could build are exact, none wrong: `results/zoo/`). Regenerate this page with
 `python scripts/supported_models_table.py --write`.
 """
