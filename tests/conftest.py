@@ -2,8 +2,8 @@
 
 The tests run the package with its defaults, as users get it. One default is changed on request only: a step whose k
 reaches the number of blocks runs the model's own backward (``HighwayPatch.exact_steps_by_autograd``), so a test that
-checks the Highway *engine's* exactness at k >= L against autograd asks for the engine there with the marker
-``@pytest.mark.engine_at_exact_steps`` (or ``pytestmark = pytest.mark.engine_at_exact_steps`` for a whole file).
+checks the Highway *engine's* exactness at k >= L against autograd asks for the engine there with the fixture
+``engine_at_exact_steps`` (``@pytest.mark.usefixtures("engine_at_exact_steps")``, or a file's ``pytestmark``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,11 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
-@pytest.fixture(autouse=True)
-def _engine_at_exact_steps_when_marked(request, monkeypatch):
-    """Under ``@pytest.mark.engine_at_exact_steps``: patches made in the test run the Highway engine on exact steps
-    too (users get the model's own backward there, the same gradient at backprop's cost), so that k >= L checks the
-    engine's own exactness against autograd."""
-    if request.node.get_closest_marker("engine_at_exact_steps") is None:
-        return
+@pytest.fixture
+def engine_at_exact_steps(monkeypatch):
+    """Patches made in the test run the Highway engine on exact steps too (users get the model's own backward there,
+    the same gradient at backprop's cost), so that k >= L checks the engine's own exactness against autograd. Asked
+    for with ``@pytest.mark.usefixtures("engine_at_exact_steps")`` (or a file's ``pytestmark``)."""
     from hf_hwbp import patching
 
     monkeypatch.setattr(patching, "EXACT_STEPS_BY_AUTOGRAD", False)

@@ -22,7 +22,7 @@ from reference import reference_highway_grads  # noqa: E402
 
 # k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
 # the model's own backward there: the same gradient; tests/conftest.py).
-pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.engine_at_exact_steps]
+pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.usefixtures("engine_at_exact_steps")]
 LAYERS = 3
 
 

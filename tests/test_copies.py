@@ -18,7 +18,7 @@ import hf_hwbp
 
 # k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
 # the model's own backward there: the same gradient; tests/conftest.py).
-pytestmark = pytest.mark.engine_at_exact_steps
+pytestmark = pytest.mark.usefixtures("engine_at_exact_steps")
 
 L = ZOO_LAYERS
 SEED = 7

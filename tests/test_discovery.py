@@ -15,7 +15,7 @@ from torch import nn
 import hf_hwbp
 from hf_hwbp.discovery import find_stacks
 
-pytestmark = pytest.mark.engine_at_exact_steps
+pytestmark = pytest.mark.usefixtures("engine_at_exact_steps")
 
 
 def paths(model: nn.Module) -> list[str]:

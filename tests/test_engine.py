@@ -13,7 +13,7 @@ from hf_hwbp.engine import RecordedStack, ResidualScan, highway_backward, run_re
 
 # k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
 # the model's own backward there: the same gradient; tests/conftest.py).
-pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.engine_at_exact_steps]
+pytestmark = [pytest.mark.usefixtures("float64_default"), pytest.mark.usefixtures("engine_at_exact_steps")]
 
 
 WIDTH = 5

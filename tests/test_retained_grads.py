@@ -71,7 +71,7 @@ def test_retained_gradients_are_highway_bps_at_k(k):
         assert_close(maps[j], expected_maps[j], f"attentions[{j}]")
 
 
-@pytest.mark.engine_at_exact_steps  # k = L: the engine's retained gradients against autograd's
+@pytest.mark.usefixtures("engine_at_exact_steps")  # k = L: the engine's retained gradients against autograd's
 def test_retained_gradients_are_exact_at_k_equal_depth():
     model = model_of("gpt2")
     kept: dict = {}

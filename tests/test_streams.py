@@ -14,7 +14,7 @@ from torch import nn
 import hf_hwbp
 from hf_hwbp import HighwayBPError
 
-pytestmark = pytest.mark.engine_at_exact_steps  # k = L runs the engine (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("engine_at_exact_steps")  # k = L runs the engine (tests/conftest.py)
 
 SEED = 7
 RTOL = 1e-10  # float64: the Highway sums differ from autograd's and the reference's by rounding only

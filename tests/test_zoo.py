@@ -30,7 +30,7 @@ from hf_hwbp.model_patches import supported_model_types
 
 # k >= L here checks the Highway engine's own exactness against autograd, so exact steps run the engine (users get
 # the model's own backward there: the same gradient; tests/conftest.py).
-pytestmark = pytest.mark.engine_at_exact_steps
+pytestmark = pytest.mark.usefixtures("engine_at_exact_steps")
 
 SEED = 7
 # float64: the Highway sums differ from autograd's only by rounding (observed <= 1e-13 relative).

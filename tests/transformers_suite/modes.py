@@ -14,7 +14,7 @@ Modes:
 - ``k1``: ``patch_model(model, 1)``: Highway-BP(1), not exact backprop for the testers' 2-layer stacks.
 - ``kL``: ``patch_model(model, L)`` with L the number of blocks of the model's longest stack (exact backprop), run
   by the Highway engine rather than by the model's own backward (the package's default at k >= L), so that
-  these runs check the engine, as ``@pytest.mark.engine_at_exact_steps`` does in the project's own tests.
+  these runs check the engine, as the ``engine_at_exact_steps`` fixture does in the project's own tests.
 """
 
 from __future__ import annotations
