@@ -63,6 +63,17 @@ def timed_rounds(parts: dict[str, Callable[[], object]], rounds: int, clock: str
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def training_step(module: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward of ``module`` on ``x`` with a loss on every output (the step the benchmarks time)."""
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        (module(x)[0] * weights).sum().backward()
+
+    return run
+
+
 def lstm_parts(steps: int, batch: int, hidden: int, k: int) -> dict:
     """The parts of one HighwayLSTM step (one layer, input size = hidden, a loss on every output)."""
     torch.manual_seed(0)
@@ -87,14 +98,6 @@ def lstm_parts(steps: int, batch: int, hidden: int, k: int) -> dict:
     out, _ = highway(x)
     loss = (out * weights).sum()
 
-    def step(module):
-        def run():
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            (module(x)[0] * weights).sum().backward()
-
-        return run
-
     gate_buffers = [torch.empty(steps * batch, hidden) for _ in range(4)]
 
     def recompute_gemms():  # the recompute's products as it runs them: per gate, hidden side then input side
@@ -108,8 +111,8 @@ def lstm_parts(steps: int, batch: int, hidden: int, k: int) -> dict:
 
     parts = {
         "nn.LSTM forward": lambda: reference(x.detach()),
-        "nn.LSTM step (forward + backward)": step(reference),
-        "Highway step (forward + backward)": step(highway),
+        "nn.LSTM step (forward + backward)": training_step(reference, x, weights),
+        "Highway step (forward + backward)": training_step(highway, x, weights),
         "Highway backward (autograd, whole)": lambda: torch.autograd.grad(
             loss, [x, *highway.parameters()], retain_graph=True
         ),  # fmt: skip
@@ -152,22 +155,14 @@ def gru_parts(steps: int, batch: int, hidden: int, k: int) -> dict:
     out, _ = highway(x)
     loss = (out * weights).sum()
 
-    def step(module):
-        def run():
-            module.zero_grad(set_to_none=True)
-            x.grad = None
-            (module(x)[0] * weights).sum().backward()
-
-        return run
-
     def recursion():
         stack = TimeStack(steps_, ReverseLinearScan(steps_.update_gate), weights[-1], weights)
         return run_recursion(stack, k, None)
 
     parts = {
         "nn.GRU forward": lambda: reference(x.detach()),
-        "nn.GRU step (forward + backward)": step(reference),
-        "Highway step (forward + backward)": step(highway),
+        "nn.GRU step (forward + backward)": training_step(reference, x, weights),
+        "Highway step (forward + backward)": training_step(highway, x, weights),
         "Highway backward (autograd, whole)": lambda: torch.autograd.grad(
             loss, [x, *highway.parameters()], retain_graph=True
         ),  # fmt: skip

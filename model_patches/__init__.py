@@ -6,19 +6,15 @@ are ``act(h + g(h))``, that Highway-BP refuses, or that layer-parallel training 
 ``ModelFamily`` entry (``registry.py``), in its own module here, listed in ``BUILTIN_FAMILIES`` below. Discovery,
 the residual gates (``gates.py``), the refusals and ``hf_hwbp.parallel.arch`` read the registry; so does a family
 added at run time with ``register_family``.
-
-The older names stay as read-only views of the registry: ``STACK_FINDERS`` (model type -> stack finder),
-``REFUSED_MODEL_TYPES`` (model type -> reason and way out), ``POST_ACTIVATION_LAYERS`` (layer class names).
 """
 
 from __future__ import annotations
 
 from . import albert, bit, gpt2, llama, reformer, regnet, resnet, vit
 from .albert import albert_stacks
-from .gates import POST_ACTIVATION_LAYERS, relu_residual_gate, residual_gate
+from .gates import relu_residual_gate, residual_gate
 from .registry import (
     ModelFamily,
-    RegistryView,
     StackFinder,
     StageRecipeEntry,
     families,
@@ -50,21 +46,9 @@ for _family in BUILTIN_FAMILIES:
     register_family(_family)
 del _family
 
-STACK_FINDERS = RegistryView(
-    lambda: {t: f.find_stacks for f in families() if f.find_stacks is not None for t in f.model_types},
-    "STACK_FINDERS",
-)
-REFUSED_MODEL_TYPES = RegistryView(
-    lambda: {t: f.refusal for f in families() if f.refusal is not None for t in f.model_types},
-    "REFUSED_MODEL_TYPES",
-)
-
 __all__ = [
     "BUILTIN_FAMILIES",
     "ModelFamily",
-    "POST_ACTIVATION_LAYERS",
-    "REFUSED_MODEL_TYPES",
-    "STACK_FINDERS",
     "StackFinder",
     "StageRecipeEntry",
     "TESTED_MODEL_TYPES",

@@ -13,10 +13,7 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from .registry import RegistrySetView, post_activation_layers
-
-# Layer classes (by name) that end with ``self.activation(hidden + shortcut)``: every registered family's (a live view).
-POST_ACTIVATION_LAYERS = RegistrySetView(post_activation_layers, "POST_ACTIVATION_LAYERS")
+from .registry import post_activation_layers
 
 
 def relu_residual_gate(output: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ one entry: a module with its ``ModelFamily`` and one line in ``BUILTIN_FAMILIES`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Set
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, NamedTuple
@@ -144,49 +144,8 @@ def stage_recipes() -> dict[str, StageRecipeEntry]:
     return {t: entry for family in _FAMILIES.values() for t, entry in family.stage_recipes.items()}
 
 
-# ----- read-only views under the names the registry replaced (they follow registrations) ----------------------------
-class RegistryView(Mapping):
-    """A read-only mapping computed from the registry on every access."""
-
-    def __init__(self, build: Callable[[], Mapping], what: str):
-        self._build, self._what = build, what
-
-    def __getitem__(self, key):
-        return self._build()[key]
-
-    def __iter__(self) -> Iterator:
-        return iter(self._build())
-
-    def __len__(self) -> int:
-        return len(self._build())
-
-    def __repr__(self) -> str:
-        return f"<{self._what} (from the model-family registry): {dict(self._build())!r}>"
-
-
-class RegistrySetView(Set):
-    """A read-only set computed from the registry on every access."""
-
-    def __init__(self, build: Callable[[], Set], what: str):
-        self._build, self._what = build, what
-
-    def __contains__(self, item) -> bool:
-        return item in self._build()
-
-    def __iter__(self) -> Iterator:
-        return iter(sorted(self._build()))
-
-    def __len__(self) -> int:
-        return len(self._build())
-
-    def __repr__(self) -> str:
-        return f"<{self._what} (from the model-family registry): {sorted(self._build())!r}>"
-
-
 __all__ = [
     "ModelFamily",
-    "RegistrySetView",
-    "RegistryView",
     "StackFinder",
     "StageRecipeEntry",
     "families",

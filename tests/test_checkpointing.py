@@ -9,6 +9,7 @@ import functools
 from unittest import mock
 
 import pytest
+import reference
 import torch
 from reference import reference_highway_grads
 from tiny_models import ZOO, ZOO_LAYERS
@@ -26,11 +27,7 @@ def seeded_loss(model):
 
 
 def grads_of(model, loss_fn=seeded_loss) -> dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    loss_fn(model).backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return grads
+    return reference.grads_of(model, loss_fn)  # the GPT-2 loss unless a test gives its own
 
 
 def assert_close(actual: dict, expected: dict) -> None:
@@ -56,7 +53,7 @@ WRAPPERS = {
 }
 
 
-@pytest.mark.engine_at_exact_steps  # k = L checks the engine through the wrapped checkpoints against autograd
+@pytest.mark.usefixtures("engine_at_exact_steps")  # k = L: the engine through wrapped checkpoints vs autograd
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 def test_a_wrapped_non_reentrant_checkpoint_trains(wrapper):
     model = ZOO["gpt2"].build()  # dropout 0.1: every recomputation must replay the forward's masks

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 import torch
-from reference import reference_highway_grads
+from reference import grads_of, reference_highway_grads
 from tiny_models import ZOO, ZOO_LAYERS
 from torch import nn
 
@@ -103,11 +103,7 @@ def expected_grads(model: nn.Module, loss_fn, k: int) -> dict[str, torch.Tensor]
     with hf_hwbp.exact_backprop(model):
         if k < L:
             return reference_highway_grads(model, model.transformer.h, loss_fn, k)
-        model.zero_grad(set_to_none=True)
-        loss_fn(model).backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        model.zero_grad(set_to_none=True)
-        return grads
+        return grads_of(model, loss_fn)
 
 
 def assert_close(actual: dict, expected: dict) -> None:

@@ -16,14 +16,11 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..model_patches import RegistryView, StageRecipeEntry, stage_recipe, stage_recipes
+from ..model_patches import StageRecipeEntry, stage_recipe, stage_recipes
 from ..model_patches.gpt2 import GPT2_RECIPE
 from ..model_patches.llama import LLAMA_RECIPE, MISTRAL_RECIPE, QWEN_RECIPE
 from ..model_patches.recipes import BIDIRECTIONAL, CAUSAL, SLIDING, StageRecipe
 from ..model_patches.vit import VIT_RECIPE
-
-# model_type -> (the head class the recipe reproduces, recipe): a read-only view of the registry's stage recipes
-RECIPES: RegistryView = RegistryView(stage_recipes, "RECIPES")
 
 
 def supported_models() -> list[str]:
@@ -69,7 +66,6 @@ __all__ = [
     "LLAMA_RECIPE",
     "MISTRAL_RECIPE",
     "QWEN_RECIPE",
-    "RECIPES",
     "SLIDING",
     "VIT_RECIPE",
     "StageRecipe",
